@@ -1,0 +1,29 @@
+# `make demo` and `make test` set up what they need on a fresh machine, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build on these machines.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(PY) -m demoalign tiny-model runs/demo-model
+	$(PY) -m demoalign irft --config recipes/demo-tiny-hh.yaml overwrite=true
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf runs $(VENV)

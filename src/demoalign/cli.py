@@ -1,0 +1,112 @@
+"""Command line: `demoalign sft|spin|irft --config FILE key=value …`, `generate`, `tiny-model`,
+`data inspect`. Every option comes from the config dataclasses (see `demoalign irft --help`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+
+from .config import CONFIGS, GenerateConfig, load_config, option_docs
+
+
+def _options_epilog(cls) -> str:
+    lines = ["options (key=value on the command line, or keys of the --config YAML):"]
+    for key, default, help_text in option_docs(cls):
+        lines.append(f"  {key} (default {default})")
+        lines.extend(textwrap.wrap(help_text, 88, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _add_config_command(sub, name: str, cls, help_text: str):
+    p = sub.add_parser(name, help=help_text, description=help_text, epilog=_options_epilog(cls),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of config keys; key=value arguments override it")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="demoalign", description="Reward learning from demonstrations for LLM alignment.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_config_command(sub, "sft", CONFIGS["sft"], "Supervised fine-tuning (token-level NLL).")
+    _add_config_command(sub, "spin", CONFIGS["spin"], "SPIN: IRFT with one stage per iteration.")
+    _add_config_command(sub, "irft", CONFIGS["irft"], "IRFT: implicit-reward fine-tuning with T stages.")
+    _add_config_command(sub, "generate", GenerateConfig, "Sample one response per prompt.")
+    tiny = sub.add_parser("tiny-model", help="Write a tiny random model + tokenizer for trials and tests.")
+    tiny.add_argument("out")
+    tiny.add_argument("--tokenizer", default="trained", choices=["trained", "gpt2", "neox"],
+                      help="trained: a byte-level BPE trained here (fast); gpt2/neox: the real files in ../shared/data")
+    tiny.add_argument("--vocab-size", type=int, default=512, help="vocabulary of the trained tokenizer")
+    tiny.add_argument("--hidden-size", type=int, default=64)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--seed", type=int, default=0)
+    data = sub.add_parser("data", help="Data utilities.")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    inspect = data_sub.add_parser("inspect", help="Show the recognised format and counts of a data file.")
+    inspect.add_argument("file")
+    inspect.add_argument("--columns", default="", help="prompt:COLUMN,response:COLUMN")
+    return parser
+
+
+def run_generate(config: GenerateConfig) -> None:
+    from .batching import Encoder
+    from .data import load_examples
+    from .generation import generate_ids
+    from .run import load_model_and_tokenizer, parse_columns
+    from .runio import atomic_write_jsonl
+    from .templates import resolve_template
+
+    examples, _ = load_examples(config.data, parse_columns(config.columns), config.max_examples or None)
+    model, tokenizer = load_model_and_tokenizer(config.model)
+    if not config.cpu:
+        import torch
+
+        if torch.cuda.is_available():
+            model = model.cuda()
+    template = resolve_template(tokenizer, config.template)
+    encoder = Encoder(tokenizer, template, config.max_prompt_length + config.max_new_tokens, config.max_prompt_length)
+    prompts = [encoder.prompt_ids(e) for e in examples]
+    out = generate_ids(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                       top_p=config.top_p, greedy=config.greedy, batch_size=config.batch_size, seed=config.seed)
+    records = [{
+        "prompt": e.prompt,
+        "response": tokenizer.decode(out[i], skip_special_tokens=True),
+        "tokens": len(out[i]),
+        "finished": bool(out[i]) and out[i][-1] == tokenizer.eos_token_id,
+    } for i, e in enumerate(examples)]
+    atomic_write_jsonl(config.output, records)
+    print(f"wrote {len(records)} generations to {config.output}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in CONFIGS:
+            from .run import train
+
+            config = load_config(CONFIGS[args.command], args.config, args.overrides)
+            out = train(config)
+            print(f"done: run folder {out} (config.yaml, metrics.jsonl, final/)")
+        elif args.command == "generate":
+            run_generate(load_config(GenerateConfig, args.config, args.overrides))
+        elif args.command == "tiny-model":
+            from .tiny import make_tiny_model
+
+            out = make_tiny_model(args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                                  hidden_size=args.hidden_size, num_layers=args.layers, seed=args.seed)
+            print(f"tiny model written to {out}")
+        elif args.command == "data":
+            from .data import inspect_data
+            from .run import parse_columns
+
+            print(inspect_data(args.file, parse_columns(args.columns)))
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Run configuration: dataclasses are the one source of truth for every option, its default and
+its documentation (`--help` and the README's reference are generated from them)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+
+def opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Options shared by every method."""
+
+    model: str = opt("", "Path (or hub id, when a hub is reachable) of the causal LM to start from.")
+    data: str = opt("", "Demonstrations: a JSONL/JSON/Parquet/CSV file or a saved HF dataset folder.")
+    columns: str = opt("", "Explicit column mapping for unrecognised files, e.g. 'prompt:question,response:answer'.")
+    max_examples: int = opt(0, "Use only the first N records of `data` (0 = all).")
+    output_dir: str = opt("runs/out", "Run folder: config.yaml, metrics.jsonl, stages/, final/.")
+    overwrite: bool = opt(False, "Replace an existing non-empty run folder (only one that holds a config.yaml).")
+    seed: int = opt(0, "Seed for shuffling, chunking, sampling and initialisation.")
+    template: str = opt("auto", "Prompt rendering: auto (chat template if the tokenizer has one, else instruction), chat, instruction, hh, plain.")
+    max_length: int = opt(512, "Maximum tokens of prompt + response; the response is cut to fit.")
+    max_prompt_length: int = opt(128, "Maximum prompt tokens; longer prompts lose their beginning (cut from the left).")
+    learning_rate: float = opt(5e-7, "Peak learning rate.")
+    optimizer: str = opt("adamw", "adamw or rmsprop (the paper's).")
+    weight_decay: float = opt(0.0, "Decoupled weight decay (AdamW) or L2 (RMSprop).")
+    lr_scheduler: str = opt("linear", "linear (warm-up then linear decay to 0) or constant (warm-up then flat).")
+    warmup_ratio: float = opt(0.1, "Share of the schedule's steps spent warming up linearly from 0.")
+    schedule_scope: str = opt("run", "run: one schedule over all optimiser steps of the run; stage: the schedule restarts at every stage.")
+    batch_size: int = opt(8, "Examples (pairs for IRFT/SPIN) per micro-batch per process.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimiser step. Global batch = batch_size x this x processes.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 = no clipping; the norm is still logged).")
+    mixed_precision: str = opt("auto", "auto (bf16 on a GPU that supports it, else fp32), bf16, fp16 or no.")
+    gradient_checkpointing: bool = opt(False, "Activation checkpointing: less memory, about 20% slower.")
+    disable_dropout: bool = opt(True, "Set every dropout to 0, so the first step of a stage sees u = 0 exactly.")
+    cpu: bool = opt(False, "Run on the CPU even when a GPU is present.")
+    show_progress: bool = opt(True, "Progress bars on the main process.")
+
+    method = "base"
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ValueError("config key `model` is required (a model folder; `demoalign tiny-model OUT` makes one)")
+        if not self.data:
+            raise ValueError("config key `data` is required (a demonstration file or folder)")
+        choices = {
+            "optimizer": ("adamw", "rmsprop"),
+            "lr_scheduler": ("linear", "constant"),
+            "schedule_scope": ("run", "stage"),
+            "mixed_precision": ("auto", "bf16", "fp16", "no"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+        for key in ("batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be smaller than max_length")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("warmup_ratio must be in [0, 1)")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Plain supervised fine-tuning: token-level NLL of the responses."""
+
+    learning_rate: float = opt(2e-5, "Peak learning rate.")
+    epochs: int = opt(1, "Passes over the demonstrations.")
+    method = "sft"
+
+
+@dataclass
+class IRFTConfig(TrainConfig):
+    """IRFT (SPEC.md §2): T stages per pass, each regenerating negatives with the current model."""
+
+    stages: int = opt(5, "T: chunks of the data per pass; negatives are regenerated at every stage start.")
+    epochs_per_stage: int = opt(1, "Passes over a stage's chunk of pairs.")
+    iterations: int = opt(1, "Passes over the whole data set, each restarting the stage loop from the last model.")
+    beta: float = opt(0.1, "β of the implicit reward r = β log(π/π_ref).")
+    loss_type: str = opt("sigmoid", "sigmoid (the paper's −log σ(u)), hinge max(0, 1−u), or linear −u.")
+    sft_weight: float = opt(0.0, "Weight of an extra NLL term on the demonstrations (per-token mean; 0 = the paper's loss).")
+    max_new_tokens: int = opt(256, "Tokens generated per negative.")
+    temperature: float = opt(1.0, "Sampling temperature of the negatives.")
+    top_p: float = opt(1.0, "Nucleus sampling of the negatives (1 = off).")
+    greedy: bool = opt(False, "Greedy negatives instead of sampled ones (not the paper's method; off by default).")
+    generation_batch_size: int = opt(16, "Prompts per generate() call.")
+    method = "irft"
+
+    def validate(self) -> None:
+        super().validate()
+        from .losses import LOSS_TYPES
+
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type={self.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+        for key in ("stages", "epochs_per_stage", "iterations", "max_new_tokens", "generation_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1")
+
+
+@dataclass
+class SPINConfig(IRFTConfig):
+    """SPIN: IRFT with one stage per pass; `iterations` is the number of SPIN iterations."""
+
+    stages: int = opt(1, "Always 1 for SPIN (use `demoalign irft` for T > 1).")
+    method = "spin"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.stages != 1:
+            raise ValueError("SPIN has exactly one stage per iteration; use `demoalign irft stages=T` for T > 1")
+
+
+CONFIGS = {"sft": SFTConfig, "irft": IRFTConfig, "spin": SPINConfig}
+
+
+def _nearest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _coerce(value, f):
+    """YAML gives typed values; `key=value` strings are parsed as YAML scalars, then checked."""
+    target = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+    if isinstance(value, str) and target in (int, float):
+        try:
+            value = target(value)
+        except ValueError:
+            raise ValueError(f"config key `{f.name}` expects {target.__name__}, got {value!r}") from None
+    elif isinstance(value, str) and target is bool:
+        value = yaml.safe_load(value)
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if target is str and value is not None and not isinstance(value, str):
+        value = str(value)
+    if not isinstance(value, target) or (target is int and isinstance(value, bool)):
+        raise ValueError(f"config key `{f.name}` expects {target.__name__}, got {value!r}")
+    return value
+
+
+def build_config(cls, values: dict):
+    """A validated config from a mapping; unknown keys name the nearest valid one."""
+    by_name = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in by_name:
+            raise ValueError(f"unknown config key `{key}` for {cls.method}{_nearest(key, list(by_name))}")
+        kwargs[key] = _coerce(value, by_name[key])
+    config = cls(**kwargs)
+    config.validate()
+    return config
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"expected key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def load_config(cls, config_file: str | None, overrides: list[str]):
+    values = {}
+    if config_file:
+        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config_file}: expected a mapping of config keys")
+        loaded.pop("method", None)
+        values.update(loaded)
+    values.update(parse_overrides(overrides))
+    return build_config(cls, values)
+
+
+def config_to_dict(config) -> dict:
+    return {"method": config.method, **asdict(config)}
+
+
+def option_docs(cls) -> list[tuple[str, str, str]]:
+    """(key, default, help) for every option of a config class."""
+    rows = []
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else ""
+        rows.append((f.name, repr(default), f.metadata.get("help", "")))
+    return rows
+
+
+@dataclass
+class GenerateConfig:
+    """`demoalign generate`: one response per prompt of a data file, with the training rendering."""
+
+    model: str = opt("", "Model folder to sample from.")
+    data: str = opt("", "File of prompts (any format `data` accepts; responses are ignored).")
+    columns: str = opt("", "Explicit column mapping, as for training.")
+    max_examples: int = opt(0, "Use only the first N records (0 = all).")
+    output: str = opt("generations.jsonl", "JSONL file to write: prompt, response, tokens, finished.")
+    template: str = opt("auto", "Prompt rendering, as for training.")
+    max_prompt_length: int = opt(128, "Prompts are cut from the left to this many tokens.")
+    max_new_tokens: int = opt(256, "Tokens generated per prompt.")
+    temperature: float = opt(1.0, "Sampling temperature.")
+    top_p: float = opt(1.0, "Nucleus sampling (1 = off).")
+    greedy: bool = opt(False, "Greedy decoding instead of sampling.")
+    batch_size: int = opt(16, "Prompts per generate() call.")
+    seed: int = opt(0, "Sampling seed.")
+    cpu: bool = opt(False, "Use the CPU even when a GPU is present.")
+    method = "generate"
+
+    def validate(self) -> None:
+        if not self.model or not self.data:
+            raise ValueError("generate needs model=PATH and data=FILE")

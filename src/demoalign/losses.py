@@ -1,0 +1,49 @@
+"""Losses as pure tensor functions (SPEC.md §2). Each returns PER-EXAMPLE values; the training
+loop decides how they are summed and normalised across micro-batches and processes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("sigmoid", "hinge", "linear")
+
+
+def pairwise_margin(
+    policy_demo: torch.Tensor,
+    policy_neg: torch.Tensor,
+    ref_demo: torch.Tensor,
+    ref_neg: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """u = β[(log π(y) − log π_ref(y)) − (log π(ỹ) − log π_ref(ỹ))], one value per pair."""
+    return beta * ((policy_demo - ref_demo) - (policy_neg - ref_neg))
+
+
+def pairwise_loss(
+    policy_demo: torch.Tensor,
+    policy_neg: torch.Tensor,
+    ref_demo: torch.Tensor,
+    ref_neg: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+) -> torch.Tensor:
+    """Per-pair IRFT/SPIN loss: sigmoid −log σ(u), hinge max(0, 1 − u), linear −u."""
+    u = pairwise_margin(policy_demo, policy_neg, ref_demo, ref_neg, beta)
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(u)
+    if loss_type == "hinge":
+        return torch.relu(1.0 - u)
+    if loss_type == "linear":
+        return -u
+    raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+
+
+def implicit_rewards(policy: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """r(x, y) = β (log π(y|x) − log π_ref(y|x))."""
+    return beta * (policy - ref)
+
+
+def nll(token_logps_sum: torch.Tensor) -> torch.Tensor:
+    """SFT loss per example: the negative summed log-prob of its response tokens."""
+    return -token_logps_sum

@@ -1,0 +1,165 @@
+"""The methods: what a run does, stage by stage. The optimisation itself is `Trainer.fit`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .batching import Encoder, Tokenized, collate
+from .generation import generate_ids
+from .logprobs import model_sequence_logps
+from .losses import implicit_rewards, nll, pairwise_loss
+from .pairs import Pair, fill_reference_logps, pair_logps
+from .runio import atomic_write_jsonl
+from .trainer import Trainer, seeded_permutation, steps_per_epoch
+
+
+# ---------------------------------------------------------------- SFT
+
+
+def sft_loss_fn(pad_id: int):
+    def loss_fn(model, items: list[Tokenized]):
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in collate(items, pad_id).items()}
+        logps, n_tokens = model_sequence_logps(model, batch)
+        return nll(logps), {"response_tokens": n_tokens.float()}, batch["attention_mask"].sum()
+
+    return loss_fn
+
+
+def response_tokens(items: list[Tokenized]) -> float:
+    """SFT is normalised per token of the global batch (the usual token-mean NLL)."""
+    return float(sum(len(t.response_ids) for t in items))
+
+
+def run_sft(config, trainer: Trainer, encoder: Encoder, examples: list) -> None:
+    items = [encoder.encode(e) for e in examples]
+    trainer.log.write({"event": "data", **encoder.counts.as_dict()})
+    total = config.epochs * steps_per_epoch(len(items), trainer.global_batch)
+    trainer.start_schedule(total)
+    trainer.fit(
+        items, sft_loss_fn(encoder.tokenizer.pad_token_id), response_tokens, config.epochs,
+        seed_parts=(config.seed, 0), context={"method": "sft"}, desc="sft",
+    )
+
+
+# ---------------------------------------------------------------- IRFT / SPIN
+
+
+def irft_loss_fn(beta: float, loss_type: str, sft_weight: float, pad_id: int):
+    def loss_fn(model, pairs: list[Pair]):
+        demo, neg, demo_tokens, neg_tokens = pair_logps(model, pairs, pad_id)
+        ref_demo = torch.tensor([p.ref_demo for p in pairs], device=demo.device)
+        ref_neg = torch.tensor([p.ref_negative for p in pairs], device=demo.device)
+        losses = pairwise_loss(demo, neg, ref_demo, ref_neg, beta, loss_type)
+        if sft_weight:
+            losses = losses + sft_weight * nll(demo) / demo_tokens.clamp(min=1)
+        reward_demo = implicit_rewards(demo.detach(), ref_demo, beta)
+        reward_neg = implicit_rewards(neg.detach(), ref_neg, beta)
+        stats = {
+            "reward_demo": reward_demo,
+            "reward_negative": reward_neg,
+            "margin": reward_demo - reward_neg,
+            "pair_accuracy": (reward_demo > reward_neg).float() + 0.5 * (reward_demo == reward_neg).float(),
+            "logp_demo": demo.detach(),
+            "logp_negative": neg.detach(),
+        }
+        return losses, stats, (demo_tokens + neg_tokens).sum()
+
+    return loss_fn
+
+
+def count_pairs(pairs: list) -> float:
+    return float(len(pairs))
+
+
+def stage_chunks(n: int, stages: int, seed: int, iteration: int) -> list[list[int]]:
+    """Shuffle with the seed, split into `stages` disjoint, near-equal chunks."""
+    order = seeded_permutation(n, seed, iteration)
+    return [order[t * n // stages : (t + 1) * n // stages] for t in range(stages)]
+
+
+def make_negatives(config, trainer: Trainer, encoder: Encoder, chunk: list, stage_id: int) -> list[Pair]:
+    """Sample one negative per prompt with the current model, then its reference log-probs with the
+    SAME weights; each process does its share, and everyone gets all pairs."""
+    acc = trainer.accelerator
+    model = trainer.unwrapped
+    tok = encoder.tokenizer
+    prompts = [encoder.prompt_ids(e) for e in chunk]
+    room = config.max_length - max(len(p) for p in prompts)
+    generated = generate_ids(
+        model, tok, prompts,
+        max_new_tokens=max(1, min(config.max_new_tokens, room)),
+        temperature=config.temperature, top_p=config.top_p, greedy=config.greedy,
+        batch_size=config.generation_batch_size, seed=config.seed * 7919 + stage_id,
+        process_index=acc.process_index, num_processes=acc.num_processes,
+        desc=f"stage {stage_id}: negatives", show_progress=config.show_progress and acc.is_main_process,
+    )
+    mine = []
+    for i, neg_ids in sorted(generated.items()):
+        demo = encoder.fit(prompts[i], encoder.response_ids(chunk[i].response))
+        neg = encoder.fit(prompts[i], neg_ids or [tok.eos_token_id])
+        mine.append(Pair(i, demo.prompt_ids, demo.response_ids, neg.response_ids))
+    fill_reference_logps(model, mine, tok.pad_token_id, config.generation_batch_size, acc.autocast)
+    if acc.num_processes == 1:
+        return mine
+    from accelerate.utils import gather_object
+
+    return sorted(gather_object(mine), key=lambda p: p.index)
+
+
+def negative_records(pairs: list[Pair], chunk: list, tokenizer) -> list[dict]:
+    records = []
+    for p in pairs:
+        example = chunk[p.index]
+        records.append({
+            "prompt": example.prompt,
+            "history": [list(turn) for turn in example.history],
+            "demonstration": example.response,
+            "negative": tokenizer.decode(p.negative_ids, skip_special_tokens=True),
+            "ref_logp_demonstration": p.ref_demo,
+            "ref_logp_negative": p.ref_negative,
+            "negative_tokens": len(p.negative_ids),
+            "negative_finished": bool(p.negative_ids) and p.negative_ids[-1] == tokenizer.eos_token_id,
+        })
+    return records
+
+
+def run_irft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir: Path) -> None:
+    acc = trainer.accelerator
+    chunks_per_iteration = [stage_chunks(len(examples), config.stages, config.seed, it) for it in range(config.iterations)]
+    if min(len(c) for chunks in chunks_per_iteration for c in chunks) == 0:
+        raise ValueError(f"{len(examples)} examples cannot fill {config.stages} stages; lower `stages`")
+    steps = [config.epochs_per_stage * steps_per_epoch(len(c), trainer.global_batch)
+             for chunks in chunks_per_iteration for c in chunks]
+    if config.schedule_scope == "run":
+        trainer.start_schedule(sum(steps))
+    loss_fn = irft_loss_fn(config.beta, config.loss_type, config.sft_weight, encoder.tokenizer.pad_token_id)
+    stage_id = 0
+    for iteration, chunks in enumerate(chunks_per_iteration):
+        for t, chunk_idx in enumerate(chunks):
+            stage_id += 1
+            chunk = [examples[i] for i in chunk_idx]
+            started = time.perf_counter()
+            pairs = make_negatives(config, trainer, encoder, chunk, stage_id)
+            gen_time = time.perf_counter() - started
+            if acc.is_main_process:
+                atomic_write_jsonl(out_dir / "stages" / str(stage_id) / "negatives.jsonl",
+                                   negative_records(pairs, chunk, encoder.tokenizer))
+            trainer.log.write({
+                "event": "stage_start", "stage": stage_id, "iteration": iteration, "stage_in_iteration": t,
+                "pairs": len(pairs), "generation_s": gen_time,
+                "negative_tokens_mean": sum(len(p.negative_ids) for p in pairs) / len(pairs),
+                "ref_logp_demo_mean": sum(p.ref_demo for p in pairs) / len(pairs),
+                "ref_logp_negative_mean": sum(p.ref_negative for p in pairs) / len(pairs),
+                **encoder.counts.as_dict(),
+            })
+            if config.schedule_scope == "stage":
+                trainer.start_schedule(steps[stage_id - 1])
+            trainer.fit(
+                pairs, loss_fn, count_pairs, config.epochs_per_stage,
+                seed_parts=(config.seed, stage_id), context={"method": config.method, "stage": stage_id, "iteration": iteration},
+                desc=f"stage {stage_id}: training",
+            )

@@ -1,0 +1,50 @@
+"""Pairs of (demonstration, negative) for the pairwise loss, and their log-probs from ONE forward
+over the concatenated batch [demonstrations; negatives]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .batching import Tokenized, collate
+from .logprobs import model_sequence_logps
+
+
+@dataclass
+class Pair:
+    index: int                 # position of the demonstration in the stage's chunk
+    prompt_ids: list[int]
+    demo_ids: list[int]
+    negative_ids: list[int]
+    ref_demo: float = 0.0
+    ref_negative: float = 0.0
+
+
+def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
+    rows = [Tokenized(p.prompt_ids, p.demo_ids) for p in pairs]
+    rows += [Tokenized(p.prompt_ids, p.negative_ids) for p in pairs]
+    return collate(rows, pad_id)
+
+
+def pair_logps(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log π(y|x), log π(ỹ|x), tokens of y, tokens of ỹ), one value per pair."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad_id).items()}
+    logps, n_tokens = model_sequence_logps(model, batch)
+    n = len(pairs)
+    return logps[:n], logps[n:], n_tokens[:n], n_tokens[n:]
+
+
+@torch.no_grad()
+def fill_reference_logps(model, pairs: list[Pair], pad_id: int, batch_size: int, autocast) -> None:
+    """Reference log-probs by the CURRENT weights (the stage-start model), in place."""
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        with autocast():
+            demo, neg, _, _ = pair_logps(model, chunk, pad_id)
+        for pair, d, g in zip(chunk, demo.tolist(), neg.tolist()):
+            pair.ref_demo, pair.ref_negative = d, g
+    model.train(was_training)

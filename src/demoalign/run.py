@@ -1,0 +1,86 @@
+"""`demoalign.train(config)`: load, set up the one training loop, run the method, save."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .batching import Encoder
+from .config import IRFTConfig, SFTConfig, TrainConfig, config_to_dict
+from .runio import MetricsLog, atomic_write_yaml, prepare_output_dir, save_pretrained_atomic
+from .templates import resolve_template
+from .trainer import Trainer, make_accelerator
+
+
+def parse_columns(spec: str) -> dict[str, str] | None:
+    """'prompt:question,response:answer' → {'prompt': 'question', 'response': 'answer'}."""
+    if not spec:
+        return None
+    mapping = {}
+    for part in spec.split(","):
+        key, sep, column = part.partition(":")
+        if not sep or key.strip() not in ("prompt", "response"):
+            raise ValueError(f"columns={spec!r}: expected 'prompt:COLUMN,response:COLUMN'")
+        mapping[key.strip()] = column.strip()
+    return mapping
+
+
+def load_model_and_tokenizer(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {path} has no EOS token; responses must end with one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # labels come from lengths, not from pad ids
+    tokenizer.padding_side = "right"  # not saved by transformers 5; generation pads left by hand
+    model = AutoModelForCausalLM.from_pretrained(path)
+    return model, tokenizer
+
+
+def train(config: TrainConfig) -> Path:
+    """Run SFT, SPIN or IRFT as `config` says; returns the run folder."""
+    from .data import load_examples
+
+    config.validate()
+    accelerator = make_accelerator(config)
+    out = Path(config.output_dir)
+    if accelerator.is_main_process:
+        prepare_output_dir(out, config.overwrite)
+        atomic_write_yaml(out / "config.yaml", config_to_dict(config))
+    accelerator.wait_for_everyone()
+
+    examples, report = load_examples(config.data, parse_columns(config.columns), config.max_examples or None)
+    if accelerator.is_main_process and config.show_progress:
+        print(report.summary())
+    model, tokenizer = load_model_and_tokenizer(config.model)
+    template = resolve_template(tokenizer, config.template)
+    encoder = Encoder(tokenizer, template, config.max_length, config.max_prompt_length)
+
+    log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
+    log.write({"event": "run_start", "method": config.method, "template": template,
+               "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+               "examples": len(examples), "empty_responses_dropped": report.n_empty_responses,
+               "duplicates_dropped": report.n_duplicates})
+    trainer = Trainer(config, model, accelerator, log)
+    started = time.perf_counter()
+    try:
+        if isinstance(config, IRFTConfig):
+            from .methods import run_irft
+
+            run_irft(config, trainer, encoder, examples, out)
+        elif isinstance(config, SFTConfig):
+            from .methods import run_sft
+
+            run_sft(config, trainer, encoder, examples)
+        else:
+            raise TypeError(f"no method for {type(config).__name__}")
+        log.write({"event": "run_end", "steps": trainer.global_step, "wall_s": time.perf_counter() - started,
+                   **encoder.counts.as_dict()})
+    finally:
+        log.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_pretrained_atomic(trainer.unwrapped, tokenizer, out / "final")
+    accelerator.wait_for_everyone()
+    return out

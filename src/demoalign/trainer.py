@@ -1,0 +1,166 @@
+"""ONE optimisation loop on `accelerate`, shared by every method.
+
+A method hands the loop a list of items (examples or pairs), a loss function that returns the
+PER-ITEM loss of a micro-batch, and a normaliser (how many units — pairs or tokens — the whole
+global batch holds). Accumulation is written by hand rather than with `accelerator.accumulate`
+because the loss must be divided by the units of the GLOBAL batch (all micro-batches, all
+processes): only then do batch 1 × accumulation 8, batch 8 × 1 and 2 processes × 4 give the same
+step, for per-token SFT losses as well as per-pair ones.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+from .progress import progress_bar
+
+LossFn = Callable[[torch.nn.Module, list], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def make_accelerator(config) -> Accelerator:
+    precision = config.mixed_precision
+    if precision == "auto":
+        on_gpu = torch.cuda.is_available() and not config.cpu
+        precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(cpu=config.cpu, mixed_precision=precision)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def steps_per_epoch(n_items: int, global_batch: int) -> int:
+    return math.ceil(n_items / global_batch)
+
+
+def seeded_permutation(n: int, *seed_parts: int) -> list[int]:
+    generator = torch.Generator().manual_seed(hash(seed_parts) & 0x7FFF_FFFF_FFFF)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+class Trainer:
+    """Owns the accelerator, the prepared model, the optimiser and the schedule."""
+
+    def __init__(self, config, model, accelerator: Accelerator, metrics_log):
+        self.config = config
+        self.accelerator = accelerator
+        self.log = metrics_log
+        if config.disable_dropout:
+            disable_dropout(model)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        params = [p for p in model.parameters() if p.requires_grad]
+        if config.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        else:
+            optimizer = torch.optim.RMSprop(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.scheduler = None
+        self.global_step = 0
+
+    @property
+    def global_batch(self) -> int:
+        c = self.config
+        return c.batch_size * c.gradient_accumulation_steps * self.accelerator.num_processes
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def start_schedule(self, num_steps: int) -> None:
+        """A warm-up + decay schedule over `num_steps` optimiser steps (the run or one stage)."""
+        warmup = int(self.config.warmup_ratio * num_steps)
+        if self.config.lr_scheduler == "linear":
+            self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, max(num_steps, 1))
+        else:
+            self.scheduler = get_constant_schedule_with_warmup(self.optimizer, warmup)
+
+    def fit(
+        self,
+        items: list,
+        loss_fn: LossFn,
+        units: Callable[[list], float],
+        epochs: int,
+        seed_parts: tuple[int, ...],
+        context: dict,
+        desc: str = "training",
+    ) -> list[dict]:
+        """`epochs` shuffled passes over `items`; returns the metrics of every step."""
+        records = []
+        n_steps = epochs * steps_per_epoch(len(items), self.global_batch)
+        show = self.config.show_progress and self.accelerator.is_main_process
+        with progress_bar(desc, total=n_steps, enabled=show) as advance:
+            for epoch in range(epochs):
+                order = seeded_permutation(len(items), *seed_parts, epoch)
+                for start in range(0, len(order), self.global_batch):
+                    batch = [items[i] for i in order[start : start + self.global_batch]]
+                    record = self.step(batch, loss_fn, units(batch))
+                    record.update(context, epoch=epoch)
+                    self.log.write(record)
+                    records.append(record)
+                    advance(1)
+        return records
+
+    def _my_micro_batches(self, batch: list) -> tuple[list[list], float]:
+        """This process's share of a global batch, in micro-batches. A process left without items
+        (a short last batch) runs one item with weight 0 so that every process joins the
+        gradient all-reduce."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        mine, weight = batch[rank::world], 1.0
+        if not mine:
+            mine, weight = batch[:1], 0.0
+        size = self.config.batch_size
+        return [mine[i : i + size] for i in range(0, len(mine), size)], weight
+
+    def step(self, batch: list, loss_fn: LossFn, global_units: float) -> dict:
+        acc = self.accelerator
+        started = time.perf_counter()
+        self.model.train()
+        micro_batches, weight = self._my_micro_batches(batch)
+        loss_sum = torch.zeros((), device=acc.device)
+        stat_sums: dict[str, torch.Tensor] = {}
+        tokens = torch.zeros((), device=acc.device)
+        for i, micro in enumerate(micro_batches):
+            sync = nullcontext() if i == len(micro_batches) - 1 else acc.no_sync(self.model)
+            with sync:
+                with acc.autocast():
+                    per_item, stats, n_tokens = loss_fn(self.model, micro)
+                # DDP averages gradients over processes; × world turns that into a global sum.
+                loss = per_item.sum() * weight * acc.num_processes / global_units
+                acc.backward(loss)
+            loss_sum += per_item.detach().float().sum() * weight
+            tokens += n_tokens * weight
+            for key, value in stats.items():
+                stat_sums[key] = stat_sums.get(key, 0) + value.detach().float().sum() * weight
+        clip = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+
+        keys = sorted(stat_sums)
+        totals = acc.reduce(torch.stack([loss_sum, tokens] + [stat_sums[k] for k in keys]), reduction="sum")
+        elapsed = time.perf_counter() - started
+        record = {
+            "step": self.global_step,
+            "loss": totals[0].item() / global_units,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "examples": len(batch),
+            "tokens_per_s": totals[1].item() / elapsed,
+        }
+        record.update({k: totals[2 + j].item() / len(batch) for j, k in enumerate(keys)})
+        return record
