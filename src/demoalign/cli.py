@@ -52,13 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_generate(config: GenerateConfig) -> None:
     from .batching import Encoder
-    from .data import load_examples
+    from .data import load_examples, parse_columns
     from .generation import generate_ids
-    from .run import load_model_and_tokenizer, parse_columns
+    from .run import load_model_and_tokenizer
     from .runio import atomic_write_jsonl
     from .templates import resolve_template
 
-    examples, _ = load_examples(config.data, parse_columns(config.columns), config.max_examples or None)
+    examples, _ = load_examples(config.data, parse_columns(config.columns or None), config.max_examples or None)
     model, tokenizer = load_model_and_tokenizer(config.model)
     if not config.cpu:
         import torch
@@ -98,10 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                                   hidden_size=args.hidden_size, num_layers=args.layers, seed=args.seed)
             print(f"tiny model written to {out}")
         elif args.command == "data":
-            from .data import inspect_data
-            from .run import parse_columns
+            from .data import inspect_data, parse_columns
 
-            print(inspect_data(args.file, parse_columns(args.columns)))
+            print(inspect_data(args.file, parse_columns(args.columns or None)))
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

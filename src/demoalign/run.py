@@ -12,19 +12,6 @@ from .templates import resolve_template
 from .trainer import Trainer, make_accelerator
 
 
-def parse_columns(spec: str) -> dict[str, str] | None:
-    """'prompt:question,response:answer' → {'prompt': 'question', 'response': 'answer'}."""
-    if not spec:
-        return None
-    mapping = {}
-    for part in spec.split(","):
-        key, sep, column = part.partition(":")
-        if not sep or key.strip() not in ("prompt", "response"):
-            raise ValueError(f"columns={spec!r}: expected 'prompt:COLUMN,response:COLUMN'")
-        mapping[key.strip()] = column.strip()
-    return mapping
-
-
 def load_model_and_tokenizer(path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -40,7 +27,7 @@ def load_model_and_tokenizer(path: str):
 
 def train(config: TrainConfig) -> Path:
     """Run SFT, SPIN or IRFT as `config` says; returns the run folder."""
-    from .data import load_examples
+    from .data import load_examples, parse_columns
 
     config.validate()
     accelerator = make_accelerator(config)
@@ -50,7 +37,7 @@ def train(config: TrainConfig) -> Path:
         atomic_write_yaml(out / "config.yaml", config_to_dict(config))
     accelerator.wait_for_everyone()
 
-    examples, report = load_examples(config.data, parse_columns(config.columns), config.max_examples or None)
+    examples, report = load_examples(config.data, parse_columns(config.columns or None), config.max_examples or None)
     if accelerator.is_main_process and config.show_progress:
         print(report.summary())
     model, tokenizer = load_model_and_tokenizer(config.model)

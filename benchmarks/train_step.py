@@ -1,0 +1,459 @@
+"""Training-step throughput and peak memory: demoalign IRFT vs TRL's DPOTrainer, one run.
+
+Both sides train the same tiny Llama-shaped model (same initial weights) on the same pairs, in the
+same order, with AdamW, the same learning rate (constant), batch size, grad clipping (1.0), beta
+and sigmoid loss, for the same number of optimiser steps:
+
+- ours: the reference log-probs are computed ONCE, by the same model, before training (as IRFT does
+  at every stage start; timed separately, not part of tokens/s), then `Trainer.step` with
+  `irft_loss_fn`: one forward/backward over [demonstrations; negatives] per step.
+- TRL: `DPOTrainer` with a reference model (a deepcopy of the initial model) held in memory and a
+  reference forward at every step (its default, `precompute_ref_log_probs=False`).
+
+Each side runs in its own subprocess (`--only ours` / `--only trl`, spawned by the parent), so that
+neither sees the other's allocations. tokens/s = non-padding tokens (prompt + completion) of the
+chosen and rejected sequences, summed over the timed steps, divided by the wall time from the end
+of the last warm-up step to the end of the last step (data loading, forward, backward, clipping and
+the optimiser step included; the warm-up steps excluded).
+
+Peak memory:
+- CPU: peak RSS growth of the process above its RSS once imports, tokenizer, data and the policy
+  model exist (Linux VmHWM, reset via /proc/self/clear_refs; a 2 ms RSS sampler if that is not
+  allowed). It counts everything created afterwards: optimiser state, the reference copy (TRL),
+  the reference pre-computation (ours), TRL's dataset preparation, activations and gradients.
+- CUDA: torch.cuda.max_memory_allocated over the same span (reset after the policy model is on the
+  GPU), reported both as the total peak (policy weights included; used for the ratio) and as the
+  growth above the allocation at the reset.
+
+Usage:
+    python benchmarks/train_step.py                      # CPU defaults, ~1 min on 2 cores
+    python benchmarks/train_step.py --device cuda --hidden-size 1024 --layers 8 --vocab-size 32000 \
+        --pairs 64 --batch-size 8 --seq-len 512 --steps 20
+The LAST line printed is `ratio throughput=<ours/TRL> peak_memory=<ours/TRL>`.
+TRL and datasets are needed for the TRL side (they are test-only dependencies of demoalign); without
+them the script says so and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+
+RESULT_TAG = "BENCH_RESULT "
+TEMPLATE = "hh"  # prompt ends "Assistant:", response starts " ": identical tokens on both sides
+WORDS = (
+    "mix flour water salt yeast knead dough rise shape bake degrees minutes quick brown fox jumps over "
+    "lazy dog journey thousand miles begins with one step please explain what neural network simple words "
+    "student new topic question capital france paris sorry cannot help request anything else today sort "
+    "digits add the a of and to in is it for on"
+).split()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab-size", type=int, default=512,
+                   help="model vocabulary (the text tokenizer is a trained BPE of at most 1000 tokens; "
+                        "ids above it are never seen but the softmax spans them all)")
+    p.add_argument("--pairs", type=int, default=32, help="distinct (prompt, chosen, rejected) pairs")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per optimiser step")
+    p.add_argument("--steps", type=int, default=12, help="timed optimiser steps")
+    p.add_argument("--warmup-steps", type=int, default=2, help="untimed optimiser steps before them")
+    p.add_argument("--seq-len", type=int, default=128,
+                   help="max tokens of prompt + response; responses are 25-100%% of the room left")
+    p.add_argument("--prompt-len", type=int, default=32, help="max prompt tokens (25-100%% of it)")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.warmup_steps < 1 or args.steps < 1:
+        p.error("--steps and --warmup-steps must be >= 1 (timing starts at the end of the last warm-up step)")
+    if args.prompt_len + 2 > args.seq_len:
+        p.error("--seq-len must leave room for a response after --prompt-len")
+    return args
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+class PeakMemory:
+    """Peak memory growth above a baseline taken at `start()`."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.method = ""
+        self._sampler = None
+        self._peak_kb = 0
+
+    @staticmethod
+    def _status_kb(field: str) -> int:
+        with open("/proc/self/status") as fh:
+            return int(re.search(rf"^{field}:\s+(\d+) kB", fh.read(), re.M).group(1))
+
+    def start(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.baseline = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            self.method = "cuda max_memory_allocated"
+            return
+        import gc
+
+        gc.collect()
+        self.baseline = self._status_kb("VmRSS") * 1024
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # resets VmHWM (peak RSS) to the current RSS
+            self.method = "VmHWM after clear_refs"
+        except OSError:
+            self.method = "RSS sampled every 2 ms"
+            self._peak_kb = self._status_kb("VmRSS")
+            self._stop = threading.Event()
+
+            def sample():
+                while not self._stop.is_set():
+                    self._peak_kb = max(self._peak_kb, self._status_kb("VmRSS"))
+                    time.sleep(0.002)
+
+            self._sampler = threading.Thread(target=sample, daemon=True)
+            self._sampler.start()
+
+    def stop(self) -> dict:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            return {"peak_bytes": peak, "growth_bytes": peak - self.baseline, "method": self.method}
+        if self._sampler is not None:
+            self._stop.set()
+            self._sampler.join()
+            peak = self._peak_kb * 1024
+        else:
+            peak = self._status_kb("VmHWM") * 1024
+        return {"peak_bytes": peak, "growth_bytes": peak - self.baseline, "method": self.method}
+
+
+# ----------------------------------------------------------------------------- common setup
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(tok, args):
+    """demoalign.tiny.tiny_model's layout, with the vocabulary set by --vocab-size."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=max(len(tok), args.vocab_size),
+        hidden_size=args.hidden_size,
+        intermediate_size=args.hidden_size * 2,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=max(1024, args.seq_len),
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(args.seed)
+    return LlamaForCausalLM(config)
+
+
+def build_data(tok, args):
+    """Random-word prompts and responses. Returns (texts for TRL, token ids for demoalign); the ids
+    are what demoalign's Encoder makes of the texts, and the parity test shows that TRL's
+    preparation gives the same ids for this template."""
+    from demoalign.batching import Encoder
+    from demoalign.data import Example
+    from demoalign.templates import render_prompt, response_text
+
+    rng = random.Random(args.seed)
+    encoder = Encoder(tok, TEMPLATE, max_length=args.seq_len, max_prompt_length=args.prompt_len)
+
+    def words_up_to(n_tokens: int, render) -> str:
+        words: list[str] = []
+        while True:
+            candidate = words + [rng.choice(WORDS)]
+            if len(tok(render(" ".join(candidate)), add_special_tokens=False)["input_ids"]) > n_tokens:
+                return " ".join(words or candidate)
+            words = candidate
+
+    texts = {"prompt": [], "chosen": [], "rejected": []}
+    ids = []
+    scaffold = len(tok(render_prompt(Example("", ""), tok, TEMPLATE), add_special_tokens=False)["input_ids"])
+    for _ in range(args.pairs):
+        p_target = rng.randint(max(1, args.prompt_len // 4), args.prompt_len) - scaffold
+        prompt = words_up_to(max(1, p_target), lambda s: s)
+        example = Example(prompt=prompt, response="")
+        prompt_ids = encoder.prompt_ids(example)
+        room = args.seq_len - len(prompt_ids) - 1  # -1: the EOS
+        responses = [words_up_to(rng.randint(max(1, room // 4), max(1, room)),
+                                 lambda s: response_text(s, TEMPLATE)) for _ in range(2)]
+        chosen, rejected = (encoder.fit(prompt_ids, encoder.response_ids(r)).response_ids for r in responses)
+        texts["prompt"].append(render_prompt(example, tok, TEMPLATE))
+        texts["chosen"].append(response_text(responses[0], TEMPLATE))
+        texts["rejected"].append(response_text(responses[1], TEMPLATE))
+        ids.append((prompt_ids, chosen, rejected))
+    return texts, ids
+
+
+def batches(n_items: int, batch_size: int, n_steps: int):
+    """Sequential batches, wrapping around like epochs of a sequential sampler."""
+    order, out, epoch_pos = list(range(n_items)), [], 0
+    for _ in range(n_steps):
+        if epoch_pos >= n_items:
+            epoch_pos = 0
+        out.append(order[epoch_pos : epoch_pos + batch_size])
+        epoch_pos += batch_size
+    return out
+
+
+def use_bf16(device: str) -> bool:
+    import torch
+
+    return device == "cuda" and torch.cuda.is_bf16_supported()
+
+
+# ----------------------------------------------------------------------------- sides
+
+
+def run_ours(args, tok, model, ids, memory: PeakMemory) -> dict:
+    from demoalign.config import IRFTConfig
+    from demoalign.methods import count_pairs, irft_loss_fn
+    from demoalign.pairs import Pair, fill_reference_logps
+    from demoalign.runio import MetricsLog
+    from demoalign.trainer import Trainer, make_accelerator
+
+    config = IRFTConfig(
+        model="x", data="x", batch_size=args.batch_size, learning_rate=args.lr,
+        cpu=args.device == "cpu", show_progress=False, beta=args.beta, loss_type="sigmoid",
+        mixed_precision="bf16" if use_bf16(args.device) else "no", optimizer="adamw",
+        weight_decay=0.0, max_grad_norm=1.0,
+    )
+    memory.start()
+    accelerator = make_accelerator(config)
+    trainer = Trainer(config, model, accelerator, MetricsLog(os.devnull, enabled=False))
+    pairs = [Pair(i, p, c, r) for i, (p, c, r) in enumerate(ids)]
+    sync(args.device)
+    started = time.perf_counter()
+    fill_reference_logps(trainer.unwrapped, pairs, tok.pad_token_id, args.batch_size, accelerator.autocast)
+    sync(args.device)
+    ref_s = time.perf_counter() - started
+
+    loss_fn = irft_loss_fn(args.beta, "sigmoid", 0.0, tok.pad_token_id)
+    ends, tokens, losses = [], [], []
+    for index_batch in batches(len(pairs), args.batch_size, args.warmup_steps + args.steps):
+        batch = [pairs[i] for i in index_batch]
+        record = trainer.step(batch, loss_fn, count_pairs(batch))
+        sync(args.device)
+        ends.append(time.perf_counter())
+        tokens.append(sum(2 * len(p.prompt_ids) + len(p.demo_ids) + len(p.negative_ids) for p in batch))
+        losses.append(record["loss"])
+    mem = memory.stop()
+    w = args.warmup_steps
+    return {"side": "ours", "train_s": ends[-1] - ends[w - 1], "tokens": sum(tokens[w:]),
+            "ref_precompute_s": ref_s, "first_loss": losses[0], "last_loss": losses[-1], **mem}
+
+
+def run_trl(args, tok, model, texts, memory: PeakMemory) -> dict:
+    import torch
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    ends: list[float] = []
+    tokens: list[int] = []
+    losses: list[float] = []
+    device = args.device
+
+    class StepEnd(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            sync(device)
+            ends.append(time.perf_counter())
+
+    class CountingDPOTrainer(DPOTrainer):
+        # The same pairs in the same order as ours: a sequential sampler.
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+        def compute_loss(self, model, inputs, *a, **k):
+            tokens.append(int(inputs["attention_mask"].sum()))
+            loss = super().compute_loss(model, inputs, *a, **k)
+            losses.append(float(loss.detach()))
+            return loss
+
+    memory.start()
+    dataset = Dataset.from_dict(texts)
+    with tempfile.TemporaryDirectory() as out_dir, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = DPOConfig(
+            output_dir=out_dir, use_cpu=device == "cpu", bf16=use_bf16(device), fp16=False,
+            gradient_checkpointing=False, save_strategy="no", report_to="none", logging_strategy="no",
+            disable_tqdm=True, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+            learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
+            weight_decay=0.0, max_grad_norm=1.0, max_steps=args.warmup_steps + args.steps,
+            beta=args.beta, loss_type=["sigmoid"], max_length=None, dataloader_num_workers=0,
+            seed=args.seed, precompute_ref_log_probs=False,
+        )
+        trainer = CountingDPOTrainer(
+            model=model, ref_model=copy.deepcopy(model), args=config, train_dataset=dataset,
+            processing_class=tok, callbacks=[StepEnd()],
+        )
+        # The tokens TRL trains on are the ones ours trains on (checked by tests/test_trl_parity.py).
+        trainer.train()
+    mem = memory.stop()
+    w = args.warmup_steps
+    assert len(ends) == args.warmup_steps + args.steps, (len(ends), args.warmup_steps + args.steps)
+    del torch
+    return {"side": "trl", "train_s": ends[-1] - ends[w - 1], "tokens": sum(tokens[w:]),
+            "first_loss": losses[0], "last_loss": losses[-1], **mem}
+
+
+def child(args) -> None:
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible to torch")
+    if args.only == "trl":
+        import datasets  # noqa: F401  (imports before the baseline, like ours)
+        import trl  # noqa: F401
+    from demoalign.tiny import train_tokenizer
+
+    import demoalign.methods  # noqa: F401
+    import demoalign.trainer  # noqa: F401
+
+    tok = train_tokenizer(vocab_size=min(args.vocab_size, 1000))
+    texts, ids = build_data(tok, args)
+    model = build_model(tok, args)
+    if args.device == "cuda":
+        model.to("cuda")
+    memory = PeakMemory(args.device)
+    if args.only == "ours":
+        result = run_ours(args, tok, model, ids, memory)
+    else:
+        result = run_trl(args, tok, model, texts, memory)
+    result["params"] = sum(p.numel() for p in model.parameters())
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def missing_trl() -> list[str]:
+    return [name for name in ("trl", "datasets") if importlib.util.find_spec(name) is None]
+
+
+def spawn(side: str, argv: list[str]) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--only", side]
+    env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+    sys.exit(f"the {side} side failed (exit status {proc.returncode}); its output is above")
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def parent(args, argv: list[str]) -> None:
+    missing = missing_trl()
+    if missing:
+        print(f"train_step.py: {', '.join(missing)} not importable in {sys.executable}; the TRL side needs "
+              "`trl` and `datasets` (pip install 'trl>=1.0' datasets, or put their wheels on PYTHONPATH). "
+              "Nothing was measured.", file=sys.stderr)
+        sys.exit(2)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device is visible to torch")
+        device_name = torch.cuda.get_device_name(0)
+    else:
+        import torch
+
+        device_name = f"CPU, {torch.get_num_threads()} torch threads"
+    print(f"device: {device_name}; model: Llama hidden {args.hidden_size}, {args.layers} layers, vocab "
+          f"{args.vocab_size}; {args.pairs} pairs, batch {args.batch_size} pairs, seq-len <= {args.seq_len}, "
+          f"{args.warmup_steps} warm-up + {args.steps} timed AdamW steps, lr {args.lr}, "
+          f"{'bf16 autocast' if use_bf16(args.device) else 'fp32'}", flush=True)
+    ours = spawn("ours", argv)
+    trl_ = spawn("trl", argv)
+    for r in (ours, trl_):
+        r["tok_s"] = r["tokens"] / r["train_s"]
+        r["ms_step"] = 1000 * r["train_s"] / args.steps
+    if ours["tokens"] != trl_["tokens"]:
+        print(f"WARNING: the sides processed different token counts ({ours['tokens']} vs {trl_['tokens']})")
+    mem_key = "peak_bytes" if args.device == "cuda" else "growth_bytes"
+    rows = [
+        ("tokens/s (chosen+rejected, non-pad)", f"{ours['tok_s']:.0f}", f"{trl_['tok_s']:.0f}"),
+        ("ms per optimiser step", f"{ours['ms_step']:.1f}", f"{trl_['ms_step']:.1f}"),
+        ("tokens in timed steps", str(ours["tokens"]), str(trl_["tokens"])),
+        ("reference log-probs", f"once, {ours['ref_precompute_s'] * 1000:.0f} ms (untimed)",
+         "a ref forward every step"),
+        ("loss first -> last step", f"{ours['first_loss']:.4f} -> {ours['last_loss']:.4f}",
+         f"{trl_['first_loss']:.4f} -> {trl_['last_loss']:.4f}"),
+    ]
+    if args.device == "cuda":
+        rows += [("peak GPU MiB allocated (total)", mib(ours["peak_bytes"]), mib(trl_["peak_bytes"])),
+                 ("peak GPU MiB above policy weights", mib(ours["growth_bytes"]), mib(trl_["growth_bytes"]))]
+    else:
+        rows += [("peak RSS growth MiB", mib(ours["growth_bytes"]), mib(trl_["growth_bytes"]))]
+    width = max(len(r[0]) for r in rows)
+    col = max(len(r[1]) for r in rows)
+    print(f"{'':{width}}  {'demoalign IRFT':{col}}  TRL DPOTrainer")
+    for name, a, b in rows:
+        print(f"{name:{width}}  {a:{col}}  {b}")
+    if args.device == "cuda":
+        print("memory: torch.cuda.max_memory_allocated in each side's own process, from the moment the policy "
+              "model sits on the GPU to the last step (weights, reference copy, optimiser state, activations, "
+              "gradients); the ratio uses the total peak.")
+    else:
+        print(f"memory: peak RSS growth ({ours['method']}) of each side's own process above its RSS after imports, "
+              "tokenizer, data and policy model creation: optimiser state, TRL's reference copy and dataset "
+              "preparation, our reference pre-computation, activations and gradients. At tiny model sizes "
+              "allocator and framework overheads weigh as much as tensors.")
+    print(f"ratio throughput={ours['tok_s'] / trl_['tok_s']:.3f} "
+          f"peak_memory={ours[mem_key] / trl_[mem_key]:.3f}")
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.only:
+        child(args)
+    else:
+        parent(args, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+import math
+
+import torch
+
+from conftest import fresh_model
+from demoalign.batching import Tokenized, collate
+from demoalign.logprobs import IGNORE_INDEX, model_sequence_logps, sequence_logps, token_logps
+
+
+def test_token_logps_by_hand():
+    # Vocabulary of 2. Position 0 predicts label[1] = 1 with logits [0, ln 3]: p = 3/4.
+    # Position 1 predicts label[2] = 0 with logits [ln 4, 0]: p = 4/5.
+    logits = torch.tensor([[[0.0, math.log(3)], [math.log(4), 0.0], [5.0, 5.0]]])
+    labels = torch.tensor([[IGNORE_INDEX, 1, 0]])
+    logp, n = sequence_logps(logits, labels)
+    assert n.item() == 2
+    assert logp.item() == pytest_approx(math.log(3 / 4) + math.log(4 / 5))
+    # A masked label contributes nothing.
+    masked = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 0]])
+    assert sequence_logps(logits, masked)[0].item() == pytest_approx(math.log(4 / 5))
+
+
+def pytest_approx(x):
+    import pytest
+
+    return pytest.approx(x, rel=1e-6, abs=1e-6)
+
+
+def test_chunked_equals_full_log_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7, 11)
+    labels = torch.randint(0, 11, (5, 7))
+    labels[:, :3] = IGNORE_INDEX
+    full = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    full = full * (labels[:, 1:] != IGNORE_INDEX)
+    for rows in (1, 2, 8):
+        assert torch.allclose(token_logps(logits, labels, rows_per_chunk=rows), full, atol=1e-6)
+
+
+def _logp(model, items, pad_id):
+    with torch.no_grad():
+        return model_sequence_logps(model.eval(), collate(items, pad_id))[0]
+
+
+def test_padding_and_prompt_tokens_do_not_count_eos_does(tiny_model_dir, tokenizer):
+    model = fresh_model(tiny_model_dir)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    prompt = tokenizer("### Instruction: add 2 and 3\n\n### Response: ")["input_ids"]
+    response = tokenizer("5", add_special_tokens=False)["input_ids"] + [eos]
+    long = Tokenized(prompt, tokenizer("a much longer answer that forces padding", add_special_tokens=False)["input_ids"] + [eos])
+    alone = _logp(model, [Tokenized(prompt, response)], pad)
+    padded = _logp(model, [Tokenized(prompt, response), long], pad)[0]
+    assert torch.allclose(alone, padded, atol=1e-5), "right padding changed a response's log-prob"
+
+    # Only response positions count: the score equals a manual sum over response positions,
+    # and differs from the sum that would also include the prompt's tokens.
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0, :-1], -1)
+    per_pos = logprobs.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
+    response_only = per_pos[len(prompt) - 1 :].sum()
+    assert torch.allclose(alone[0], response_only, atol=1e-5)
+    assert not torch.allclose(alone[0], per_pos.sum(), atol=1e-3)
+
+    # The closing EOS is scored: dropping it changes the value by exactly log p(EOS | ...).
+    without_eos = _logp(model, [Tokenized(prompt, response[:-1])], pad)
+    assert torch.allclose(alone - without_eos, per_pos[-1:], atol=1e-5)
+    assert per_pos[-1].item() < 0
