@@ -1,0 +1,86 @@
+import json
+from dataclasses import fields
+
+import pytest
+import yaml
+
+from conftest import DOLLY, SHARED_DATA
+from demoalign.cli import main
+from demoalign.config import CONFIGS, GenerateConfig, IRFTConfig, SPINConfig, build_config, load_config
+
+REQUIRED = dict(model="m", data="d")
+
+
+def test_unknown_key_names_the_nearest_valid_key():
+    with pytest.raises(ValueError, match="did you mean `learning_rate`"):
+        build_config(IRFTConfig, {**REQUIRED, "learnig_rate": 1e-3})
+    with pytest.raises(ValueError, match="did you mean `stages`"):
+        load_config(IRFTConfig, None, ["model=m", "data=d", "stage=3"])
+
+
+def test_values_are_typed_and_checked(tmp_path):
+    cfg = load_config(IRFTConfig, None, ["model=m", "data=d", "learning_rate=1e-3", "stages=4", "greedy=true", "beta=1"])
+    assert cfg.learning_rate == 1e-3 and cfg.stages == 4 and cfg.greedy is True and cfg.beta == 1.0
+    with pytest.raises(ValueError, match="expects int"):
+        load_config(IRFTConfig, None, ["model=m", "data=d", "stages=two"])
+    with pytest.raises(ValueError, match="loss_type"):
+        load_config(IRFTConfig, None, ["model=m", "data=d", "loss_type=ipo"])
+    with pytest.raises(ValueError, match="stages"):
+        load_config(SPINConfig, None, ["model=m", "data=d", "stages=2"])
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(yaml.safe_dump({"model": "m", "data": "d", "beta": 0.5, "stages": 3}))
+    cfg = load_config(IRFTConfig, str(yaml_file), ["stages=8"])
+    assert cfg.beta == 0.5 and cfg.stages == 8, "command-line keys override the YAML"
+
+
+def test_interface_keys_exist():
+    names = {f.name for f in fields(IRFTConfig)}
+    fixed = {"model", "data", "output_dir", "stages", "epochs_per_stage", "iterations", "beta", "loss_type",
+             "learning_rate", "optimizer", "batch_size", "gradient_accumulation_steps", "max_length",
+             "max_prompt_length", "max_new_tokens", "temperature", "top_p", "template", "seed", "overwrite"}
+    assert fixed <= names
+
+
+@pytest.mark.parametrize("command", ["sft", "spin", "irft", "generate"])
+def test_help_documents_every_option(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    cls = GenerateConfig if command == "generate" else CONFIGS[command]
+    for f in fields(cls):
+        assert f"  {f.name} (default" in text, f.name
+        assert f.metadata.get("help"), f"{f.name} has no documentation"
+
+
+def test_readme_documents_every_option():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for cls in (*CONFIGS.values(), GenerateConfig):
+        for f in fields(cls):
+            assert f"`{f.name}`" in readme, f"README misses {f.name}"
+
+
+def test_cli_tiny_model_train_generate_and_inspect(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "tiny"
+    assert main(["tiny-model", str(model_dir), "--vocab-size", "300", "--hidden-size", "32"]) == 0
+    AutoModelForCausalLM.from_pretrained(model_dir)
+    out = tmp_path / "run"
+    args = [f"model={model_dir}", f"data={DOLLY}", "max_examples=8", f"output_dir={out}", "max_length=64",
+            "max_prompt_length=32", "max_new_tokens=6", "batch_size=4", "stages=2", "show_progress=false"]
+    assert main(["irft", *args]) == 0
+    assert (out / "final" / "model.safetensors").exists()
+    assert main(["irft", *args]) == 2, "a non-empty run folder must be refused"
+    assert "overwrite" in capsys.readouterr().err
+    gen_file = tmp_path / "gen.jsonl"
+    assert main(["generate", f"model={out / 'final'}", f"data={DOLLY}", "max_examples=3",
+                 f"output={gen_file}", "max_new_tokens=5"]) == 0
+    rows = [json.loads(line) for line in gen_file.read_text().splitlines()]
+    assert len(rows) == 3 and all({"prompt", "response", "tokens", "finished"} <= set(r) for r in rows)
+    assert main(["data", "inspect", str(SHARED_DATA / "hh_rlhf" / "helpful-online" / "test.jsonl.gz")]) == 0
+    text = capsys.readouterr().out
+    assert "hh" in text and "1137" in text
+    assert main(["irft", *args, "overwrite=true", "stagez=2"]) == 2
+    assert "did you mean `stages`" in capsys.readouterr().err
