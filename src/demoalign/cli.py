@@ -88,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
 
             config = load_config(CONFIGS[args.command], args.config, args.overrides)
             out = train(config)
-            print(f"done: run folder {out} (config.yaml, metrics.jsonl, final/)")
+            print(f"done: run folder {out}")
+            print(f"  model and tokenizer: {out / 'final'}")
+            print(f"  metrics log:         {out / 'metrics.jsonl'}")
+            if (out / "stages").exists():
+                print(f"  negatives per stage: {out / 'stages'}/<k>/negatives.jsonl")
         elif args.command == "generate":
             run_generate(load_config(GenerateConfig, args.config, args.overrides))
         elif args.command == "tiny-model":

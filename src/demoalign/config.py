@@ -92,12 +92,15 @@ class IRFTConfig(TrainConfig):
     top_p: float = opt(1.0, "Nucleus sampling of the negatives (1 = off).")
     greedy: bool = opt(False, "Greedy negatives instead of sampled ones (not the paper's method; off by default).")
     generation_batch_size: int = opt(16, "Prompts per generate() call.")
+    generation_backend: str = opt("hf", "hf: transformers generate, batched and left-padded (the only backend so far).")
     method = "irft"
 
     def validate(self) -> None:
         super().validate()
         from .losses import LOSS_TYPES
 
+        if self.generation_backend != "hf":
+            raise ValueError(f"generation_backend={self.generation_backend!r}: only `hf` exists so far")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
         for key in ("stages", "epochs_per_stage", "iterations", "max_new_tokens", "generation_batch_size"):
