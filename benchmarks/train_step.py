@@ -208,7 +208,7 @@ def build_data(tok, args):
     scaffold = len(tok(render_prompt(Example("", ""), tok, TEMPLATE), add_special_tokens=False)["input_ids"])
     for _ in range(args.pairs):
         p_target = rng.randint(max(1, args.prompt_len // 4), args.prompt_len) - scaffold
-        prompt = words_up_to(max(1, p_target), lambda s: s)
+        prompt = words_up_to(max(1, p_target - 2), lambda s: s)
         example = Example(prompt=prompt, response="")
         prompt_ids = encoder.prompt_ids(example)
         room = args.seq_len - len(prompt_ids) - 1  # -1: the EOS
@@ -219,6 +219,8 @@ def build_data(tok, args):
         texts["chosen"].append(response_text(responses[0], TEMPLATE))
         texts["rejected"].append(response_text(responses[1], TEMPLATE))
         ids.append((prompt_ids, chosen, rejected))
+    # A cut would make our ids differ from what TRL makes of the (uncut) texts.
+    assert encoder.counts.prompts_cut == 0 and encoder.counts.responses_cut == 0, encoder.counts
     return texts, ids
 
 
@@ -281,7 +283,6 @@ def run_ours(args, tok, model, ids, memory: PeakMemory) -> dict:
 
 
 def run_trl(args, tok, model, texts, memory: PeakMemory) -> dict:
-    import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback
@@ -330,7 +331,6 @@ def run_trl(args, tok, model, texts, memory: PeakMemory) -> dict:
     mem = memory.stop()
     w = args.warmup_steps
     assert len(ends) == args.warmup_steps + args.steps, (len(ends), args.warmup_steps + args.steps)
-    del torch
     return {"side": "trl", "train_s": ends[-1] - ends[w - 1], "tokens": sum(tokens[w:]),
             "first_loss": losses[0], "last_loss": losses[-1], **mem}
 

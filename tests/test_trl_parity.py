@@ -23,6 +23,8 @@ import warnings
 
 import pytest
 
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
