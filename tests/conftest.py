@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("DEMOALIGN_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 DOLLY = SHARED_DATA / "dolly_hhrlhf" / "dolly_hhrlhf_train_small.jsonl"
 os.environ.setdefault("DEMOALIGN_SHARED_DATA", str(SHARED_DATA))
 

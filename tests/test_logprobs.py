@@ -66,3 +66,30 @@ def test_padding_and_prompt_tokens_do_not_count_eos_does(tiny_model_dir, tokeniz
     without_eos = _logp(model, [Tokenized(prompt, response[:-1])], pad)
     assert torch.allclose(alone - without_eos, per_pos[-1:], atol=1e-5)
     assert per_pos[-1].item() < 0
+
+
+def test_tiled_lm_head_equals_full_logits_in_value_and_gradient(tiny_model_dir, tokenizer):
+    from demoalign.logprobs import SequenceScorer
+
+    model = fresh_model(tiny_model_dir)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    items = [
+        Tokenized(tokenizer("### Instruction: hi\n\n### Response: ")["input_ids"], tokenizer("hello there", add_special_tokens=False)["input_ids"] + [eos]),
+        Tokenized(tokenizer("Q: 2+2?")["input_ids"], tokenizer(" 4", add_special_tokens=False)["input_ids"] + [eos]),
+    ]
+    batch = collate(items, pad)
+    fused = SequenceScorer(model, tile_tokens=3)  # several tiles, one of them partial
+    full = SequenceScorer(model)
+    full.fused = False
+    assert fused.fused
+    results = []
+    for scorer in (fused, full):
+        model.zero_grad()
+        logps, n = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        (logps * torch.tensor([1.0, -2.0])).sum().backward()
+        results.append((logps.detach(), n, torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (a, na, ga), (b, nb, gb) = results
+    assert torch.equal(na, nb) and na.tolist() == [len(i.response_ids) for i in items]
+    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(ga, gb, atol=1e-6, rtol=1e-4)
+    assert ga.abs().max() > 0

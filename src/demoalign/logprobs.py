@@ -7,6 +7,7 @@ EOS carries its own id as label and counts.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 
 IGNORE_INDEX = -100
 
@@ -38,7 +39,62 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return per_token.sum(-1), n_tokens
 
 
+# Configs whose logits are rescaled or soft-capped after the LM head: scored from full logits.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def _tile_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+class SequenceScorer(torch.nn.Module):
+    """Wraps a causal LM so that its forward returns (summed response log-prob, scored tokens) per row.
+
+    The LM head is applied only at positions whose next-token label is scored, a tile of
+    `tile_tokens` positions at a time under activation checkpointing: neither the [B, L, V] logits
+    nor a float32 copy of them exist at once, in the forward or the backward. Written by hand
+    because transformers has no such head (TRL patches one into the model; we wrap instead, so
+    the model itself is left untouched and DDP still sees one forward). Models that post-process
+    their logits (soft-capping, scaling) fall back to the model's own logits.
+    """
+
+    def __init__(self, lm: torch.nn.Module, tile_tokens: int = 1024):
+        super().__init__()
+        self.lm = lm
+        self.tile_tokens = tile_tokens
+        text_config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+        head = lm.get_output_embeddings()
+        self.fused = isinstance(head, torch.nn.Linear) and not any(
+            getattr(text_config, name, None) not in (None, 1.0) for name in _LOGIT_POSTPROCESSING
+        )
+
+    def forward(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.fused:
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return sequence_logps(logits, labels)
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        targets = labels[:, 1:]
+        mask = targets != IGNORE_INDEX
+        rows = mask.nonzero()[:, 0]
+        scored_hidden = hidden[:, :-1][mask]
+        scored_targets = targets[mask]
+        head = self.lm.get_output_embeddings()
+        tiles = [
+            torch.utils.checkpoint.checkpoint(
+                _tile_logps, scored_hidden[i : i + self.tile_tokens], scored_targets[i : i + self.tile_tokens],
+                head.weight, head.bias, use_reentrant=False,
+            )
+            for i in range(0, scored_targets.shape[0], self.tile_tokens)
+        ]
+        per_token = torch.cat(tiles) if tiles else scored_hidden.new_zeros(0, dtype=torch.float32)
+        sums = torch.zeros(labels.shape[0], dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
+        return sums, mask.sum(-1)
+
+
 def model_sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward of `model` over a padded batch (input_ids, attention_mask, labels)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_logps(logits, batch["labels"])
+    """One forward over a padded batch (input_ids, attention_mask, labels). `model` is a causal LM,
+    a SequenceScorer, or a SequenceScorer wrapped by DDP."""
+    if not isinstance(model, SequenceScorer) and not isinstance(getattr(model, "module", None), SequenceScorer):
+        model = SequenceScorer(model)
+    return model(batch["input_ids"], batch["attention_mask"], batch["labels"])

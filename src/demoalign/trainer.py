@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from .logprobs import SequenceScorer
 from .progress import progress_bar
 
 LossFn = Callable[[torch.nn.Module, list], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -64,7 +65,8 @@ class Trainer:
             optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         else:
             optimizer = torch.optim.RMSprop(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # The scorer is what DDP wraps, so the one forward that yields log-probs is DDP's forward.
+        self.model, self.optimizer = accelerator.prepare(SequenceScorer(model), optimizer)
         self.scheduler = None
         self.global_step = 0
 
@@ -75,7 +77,7 @@ class Trainer:
 
     @property
     def unwrapped(self):
-        return self.accelerator.unwrap_model(self.model)
+        return self.accelerator.unwrap_model(self.model).lm
 
     def start_schedule(self, num_steps: int) -> None:
         """A warm-up + decay schedule over `num_steps` optimiser steps (the run or one stage)."""
