@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_command(sub, "spin", CONFIGS["spin"], "SPIN: IRFT with one stage per iteration.")
     _add_config_command(sub, "irft", CONFIGS["irft"], "IRFT: implicit-reward fine-tuning with T stages.")
     _add_config_command(sub, "generate", GenerateConfig, "Sample one response per prompt.")
+    from .demo import DemoConfig
+
+    _add_config_command(sub, "demo", DemoConfig, "The built-in task: SFT, SPIN and IRFT compared over seeds.")
     tiny = sub.add_parser("tiny-model", help="Write a tiny random model + tokenizer for trials and tests.")
     tiny.add_argument("out")
     tiny.add_argument("--tokenizer", default="trained", choices=["trained", "gpt2", "neox"],
@@ -93,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  metrics log:         {out / 'metrics.jsonl'}")
             if (out / "stages").exists():
                 print(f"  negatives per stage: {out / 'stages'}/<k>/negatives.jsonl")
+        elif args.command == "demo":
+            from .demo import DemoConfig, run_demo
+
+            run_demo(load_config(DemoConfig, args.config, args.overrides))
         elif args.command == "generate":
             run_generate(load_config(GenerateConfig, args.config, args.overrides))
         elif args.command == "tiny-model":

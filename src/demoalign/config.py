@@ -19,7 +19,7 @@ class TrainConfig:
     """Options shared by every method."""
 
     model: str = opt("", "Path (or hub id, when a hub is reachable) of the causal LM to start from.")
-    data: str = opt("", "Demonstrations: a JSONL/JSON/Parquet/CSV file or a saved HF dataset folder.")
+    data: str = opt("", "Demonstrations: a JSONL/JSON/Parquet/CSV file, a saved HF dataset folder, or task:NAME[:SEED] (built-in tasks: sort, add, brackets).")
     columns: str = opt("", "Explicit column mapping for unrecognised files, e.g. 'prompt:question,response:answer'.")
     max_examples: int = opt(0, "Use only the first N records of `data` (0 = all).")
     output_dir: str = opt("runs/out", "Run folder: config.yaml, metrics.jsonl, stages/, final/.")

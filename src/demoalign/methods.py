@@ -127,7 +127,7 @@ def negative_records(pairs: list[Pair], chunk: list, tokenizer) -> list[dict]:
     return records
 
 
-def run_irft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir: Path) -> None:
+def run_irft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir: Path, on_stage_end=None) -> None:
     acc = trainer.accelerator
     chunks_per_iteration = [stage_chunks(len(examples), config.stages, config.seed, it) for it in range(config.iterations)]
     if min(len(c) for chunks in chunks_per_iteration for c in chunks) == 0:
@@ -163,3 +163,5 @@ def run_irft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir
                 seed_parts=(config.seed, stage_id), context={"method": config.method, "stage": stage_id, "iteration": iteration},
                 desc=f"stage {stage_id}: training",
             )
+            if on_stage_end is not None and acc.is_main_process:
+                on_stage_end(trainer.unwrapped, stage_id)

@@ -25,10 +25,25 @@ def load_model_and_tokenizer(path: str):
     return model, tokenizer
 
 
-def train(config: TrainConfig) -> Path:
-    """Run SFT, SPIN or IRFT as `config` says; returns the run folder."""
+def load_demonstrations(config: TrainConfig) -> tuple[list, str, dict]:
+    """(examples, a summary to print, counts to log). `data=task:NAME[:SEED]` draws
+    `max_examples` (default 1000) demonstrations of a built-in task."""
     from .data import load_examples, parse_columns
 
+    if config.data.startswith("task:"):
+        from .tasks import task_examples
+
+        name, _, seed = config.data[len("task:"):].partition(":")
+        examples = task_examples(name, config.max_examples or 1000, seed=int(seed or 0))
+        return examples, f"built-in task {name!r} (data seed {seed or 0}): {len(examples)} demonstrations", {}
+    examples, report = load_examples(config.data, parse_columns(config.columns or None), config.max_examples or None)
+    counts = {"empty_responses_dropped": report.n_empty_responses, "duplicates_dropped": report.n_duplicates}
+    return examples, report.summary(), counts
+
+
+def train(config: TrainConfig, on_stage_end=None) -> Path:
+    """Run SFT, SPIN or IRFT as `config` says; returns the run folder. `on_stage_end(model,
+    stage)` is called on the main process after every IRFT stage (for evaluation over stages)."""
     config.validate()
     accelerator = make_accelerator(config)
     out = Path(config.output_dir)
@@ -37,9 +52,9 @@ def train(config: TrainConfig) -> Path:
         atomic_write_yaml(out / "config.yaml", config_to_dict(config))
     accelerator.wait_for_everyone()
 
-    examples, report = load_examples(config.data, parse_columns(config.columns or None), config.max_examples or None)
+    examples, summary, data_counts = load_demonstrations(config)
     if accelerator.is_main_process and config.show_progress:
-        print(report.summary())
+        print(summary)
     model, tokenizer = load_model_and_tokenizer(config.model)
     template = resolve_template(tokenizer, config.template)
     encoder = Encoder(tokenizer, template, config.max_length, config.max_prompt_length)
@@ -47,15 +62,14 @@ def train(config: TrainConfig) -> Path:
     log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
     log.write({"event": "run_start", "method": config.method, "template": template,
                "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-               "examples": len(examples), "empty_responses_dropped": report.n_empty_responses,
-               "duplicates_dropped": report.n_duplicates})
+               "examples": len(examples), **data_counts})
     trainer = Trainer(config, model, accelerator, log)
     started = time.perf_counter()
     try:
         if isinstance(config, IRFTConfig):
             from .methods import run_irft
 
-            run_irft(config, trainer, encoder, examples, out)
+            run_irft(config, trainer, encoder, examples, out, on_stage_end)
         elif isinstance(config, SFTConfig):
             from .methods import run_sft
 

@@ -1,0 +1,334 @@
+"""`demoalign demo`: the built-in task, re-testing the paper's claims on CPU with error bars.
+
+A tiny model is trained by SFT to a start model; from that same start each arm (continued SFT,
+SPIN, IRFT with several T) trains on the same demonstrations with the same number of optimiser
+steps, over several seeds; every arm is evaluated on held-out prompts and pairs and compared with
+continued SFT by a paired t-test over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import IRFTConfig, SFTConfig, SPINConfig, build_config, opt
+from .runio import atomic_write_text, prepare_output_dir
+from .stats import mean_std, paired_t_test, verdict
+
+SHORT = {"task_reward_sampled": "sampled", "task_reward_greedy": "greedy", "pair_win_rate": "pair win",
+         "logp_gap": "logp gap", "implicit_reward_accuracy": "implicit acc", "wall_time_s": "wall s"}
+METRICS = ("task_reward_sampled", "task_reward_greedy", "pair_win_rate", "logp_gap",
+           "implicit_reward_accuracy", "wall_time_s")
+TEST_NAME = "paired t-test over seeds (two-sided)"
+
+
+@dataclass
+class DemoConfig:
+    """Settings of `demoalign demo` (copy recipes/demo.yaml and change them)."""
+
+    output_dir: str = opt("runs/demo", "Folder of results.json, report.md, the plots and every arm's run.")
+    overwrite: bool = opt(False, "Replace an existing demo folder.")
+    task: str = opt("sort", "Built-in task: sort, add or brackets.")
+    seeds: int = opt(3, "Seeds per arm (the paired test needs at least 2).")
+    arms: str = opt("sft,spin,irft_T4,irft_T8", "Arms, comma-separated: sft, spin, irft_T<k>.")
+    hidden_size: int = opt(64, "Width of the tiny model.")
+    layers: int = opt(2, "Layers of the tiny model.")
+    vocab_size: int = opt(300, "Vocabulary of the tokenizer trained on the task's text.")
+    start_examples: int = opt(2000, "Demonstrations for the SFT that makes the start model.")
+    start_epochs: int = opt(3, "Epochs of that SFT.")
+    start_learning_rate: float = opt(3e-3, "Learning rate of that SFT.")
+    train_examples: int = opt(512, "Demonstrations every arm trains on (the same for all arms).")
+    epochs: int = opt(2, "Passes over them (SFT epochs = IRFT/SPIN epochs per stage: equal optimiser steps).")
+    batch_size: int = opt(16, "Examples or pairs per optimiser step.")
+    sft_learning_rate: float = opt(1e-3, "Learning rate of the continued-SFT arm.")
+    learning_rate: float = opt(1e-3, "Learning rate of the SPIN and IRFT arms.")
+    beta: float = opt(0.1, "β of SPIN/IRFT.")
+    loss_type: str = opt("sigmoid", "Pairwise loss of SPIN/IRFT.")
+    sft_weight: float = opt(0.0, "SFT term added to the SPIN/IRFT loss (0 = the paper's loss).")
+    eval_prompts: int = opt(300, "Held-out prompts (and pairs) for the metrics.")
+    stage_eval_prompts: int = opt(100, "Held-out prompts for the reward-over-stages curve.")
+    max_new_tokens: int = opt(24, "Tokens generated per negative and per evaluation response.")
+    method = "demo"
+
+    def validate(self) -> None:
+        from .tasks import get_task
+
+        get_task(self.task)
+        if self.seeds < 2:
+            raise ValueError("seeds must be >= 2 for the paired test")
+        arm_names = self.arm_list()
+        if "sft" not in arm_names:
+            raise ValueError("arms must include sft (every arm is compared with it)")
+        for arm in arm_names:
+            if arm not in ("sft", "spin") and not (arm.startswith("irft_T") and arm[6:].isdigit()):
+                raise ValueError(f"unknown arm {arm!r}: use sft, spin or irft_T<k>")
+
+    def arm_list(self) -> list[str]:
+        return [a.strip() for a in self.arms.split(",") if a.strip()]
+
+
+def _arm_config(demo: DemoConfig, arm: str, start: Path, seed: int, out: Path):
+    common = dict(model=str(start), data=f"task:{demo.task}:1", max_examples=demo.train_examples,
+                  output_dir=str(out), template="plain", max_length=64, max_prompt_length=32,
+                  batch_size=demo.batch_size, seed=seed, cpu=True, show_progress=False, overwrite=True)
+    if arm == "sft":
+        return build_config(SFTConfig, {**common, "epochs": demo.epochs, "learning_rate": demo.sft_learning_rate})
+    pairwise = {**common, "learning_rate": demo.learning_rate, "beta": demo.beta, "loss_type": demo.loss_type,
+                "sft_weight": demo.sft_weight, "epochs_per_stage": demo.epochs,
+                "max_new_tokens": demo.max_new_tokens, "generation_batch_size": 64}
+    if arm == "spin":
+        return build_config(SPINConfig, pairwise)
+    return build_config(IRFTConfig, {**pairwise, "stages": int(arm[len("irft_T"):])})
+
+
+class Evaluator:
+    """Held-out metrics of a model on the task, with the start model as the implicit reference."""
+
+    def __init__(self, demo: DemoConfig, start_dir: Path):
+        from .batching import Encoder
+        from .run import load_model_and_tokenizer
+        from .taskeval import pair_sequence_logps
+        from .tasks import get_task, task_pairs, task_prompts
+
+        self.demo = demo
+        self.task = get_task(demo.task)
+        self.prompts = task_prompts(self.task, demo.eval_prompts, seed=2)
+        self.pairs = task_pairs(self.task, self.prompts, seed=2)
+        model, self.tokenizer = load_model_and_tokenizer(str(start_dir))
+        self.encoder = Encoder(self.tokenizer, "plain", 64, 32)
+        self.ref_good, self.ref_bad = pair_sequence_logps(model, self.encoder, self.pairs)
+
+    def sampled_reward(self, model, n: int, seed: int) -> float:
+        from .taskeval import generation_reward
+
+        rewards = generation_reward(model, self.encoder, self.task, self.prompts[:n], greedy=False, seed=seed,
+                                    max_new_tokens=self.demo.max_new_tokens)
+        return sum(rewards) / len(rewards)
+
+    def metrics(self, model, seed: int) -> dict:
+        from .taskeval import generation_reward, pair_metrics, pair_sequence_logps
+
+        common = dict(max_new_tokens=self.demo.max_new_tokens)
+        sampled = generation_reward(model, self.encoder, self.task, self.prompts, greedy=False, seed=seed, **common)
+        greedy = generation_reward(model, self.encoder, self.task, self.prompts, greedy=True, seed=seed, **common)
+        good, bad = pair_sequence_logps(model, self.encoder, self.pairs)
+        return {"task_reward_sampled": sum(sampled) / len(sampled), "task_reward_greedy": sum(greedy) / len(greedy),
+                **pair_metrics(good, bad, self.ref_good, self.ref_bad)}
+
+
+def _make_start_model(demo: DemoConfig, out: Path) -> Path:
+    from .run import train
+    from .tasks import get_task, task_examples
+    from .tiny import tiny_model, train_tokenizer
+
+    task = get_task(demo.task)
+    texts = [f"{e.prompt}\n{e.response}" for e in task_examples(task.name, 500, seed=0)]
+    tokenizer = train_tokenizer(texts, vocab_size=demo.vocab_size)
+    init = out / "start_init"
+    tiny_model(tokenizer, hidden_size=demo.hidden_size, num_layers=demo.layers, seed=0).save_pretrained(init)
+    tokenizer.save_pretrained(init)
+    config = build_config(SFTConfig, dict(
+        model=str(init), data=f"task:{demo.task}:0", max_examples=demo.start_examples, output_dir=str(out / "start"),
+        template="plain", max_length=64, max_prompt_length=32, batch_size=demo.batch_size, epochs=demo.start_epochs,
+        learning_rate=demo.start_learning_rate, seed=0, cpu=True, show_progress=False, overwrite=True))
+    return train(config) / "final"
+
+
+def run_demo(demo: DemoConfig) -> dict:
+    from rich.console import Console
+
+    from .progress import progress_bar
+    from .run import load_model_and_tokenizer, train
+
+    demo.validate()
+    out = prepare_output_dir(demo.output_dir, demo.overwrite)
+    atomic_write_text(out / "config.yaml", _yaml({"method": "demo", **asdict(demo)}))
+    console = Console()
+    started = time.perf_counter()
+    console.print(f"[bold]demoalign demo[/]: task {demo.task}, arms {demo.arms}, {demo.seeds} seeds -> {out}")
+    start = _make_start_model(demo, out)
+    evaluator = Evaluator(demo, start)
+    start_model, _ = load_model_and_tokenizer(str(start))
+    start_metrics = evaluator.metrics(start_model, seed=0)
+    console.print(f"start model: sampled reward {start_metrics['task_reward_sampled']:.3f}, "
+                  f"greedy {start_metrics['task_reward_greedy']:.3f}")
+
+    arms = {arm: {"seeds": [], "values": {m: [] for m in METRICS}, "stage_curves": []} for arm in demo.arm_list()}
+    runs = [(seed, arm) for seed in range(demo.seeds) for arm in demo.arm_list()]
+    with progress_bar("arms x seeds", total=len(runs)) as advance:
+        for seed, arm in runs:
+            curve, eval_time = [], [0.0]
+
+            def on_stage_end(model, stage, seed=seed, curve=curve, eval_time=eval_time):
+                t = time.perf_counter()
+                curve.append(evaluator.sampled_reward(model, demo.stage_eval_prompts, seed=1000 + seed))
+                eval_time[0] += time.perf_counter() - t
+
+            t0 = time.perf_counter()
+            run_dir = train(_arm_config(demo, arm, start, seed, out / "arms" / arm / f"seed{seed}"), on_stage_end)
+            wall = time.perf_counter() - t0 - eval_time[0]  # the over-stages evaluation is not training
+            model, _ = load_model_and_tokenizer(str(run_dir / "final"))
+            values = {**evaluator.metrics(model, seed=seed), "wall_time_s": wall}
+            arms[arm]["seeds"].append(seed)
+            arms[arm]["stage_curves"].append(curve)
+            for m in METRICS:
+                arms[arm]["values"][m].append(values[m])
+            advance(1)
+
+    results = _results(demo, arms, start_metrics)
+    _write_report(out, demo, results, time.perf_counter() - started)
+    _print_table(console, results)
+    console.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}")
+    return results
+
+
+def _results(demo: DemoConfig, arms: dict, start_metrics: dict) -> dict:
+    sft = arms["sft"]["values"]
+    out_arms = []
+    for name, arm in arms.items():
+        metrics = {}
+        for m in METRICS:
+            mean, std = mean_std(arm["values"][m])
+            metrics[m] = {"values": arm["values"][m], "mean": mean, "std": std}
+        vs_sft = {}
+        if name != "sft":
+            for m in METRICS:
+                _, p = paired_t_test(arm["values"][m], sft[m])
+                vs_sft[m] = {"test": TEST_NAME, "p_value": p}
+        out_arms.append({"name": name, "seeds": arm["seeds"], "metrics": metrics, "vs_sft": vs_sft,
+                         "reward_over_stages": arm["stage_curves"]})
+    return {"settings": asdict(demo), "start_model": start_metrics, "arms": out_arms}
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _fmt(metric: dict) -> str:
+    return f"{metric['mean']:.3f} ± {metric['std']:.3f}"
+
+
+def _claims(results: dict) -> list[str]:
+    arms = {a["name"]: a for a in results["arms"]}
+    sft = arms["sft"]["metrics"]
+    irft = [a for a in arms.values() if a["name"].startswith("irft_T")]
+    lines = []
+
+    def compare(a, b, metric):
+        v, p = verdict(a["metrics"][metric]["values"], b["metrics"][metric]["values"])
+        return f"{a['name']} vs {b['name']}: **{v}** (mean {a['metrics'][metric]['mean']:.3f} vs {b['metrics'][metric]['mean']:.3f}, p = {p:.3g})"
+
+    if irft:
+        lines.append("(a) IRFT beats SFT at equal budget on the sampled task reward: "
+                     + "; ".join(compare(a, arms["sft"], "task_reward_sampled") for a in irft) + ".")
+        if "spin" in arms:
+            lines.append("(b) IRFT with T > 1 beats T = 1 (SPIN) on the sampled task reward: "
+                         + "; ".join(compare(a, arms["spin"], "task_reward_sampled") for a in irft) + ".")
+        lines.append("(c) After IRFT the correct response wins more held-out pairs than after SFT: "
+                     + "; ".join(compare(a, arms["sft"], "pair_win_rate") for a in irft) + ".")
+    lines.append("(d) RFT beats SFT: **not tested** (RFT is not implemented yet).")
+    del sft
+    return lines
+
+
+def _write_report(out: Path, demo: DemoConfig, results: dict, wall: float) -> None:
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    _plots(out, results)
+    header = "| arm | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
+    rows = ""
+    for arm in results["arms"]:
+        cells = []
+        for m in METRICS:
+            cell = _fmt(arm["metrics"][m])
+            if arm["vs_sft"]:
+                cell += f" (p={arm['vs_sft'][m]['p_value']:.2g})"
+            cells.append(cell)
+        rows += f"| {arm['name']} | " + " | ".join(cells) + " |\n"
+    start = results["start_model"]
+    text = f"""# demoalign demo: task `{demo.task}`
+
+Every arm starts from the same SFT start model (sampled reward {start['task_reward_sampled']:.3f},
+greedy {start['task_reward_greedy']:.3f}) and trains on the same {demo.train_examples} demonstrations
+for the same number of optimiser steps. Mean ± std over {demo.seeds} seeds; p-values: {TEST_NAME}
+against continued SFT. Metrics on {demo.eval_prompts} held-out prompts and (correct, plausible wrong) pairs;
+implicit-reward accuracy uses the start model as reference. Total wall time {wall:.0f} s.
+
+{header}{rows}
+## The paper's claims, re-tested
+
+""" + "\n".join(f"- {line}" for line in _claims(results)) + f"""
+
+![task reward per arm](task_reward.png)
+![reward over stages](reward_over_stages.png)
+
+## Reproduce
+
+```
+demoalign demo output_dir={demo.output_dir} overwrite=true """ + " ".join(
+        f"{k}={v}" for k, v in asdict(demo).items() if k not in ("output_dir", "overwrite")) + """
+```
+"""
+    atomic_write_text(out / "report.md", text)
+
+
+def _plots(out: Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = results["arms"]
+    names = [a["name"] for a in arms]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.38
+    for k, (metric, label) in enumerate((("task_reward_sampled", "sampled"), ("task_reward_greedy", "greedy"))):
+        xs = [i + (k - 0.5) * width for i in range(len(arms))]
+        ax.bar(xs, [a["metrics"][metric]["mean"] for a in arms], width,
+               yerr=[a["metrics"][metric]["std"] for a in arms], capsize=4, label=label)
+    ax.axhline(results["start_model"]["task_reward_sampled"], color="gray", ls="--", lw=1, label="start (sampled)")
+    ax.set_xticks(range(len(arms)), names)
+    ax.set_ylabel("task reward (mean ± std over seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "task_reward.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm in arms:
+        curves = [c for c in arm["reward_over_stages"] if c]
+        if not curves:
+            continue
+        n = len(curves[0])
+        means = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
+        ax.plot([(i + 1) / n for i in range(n)], means, marker="o", label=arm["name"])
+    ax.axhline(results["start_model"]["task_reward_sampled"], color="gray", ls="--", lw=1, label="start")
+    ax.set_xlabel("fraction of training (end of each stage)")
+    ax.set_ylabel("sampled task reward (mean over seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "reward_over_stages.png", dpi=110)
+    plt.close(fig)
+
+
+def _print_table(console, results: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="demo: mean ± std over seeds (p: paired t-test vs sft)")
+    table.add_column("arm")
+    for m in METRICS:
+        table.add_column(SHORT[m])
+    for arm in results["arms"]:
+        cells = []
+        for m in METRICS:
+            cell = _fmt(arm["metrics"][m])
+            if arm["vs_sft"]:
+                cell += f"\np={arm['vs_sft'][m]['p_value']:.2g}"
+            cells.append(cell)
+        table.add_row(arm["name"], *cells)
+    console.print(table)
+    for line in _claims(results):
+        console.print(line.replace("**", ""))

@@ -1,0 +1,40 @@
+"""Summary statistics and the paired test used in reports."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired_t_test(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Two-sided paired t-test of mean(a − b) = 0: (t, p). Pairs are matched by position (seed).
+
+    Identical pairs give (0, 1); differences with zero spread but non-zero mean give (±inf, 0).
+    """
+    from scipy.stats import t as student_t
+
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError("a paired t-test needs two equal-length samples of at least 2")
+    diffs = [x - y for x, y in zip(a, b)]
+    mean, sd = mean_std(diffs)
+    if sd == 0:
+        return (0.0, 1.0) if mean == 0 else (math.copysign(math.inf, mean), 0.0)
+    t = mean / (sd / math.sqrt(len(diffs)))
+    return t, float(2 * student_t.sf(abs(t), df=len(diffs) - 1))
+
+
+def verdict(a: list[float], b: list[float], alpha: float = 0.05) -> tuple[str, float]:
+    """'yes' (a > b, p < alpha), 'no' (a ≤ b on average), or 'not significant'; with the p-value."""
+    _, p = paired_t_test(a, b)
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if diff > 0 and p < alpha:
+        return "yes", p
+    if diff <= 0:
+        return "no", p
+    return "not significant", p
