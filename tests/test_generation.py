@@ -53,3 +53,15 @@ def test_strip_after_eos():
     assert _strip_after_eos([5, 6, 0, 1, 1], eos_id=0, pad_id=1) == [5, 6, 0]
     assert _strip_after_eos([5, 6, 1, 1], eos_id=0, pad_id=1) == [5, 6]
     assert _strip_after_eos([5, 6, 7], eos_id=0, pad_id=0) == [5, 6, 7]
+
+
+def test_the_models_own_generation_config_does_not_leak_into_sampling(tiny_model_dir, tokenizer):
+    ids = _prompt_ids(tokenizer)
+    plain = fresh_model(tiny_model_dir)
+    tweaked = fresh_model(tiny_model_dir)
+    tweaked.generation_config.repetition_penalty = 5.0
+    tweaked.generation_config.no_repeat_ngram_size = 1
+    tweaked.generation_config.top_k = 3
+    common = dict(max_new_tokens=12, seed=3, show_progress=False)
+    assert generate_ids(tweaked, tokenizer, ids, **common) == generate_ids(plain, tokenizer, ids, **common)
+    assert tweaked.generation_config.repetition_penalty == 5.0, "the model's own config is restored"

@@ -52,7 +52,10 @@ class Encoder:
         add_special = self.template != "chat"
         ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
         if len(ids) > self.max_prompt_length:
-            ids = ids[-self.max_prompt_length :]
+            # Cut from the left, but keep a leading BOS: Llama-style models lean on it.
+            bos = self.tokenizer.bos_token_id
+            head = ids[:1] if bos is not None and ids[0] == bos else []
+            ids = head + ids[len(head) :][-(self.max_prompt_length - len(head)) :]
             self.counts.prompts_cut += 1
         return ids
 

@@ -103,6 +103,12 @@ class IRFTConfig(TrainConfig):
             raise ValueError(f"generation_backend={self.generation_backend!r}: only `hf` exists so far")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+        if self.beta <= 0:
+            raise ValueError("beta must be > 0")
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError("temperature must be > 0 when sampling (set greedy=true for greedy negatives)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
         for key in ("stages", "epochs_per_stage", "iterations", "max_new_tokens", "generation_batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")
@@ -132,6 +138,8 @@ def _nearest(key: str, valid: list[str]) -> str:
 def _coerce(value, f):
     """YAML gives typed values; `key=value` strings are parsed as YAML scalars, then checked."""
     target = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+    if f.name == "columns" and isinstance(value, dict):  # a YAML mapping of prompt/response columns
+        value = ",".join(f"{k}:{v}" for k, v in value.items())
     if isinstance(value, str) and target in (int, float):
         try:
             value = target(value)

@@ -16,8 +16,7 @@ from .progress import progress_bar
 def sampling_config(
     tokenizer, max_new_tokens: int, temperature: float, top_p: float, greedy: bool
 ) -> GenerationConfig:
-    """A fresh config, so no default of the model's own generation_config (top-k 50, repetition
-    penalty, …) changes what "sampled at temperature 1" means."""
+    """Pure sampling at `temperature` and `top_p` (top-k off), or greedy decoding."""
     common = dict(
         max_new_tokens=max_new_tokens,
         eos_token_id=tokenizer.eos_token_id,
@@ -28,6 +27,16 @@ def sampling_config(
     if temperature <= 0:
         raise ValueError("temperature must be > 0 when sampling; set greedy=true for greedy decoding")
     return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **common)
+
+
+def _generate_with_only(model, config: GenerationConfig, input_ids, attention):
+    """transformers fills every field left unset from `model.generation_config` (a checkpoint's
+    repetition_penalty, min_p, …); a blank one in its place keeps the sampling exactly `config`."""
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        return model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+    finally:
+        model.generation_config = saved
 
 
 def _left_pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +93,7 @@ def generate_ids(
         for b, idx in mine:
             input_ids, attention = _left_pad([prompt_ids[i] for i in idx], tokenizer.pad_token_id, device)
             torch.manual_seed(seed * 1_000_003 + b)
-            out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+            out = _generate_with_only(model, config, input_ids, attention)
             for row, i in enumerate(idx):
                 new = out[row, input_ids.shape[1] :].tolist()
                 results[i] = _strip_after_eos(new, tokenizer.eos_token_id, tokenizer.pad_token_id)

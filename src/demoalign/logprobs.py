@@ -25,11 +25,19 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, rows_per_chunk: int 
     safe_targets = targets.masked_fill(~mask, 0)
     out = []
     for start in range(0, logits.shape[0], rows_per_chunk):
-        chunk = logits[start : start + rows_per_chunk].float()
-        picked = chunk.gather(-1, safe_targets[start : start + rows_per_chunk].unsqueeze(-1)).squeeze(-1)
-        out.append(picked - torch.logsumexp(chunk, dim=-1))
+        rows = slice(start, start + rows_per_chunk)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            # Without checkpointing autograd would keep every chunk's float32 copy for backward.
+            out.append(torch.utils.checkpoint.checkpoint(_rows_logps, logits[rows], safe_targets[rows], use_reentrant=False))
+        else:
+            out.append(_rows_logps(logits[rows], safe_targets[rows]))
     result = torch.cat(out, dim=0)
     return result * mask
+
+
+def _rows_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    chunk = logits.float()
+    return chunk.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(chunk, dim=-1)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

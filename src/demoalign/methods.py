@@ -24,7 +24,7 @@ def sft_loss_fn(pad_id: int):
         device = next(model.parameters()).device
         batch = {k: v.to(device) for k, v in collate(items, pad_id).items()}
         logps, n_tokens = model_sequence_logps(model, batch)
-        return nll(logps), {"response_tokens": n_tokens.float()}, batch["attention_mask"].sum()
+        return nll(logps), {"response_tokens": n_tokens.float()}, n_tokens.sum()
 
     return loss_fn
 
@@ -34,15 +34,18 @@ def response_tokens(items: list[Tokenized]) -> float:
     return float(sum(len(t.response_ids) for t in items))
 
 
-def run_sft(config, trainer: Trainer, encoder: Encoder, examples: list) -> None:
+def run_sft(config, trainer: Trainer, encoder: Encoder, examples: list) -> dict:
+    """Returns the truncation counts of the run."""
     items = [encoder.encode(e) for e in examples]
-    trainer.log.write({"event": "data", **encoder.counts.as_dict()})
+    counts = encoder.counts.as_dict()
+    trainer.log.write({"event": "data", **counts})
     total = config.epochs * steps_per_epoch(len(items), trainer.global_batch)
     trainer.start_schedule(total)
     trainer.fit(
         items, sft_loss_fn(encoder.tokenizer.pad_token_id), response_tokens, config.epochs,
         seed_parts=(config.seed, 0), context={"method": "sft"}, desc="sft",
     )
+    return counts
 
 
 # ---------------------------------------------------------------- IRFT / SPIN
@@ -88,20 +91,26 @@ def make_negatives(config, trainer: Trainer, encoder: Encoder, chunk: list, stag
     model = trainer.unwrapped
     tok = encoder.tokenizer
     prompts = [encoder.prompt_ids(e) for e in chunk]
-    room = config.max_length - max(len(p) for p in prompts)
-    generated = generate_ids(
-        model, tok, prompts,
-        max_new_tokens=max(1, min(config.max_new_tokens, room)),
-        temperature=config.temperature, top_p=config.top_p, greedy=config.greedy,
-        batch_size=config.generation_batch_size, seed=config.seed * 7919 + stage_id,
-        process_index=acc.process_index, num_processes=acc.num_processes,
-        desc=f"stage {stage_id}: negatives", show_progress=config.show_progress and acc.is_main_process,
-    )
+    # Each negative is then cut to its own room by `encoder.fit`, like its demonstration.
+    room = config.max_length - min(len(p) for p in prompts)
+    with acc.autocast():
+        generated = generate_ids(
+            model, tok, prompts,
+            max_new_tokens=max(1, min(config.max_new_tokens, room)),
+            temperature=config.temperature, top_p=config.top_p, greedy=config.greedy,
+            batch_size=config.generation_batch_size, seed=config.seed * 7919 + stage_id,
+            process_index=acc.process_index, num_processes=acc.num_processes,
+            desc=f"stage {stage_id}: negatives", show_progress=config.show_progress and acc.is_main_process,
+        )
     mine = []
     for i, neg_ids in sorted(generated.items()):
-        demo = encoder.fit(prompts[i], encoder.response_ids(chunk[i].response))
-        neg = encoder.fit(prompts[i], neg_ids or [tok.eos_token_id])
-        mine.append(Pair(i, demo.prompt_ids, demo.response_ids, neg.response_ids))
+        demo_ids = encoder.response_ids(chunk[i].response)
+        neg_ids = neg_ids or [tok.eos_token_id]
+        demo = encoder.fit(prompts[i], demo_ids)
+        neg = encoder.fit(prompts[i], neg_ids)
+        mine.append(Pair(i, demo.prompt_ids, demo.response_ids, neg.response_ids,
+                         demo_truncated=len(demo.response_ids) < len(demo_ids),
+                         negative_truncated=len(neg.response_ids) < len(neg_ids)))
     fill_reference_logps(model, mine, tok.pad_token_id, config.generation_batch_size, acc.autocast)
     if acc.num_processes == 1:
         return mine
@@ -127,7 +136,8 @@ def negative_records(pairs: list[Pair], chunk: list, tokenizer) -> list[dict]:
     return records
 
 
-def run_irft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir: Path, on_stage_end=None) -> None:
+def run_irft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir: Path, on_stage_end=None) -> dict:
+    """All stages of all iterations; returns the truncation counts of the run."""
     acc = trainer.accelerator
     chunks_per_iteration = [stage_chunks(len(examples), config.stages, config.seed, it) for it in range(config.iterations)]
     if min(len(c) for chunks in chunks_per_iteration for c in chunks) == 0:
@@ -138,13 +148,22 @@ def run_irft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir
         trainer.start_schedule(sum(steps))
     loss_fn = irft_loss_fn(config.beta, config.loss_type, config.sft_weight, encoder.tokenizer.pad_token_id)
     stage_id = 0
+    totals = {"prompts_truncated": 0, "demonstrations_truncated": 0, "negatives_truncated": 0, "pairs": 0}
     for iteration, chunks in enumerate(chunks_per_iteration):
         for t, chunk_idx in enumerate(chunks):
             stage_id += 1
             chunk = [examples[i] for i in chunk_idx]
             started = time.perf_counter()
+            prompts_cut_before = encoder.counts.prompts_cut  # every process renders every prompt
             pairs = make_negatives(config, trainer, encoder, chunk, stage_id)
             gen_time = time.perf_counter() - started
+            cuts = {
+                "prompts_truncated": encoder.counts.prompts_cut - prompts_cut_before,
+                "demonstrations_truncated": sum(p.demo_truncated for p in pairs),
+                "negatives_truncated": sum(p.negative_truncated for p in pairs),
+                "pairs": len(pairs),
+            }
+            totals = {k: totals[k] + v for k, v in cuts.items()}
             if acc.is_main_process:
                 atomic_write_jsonl(out_dir / "stages" / str(stage_id) / "negatives.jsonl",
                                    negative_records(pairs, chunk, encoder.tokenizer))
@@ -154,7 +173,7 @@ def run_irft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir
                 "negative_tokens_mean": sum(len(p.negative_ids) for p in pairs) / len(pairs),
                 "ref_logp_demo_mean": sum(p.ref_demo for p in pairs) / len(pairs),
                 "ref_logp_negative_mean": sum(p.ref_negative for p in pairs) / len(pairs),
-                **encoder.counts.as_dict(),
+                **cuts,
             })
             if config.schedule_scope == "stage":
                 trainer.start_schedule(steps[stage_id - 1])
@@ -165,3 +184,4 @@ def run_irft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir
             )
             if on_stage_end is not None and acc.is_main_process:
                 on_stage_end(trainer.unwrapped, stage_id)
+    return totals

@@ -19,6 +19,8 @@ class Pair:
     negative_ids: list[int]
     ref_demo: float = 0.0
     ref_negative: float = 0.0
+    demo_truncated: bool = False
+    negative_truncated: bool = False
 
 
 def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+from accelerate.utils import set_seed
+
 from .batching import Encoder
 from .config import IRFTConfig, SFTConfig, TrainConfig, config_to_dict
 from .runio import MetricsLog, atomic_write_yaml, prepare_output_dir, save_pretrained_atomic
@@ -21,7 +24,9 @@ def load_model_and_tokenizer(path: str):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels come from lengths, not from pad ids
     tokenizer.padding_side = "right"  # not saved by transformers 5; generation pads left by hand
-    model = AutoModelForCausalLM.from_pretrained(path)
+    # fp32 master weights whatever the checkpoint's dtype (transformers 5 defaults to "auto"):
+    # bf16 weights would lose updates at the paper's lr 5e-7; autocast does the bf16 compute.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model, tokenizer
 
 
@@ -46,6 +51,7 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     stage)` is called on the main process after every IRFT stage (for evaluation over stages)."""
     config.validate()
     accelerator = make_accelerator(config)
+    set_seed(config.seed)
     out = Path(config.output_dir)
     if accelerator.is_main_process:
         prepare_output_dir(out, config.overwrite)
@@ -69,15 +75,15 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
         if isinstance(config, IRFTConfig):
             from .methods import run_irft
 
-            run_irft(config, trainer, encoder, examples, out, on_stage_end)
+            counts = run_irft(config, trainer, encoder, examples, out, on_stage_end)
         elif isinstance(config, SFTConfig):
             from .methods import run_sft
 
-            run_sft(config, trainer, encoder, examples)
+            counts = run_sft(config, trainer, encoder, examples)
         else:
             raise TypeError(f"no method for {type(config).__name__}")
         log.write({"event": "run_end", "steps": trainer.global_step, "wall_s": time.perf_counter() - started,
-                   **encoder.counts.as_dict()})
+                   **counts})
     finally:
         log.close()
     accelerator.wait_for_everyone()

@@ -17,12 +17,12 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from .logprobs import SequenceScorer
 from .progress import progress_bar
 
-LossFn = Callable[[torch.nn.Module, list], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# (per-item losses, per-item statistics to log, tokens processed)
+LossFn = Callable[[torch.nn.Module, list], tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]]
 
 
 def make_accelerator(config) -> Accelerator:
@@ -33,10 +33,40 @@ def make_accelerator(config) -> Accelerator:
     return Accelerator(cpu=config.cpu, mixed_precision=precision)
 
 
+_DROPOUT_FIELDS = ("attention_dropout", "attn_dropout", "dropout", "hidden_dropout", "resid_pdrop",
+                   "embd_pdrop", "attn_pdrop", "activation_dropout", "classifier_dropout")
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero dropout modules AND the float rates that attention code reads from its module or
+    config (Llama's `attention_dropout`, OPT's `dropout`, …)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name in _DROPOUT_FIELDS:
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    for name in _DROPOUT_FIELDS:
+        if isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
+def lr_factor(num_steps: int, warmup_ratio: float, kind: str):
+    """Multiplier of the peak lr at optimiser step k (0-based). Hand-written because transformers'
+    warm-up schedules give step 0 an lr of exactly 0, which would waste the first step of every
+    stage (the unbiased ML-IRL step) under schedule_scope=stage: here warm-up is (k+1)/(w+1),
+    then linear decay ends at 1/(decay steps) on the last step, or stays at 1 (`constant`)."""
+    warmup = int(warmup_ratio * num_steps)
+
+    def factor(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        return max(num_steps - k, 1) / max(num_steps - warmup, 1)
+
+    return factor
 
 
 def steps_per_epoch(n_items: int, global_batch: int) -> int:
@@ -81,11 +111,9 @@ class Trainer:
 
     def start_schedule(self, num_steps: int) -> None:
         """A warm-up + decay schedule over `num_steps` optimiser steps (the run or one stage)."""
-        warmup = int(self.config.warmup_ratio * num_steps)
-        if self.config.lr_scheduler == "linear":
-            self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, max(num_steps, 1))
-        else:
-            self.scheduler = get_constant_schedule_with_warmup(self.optimizer, warmup)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(num_steps, self.config.warmup_ratio, self.config.lr_scheduler)
+        )
 
     def fit(
         self,

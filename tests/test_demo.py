@@ -1,0 +1,42 @@
+import json
+
+from demoalign.config import load_config
+from demoalign.demo import METRICS, DemoConfig, run_demo
+
+
+def test_short_demo_writes_every_field(tmp_path):
+    overrides = [
+        f"output_dir={tmp_path / 'demo'}", "seeds=2", "arms=sft,spin,irft_T2", "hidden_size=32",
+        "start_examples=128", "start_epochs=1", "train_examples=32", "eval_prompts=16",
+        "stage_eval_prompts=8", "max_new_tokens=12", "batch_size=8",
+    ]
+    run_demo(load_config(DemoConfig, None, overrides))
+    out = tmp_path / "demo"
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["train_examples"] == 32
+    names = [a["name"] for a in results["arms"]]
+    assert names == ["sft", "spin", "irft_T2"]
+    for arm in results["arms"]:
+        assert arm["seeds"] == [0, 1]
+        for metric in METRICS:
+            entry = arm["metrics"][metric]
+            assert len(entry["values"]) == 2 and {"mean", "std"} <= set(entry)
+            assert min(entry["values"]) <= entry["mean"] <= max(entry["values"])
+            if arm["name"] != "sft":
+                assert arm["vs_sft"][metric]["test"].startswith("paired t-test")
+                assert 0.0 <= arm["vs_sft"][metric]["p_value"] <= 1.0
+        for metric in ("task_reward_sampled", "task_reward_greedy", "pair_win_rate", "implicit_reward_accuracy"):
+            assert all(0.0 <= v <= 1.0 for v in arm["metrics"][metric]["values"])
+    irft = results["arms"][2]
+    assert [len(c) for c in irft["reward_over_stages"]] == [2, 2]
+    report = (out / "report.md").read_text()
+    for claim in ("(a)", "(b)", "(c)", "(d)"):
+        assert claim in report
+    assert (out / "task_reward.png").stat().st_size > 1000
+    assert (out / "reward_over_stages.png").stat().st_size > 1000
+    # Equal budget: every arm made the same number of optimiser steps.
+    steps = {}
+    for name in names:
+        lines = (out / "arms" / name / "seed0" / "metrics.jsonl").read_text().splitlines()
+        steps[name] = sum('"step"' in line for line in lines)
+    assert len(set(steps.values())) == 1, steps
