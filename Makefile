@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench docs clean
 
 setup: $(VENV)/.installed
 
@@ -30,3 +30,6 @@ bench: setup
 
 clean:
 	rm -rf runs $(VENV)
+
+docs: setup
+	$(PY) -m demoalign.docs README.md

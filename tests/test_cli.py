@@ -52,11 +52,15 @@ def test_help_documents_every_option(command, capsys):
         assert f.metadata.get("help"), f"{f.name} has no documentation"
 
 
-def test_readme_documents_every_option():
+def test_readme_reference_is_current_and_documents_every_option():
     from pathlib import Path
 
+    from demoalign.demo import DemoConfig
+    from demoalign.docs import END, START, reference_markdown
+
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for cls in (*CONFIGS.values(), GenerateConfig):
+    assert f"{START}\n{reference_markdown()}\n{END}" in readme, "README reference is stale: run `make docs`"
+    for cls in (*CONFIGS.values(), GenerateConfig, DemoConfig):
         for f in fields(cls):
             assert f"`{f.name}`" in readme, f"README misses {f.name}"
 

@@ -1,0 +1,46 @@
+"""The README's option reference, generated from the config dataclasses (`make docs` rewrites it;
+a test checks that the README is current)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .config import GenerateConfig, IRFTConfig, SFTConfig, TrainConfig, option_docs
+
+START, END = "<!-- reference:start -->", "<!-- reference:end -->"
+
+
+def _table(cls, only=None) -> list[str]:
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, help_text in option_docs(cls):
+        if only is None or key in only:
+            rows.append(f"| `{key}` | `{default}` | {help_text.replace('|', '/')} |")
+    return rows
+
+
+def reference_markdown() -> str:
+    from .demo import DemoConfig
+
+    base = {f.name for f in fields(TrainConfig)}
+    lines = ["### Common to `sft`, `spin`, `irft`", "", *_table(TrainConfig), "",
+             "### `sft` only (and its own default)", "", *_table(SFTConfig, {"epochs", "learning_rate"}), "",
+             "### `irft` and `spin`", "", *_table(IRFTConfig, {f.name for f in fields(IRFTConfig)} - base), "",
+             "`spin` is `irft` with `stages` fixed at 1; `iterations` is the number of SPIN iterations.", "",
+             "### `generate`", "", *_table(GenerateConfig), "",
+             "### `demo`", "", *_table(DemoConfig)]
+    return "\n".join(lines)
+
+
+def update_readme(path: str | Path = "README.md") -> None:
+    path = Path(path)
+    text = path.read_text()
+    block = f"{START}\n{reference_markdown()}\n{END}"
+    new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    path.write_text(new)
+
+
+if __name__ == "__main__":
+    update_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md")
