@@ -171,6 +171,8 @@ def run_irft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir
                 "event": "stage_start", "stage": stage_id, "iteration": iteration, "stage_in_iteration": t,
                 "pairs": len(pairs), "generation_s": gen_time,
                 "negative_tokens_mean": sum(len(p.negative_ids) for p in pairs) / len(pairs),
+                # A negative identical to its demonstration gives no gradient (u ≡ 0 for that pair).
+                "negatives_equal_demo": sum(p.negative_ids == p.demo_ids for p in pairs) / len(pairs),
                 "ref_logp_demo_mean": sum(p.ref_demo for p in pairs) / len(pairs),
                 "ref_logp_negative_mean": sum(p.ref_negative for p in pairs) / len(pairs),
                 **cuts,
