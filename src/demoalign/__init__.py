@@ -1,7 +1,7 @@
-"""demoalign: reward learning from demonstrations (IRFT, SPIN, SFT; RFT to come)."""
+"""demoalign: reward learning from demonstrations (IRFT, SPIN, SFT, RFT)."""
 
-from .config import IRFTConfig, SFTConfig, SPINConfig, TrainConfig
+from .config import IRFTConfig, RFTConfig, SFTConfig, SPINConfig, TrainConfig
 from .run import train
 
-__all__ = ["IRFTConfig", "SFTConfig", "SPINConfig", "TrainConfig", "train"]
+__all__ = ["IRFTConfig", "RFTConfig", "SFTConfig", "SPINConfig", "TrainConfig", "train"]
 __version__ = "0.1.0"

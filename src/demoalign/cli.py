@@ -1,4 +1,4 @@
-"""Command line: `demoalign sft|spin|irft --config FILE key=value …`, `generate`, `tiny-model`,
+"""Command line: `demoalign sft|spin|irft|rft --config FILE key=value …`, `generate`, `tiny-model`,
 `data inspect`. Every option comes from the config dataclasses (see `demoalign irft --help`)."""
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_command(sub, "sft", CONFIGS["sft"], "Supervised fine-tuning (token-level NLL).")
     _add_config_command(sub, "spin", CONFIGS["spin"], "SPIN: IRFT with one stage per iteration.")
     _add_config_command(sub, "irft", CONFIGS["irft"], "IRFT: implicit-reward fine-tuning with T stages.")
+    _add_config_command(sub, "rft", CONFIGS["rft"], "RFT: an explicit reward model from demonstrations, and RLOO of the policy against it.")
     _add_config_command(sub, "generate", GenerateConfig, "Sample one response per prompt.")
     from .demo import DemoConfig
 
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  metrics log:         {out / 'metrics.jsonl'}")
             if (out / "stages").exists():
                 print(f"  negatives per stage: {out / 'stages'}/<k>/negatives.jsonl")
+            if (out / "iterations").exists():
+                print(f"  per outer iteration: {out / 'iterations'}/<k>/negatives.jsonl, reward_model/, policy/")
         elif args.command == "demo":
             from .demo import DemoConfig, run_demo
 

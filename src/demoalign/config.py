@@ -127,7 +127,58 @@ class SPINConfig(IRFTConfig):
             raise ValueError("SPIN has exactly one stage per iteration; use `demoalign irft stages=T` for T > 1")
 
 
-CONFIGS = {"sft": SFTConfig, "irft": IRFTConfig, "spin": SPINConfig}
+# ---------------------------------------------------------------- RFT (issue 4)
+
+
+@dataclass
+class RFTConfig(TrainConfig):
+    """RFT (SPEC.md §3): an explicit reward model learnt from demonstrations vs the policy's own
+    samples, alternating with KL-regularised RL (RLOO) of the policy against it."""
+
+    outer_iterations: int = opt(2, "T: outer iterations, each a reward step then a policy step, on the next chunk of prompts.")
+    prompts_per_iteration: int = opt(0, "Demonstrations (prompts) per outer iteration (0 = the data split evenly over T).")
+    heldout_fraction: float = opt(0.2, "Share of each iteration's (demonstration, negative) pairs kept out of the reward step and used to evaluate it.")
+    reward_model: str = opt("", "Reward-model start: a folder loadable by AutoModelForSequenceClassification (num_labels=1) sharing the policy's tokenizer; empty = the policy's weights with a new scalar head.")
+    reward_loss: str = opt("logistic", "logistic: −log σ(r(y) − r(ỹ)) (Bradley–Terry, default); linear: −(r(y) − r(ỹ)) (the paper's gradient).")
+    reward_steps: int = opt(20, "Reward-model optimiser steps per outer iteration (`batch_size` pairs each).")
+    reward_learning_rate: float = opt(1e-5, "Peak learning rate of the reward model.")
+    preference_data: str = opt("", "Optional real preference pairs (prompt/chosen/rejected or HH chosen/rejected JSONL, or task:NAME[:SEED]) mixed into the reward step.")
+    preference_weight: float = opt(0.0, "Weight of the preference-pair loss in the reward step (0 = evaluated only).")
+    policy_steps: int = opt(20, "Policy optimiser steps per outer iteration; every step samples fresh rollouts.")
+    rollouts: int = opt(4, "k: samples per prompt in a policy step (RLOO's leave-one-out baseline needs k >= 2).")
+    beta: float = opt(0.1, "β: weight of the KL to the initial policy (the shaped reward is r − β (log π − log π_ref)).")
+    max_new_tokens: int = opt(256, "Tokens generated per negative and per rollout.")
+    temperature: float = opt(1.0, "Sampling temperature of negatives and rollouts.")
+    top_p: float = opt(1.0, "Nucleus sampling of negatives and rollouts (1 = off).")
+    generation_batch_size: int = opt(16, "Prompts per generate() call (negatives) and sequences per scoring batch.")
+    method = "rft"
+    greedy = False  # not an option: negatives and rollouts are always sampled (methods.make_negatives reads it)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.reward_loss not in ("logistic", "linear"):
+            raise ValueError(f"reward_loss={self.reward_loss!r}: choose one of logistic, linear")
+        if self.beta <= 0:
+            raise ValueError("beta must be > 0")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0 (RFT's policy gradient needs sampled rollouts)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ValueError("heldout_fraction must be in [0, 1)")
+        if self.preference_weight < 0:
+            raise ValueError("preference_weight must be >= 0")
+        if self.rollouts < 2:
+            raise ValueError("rollouts must be >= 2 (the leave-one-out baseline needs another sample)")
+        for key in ("outer_iterations", "max_new_tokens", "generation_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1")
+        for key in ("reward_steps", "policy_steps", "prompts_per_iteration"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0")
+
+
+CONFIGS = {"sft": SFTConfig, "irft": IRFTConfig, "spin": SPINConfig, "rft": RFTConfig}
 
 
 def _nearest(key: str, valid: list[str]) -> str:

@@ -9,7 +9,7 @@ import torch
 from accelerate.utils import set_seed
 
 from .batching import Encoder
-from .config import IRFTConfig, SFTConfig, TrainConfig, config_to_dict
+from .config import IRFTConfig, RFTConfig, SFTConfig, TrainConfig, config_to_dict
 from .runio import MetricsLog, atomic_write_yaml, prepare_output_dir, save_pretrained_atomic
 from .templates import resolve_template
 from .trainer import Trainer, make_accelerator
@@ -47,7 +47,7 @@ def load_demonstrations(config: TrainConfig) -> tuple[list, str, dict]:
 
 
 def train(config: TrainConfig, on_stage_end=None) -> Path:
-    """Run SFT, SPIN or IRFT as `config` says; returns the run folder. `on_stage_end(model,
+    """Run SFT, SPIN, IRFT or RFT as `config` says; returns the run folder. `on_stage_end(model,
     stage)` is called on the main process after every IRFT stage (for evaluation over stages)."""
     config.validate()
     accelerator = make_accelerator(config)
@@ -76,6 +76,10 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
             from .methods import run_irft
 
             counts = run_irft(config, trainer, encoder, examples, out, on_stage_end)
+        elif isinstance(config, RFTConfig):
+            from .rft import run_rft
+
+            counts = run_rft(config, trainer, encoder, examples, out, tokenizer)
         elif isinstance(config, SFTConfig):
             from .methods import run_sft
 

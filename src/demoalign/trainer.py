@@ -81,7 +81,10 @@ def seeded_permutation(n: int, *seed_parts: int) -> list[int]:
 class Trainer:
     """Owns the accelerator, the prepared model, the optimiser and the schedule."""
 
-    def __init__(self, config, model, accelerator: Accelerator, metrics_log):
+    def __init__(self, config, model, accelerator: Accelerator, metrics_log, wrapper=SequenceScorer):
+        """`wrapper` turns the model into the module whose forward the loss functions call (it
+        must keep the model as `.lm`): SequenceScorer for a causal LM (every method's policy),
+        rft.RewardScorer for RFT's scalar reward model."""
         self.config = config
         self.accelerator = accelerator
         self.log = metrics_log
@@ -96,7 +99,7 @@ class Trainer:
         else:
             optimizer = torch.optim.RMSprop(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         # The scorer is what DDP wraps, so the one forward that yields log-probs is DDP's forward.
-        self.model, self.optimizer = accelerator.prepare(SequenceScorer(model), optimizer)
+        self.model, self.optimizer = accelerator.prepare(wrapper(model), optimizer)
         self.scheduler = None
         self.global_step = 0
 
