@@ -8,7 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import GenerateConfig, IRFTConfig, SFTConfig, TrainConfig, option_docs
+from .config import GenerateConfig, IRFTConfig, RFTConfig, SFTConfig, TrainConfig, option_docs
 
 START, END = "<!-- reference:start -->", "<!-- reference:end -->"
 
@@ -25,10 +25,12 @@ def reference_markdown() -> str:
     from .demo import DemoConfig
 
     base = {f.name for f in fields(TrainConfig)}
-    lines = ["### Common to `sft`, `spin`, `irft`", "", *_table(TrainConfig), "",
+    lines = ["### Common to `sft`, `spin`, `irft`, `rft`", "", *_table(TrainConfig), "",
              "### `sft` only (and its own default)", "", *_table(SFTConfig, {"epochs", "learning_rate"}), "",
              "### `irft` and `spin`", "", *_table(IRFTConfig, {f.name for f in fields(IRFTConfig)} - base), "",
              "`spin` is `irft` with `stages` fixed at 1; `iterations` is the number of SPIN iterations.", "",
+             "### `rft`", "", *_table(RFTConfig, {f.name for f in fields(RFTConfig)} - base), "",
+             "`rft` also reads the common options; `learning_rate` is the policy's.", "",
              "### `generate`", "", *_table(GenerateConfig), "",
              "### `demo`", "", *_table(DemoConfig)]
     return "\n".join(lines)
