@@ -15,12 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-# Until the built-in task exists: SFT a tiny model on HH demonstrations, then IRFT from it.
-DEMO_DATA := data=../shared/data/hh_rlhf/helpful-online/test.jsonl.gz max_examples=256 template=hh max_length=192 max_prompt_length=96
+# The built-in task: SFT, SPIN and IRFT from one SFT start, 3 seeds, results in runs/demo.
 demo: setup
-	$(PY) -m demoalign tiny-model runs/demo-model
-	$(PY) -m demoalign sft model=runs/demo-model $(DEMO_DATA) epochs=4 learning_rate=3e-3 output_dir=runs/demo-sft overwrite=true
-	$(PY) -m demoalign irft --config recipes/demo-tiny-hh.yaml model=runs/demo-sft/final overwrite=true
+	$(PY) -m demoalign demo --config recipes/demo.yaml overwrite=true
 
 test: setup
 	$(PY) -m pytest -q

@@ -179,3 +179,15 @@ def test_sft_run(tiny_model_dir, tmp_path):
     assert len(steps) == 8
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert not (out / "stages").exists()
+
+
+def test_sft_weight_adds_the_per_token_nll_of_the_demonstration(tiny_model_dir, tokenizer):
+    model = fresh_model(tiny_model_dir)
+    pad = tokenizer.pad_token_id
+    pairs, _ = make_pairs(model, tokenizer, n=4)
+    with torch.no_grad():
+        plain, _, _ = irft_loss_fn(0.1, "sigmoid", 0.0, pad)(model, pairs)
+        mixed, _, _ = irft_loss_fn(0.1, "sigmoid", 0.7, pad)(model, pairs)
+        demo, _, demo_tokens, _ = pair_logps(model, pairs, pad)
+    assert torch.allclose(mixed - plain, 0.7 * (-demo) / demo_tokens, atol=1e-5)
+    assert (mixed - plain).min() > 0

@@ -32,18 +32,18 @@ class DemoConfig:
     overwrite: bool = opt(False, "Replace an existing demo folder.")
     task: str = opt("sort", "Built-in task: sort, add or brackets.")
     seeds: int = opt(3, "Seeds per arm (the paired test needs at least 2).")
-    arms: str = opt("sft,spin,irft_T4,irft_T8", "Arms, comma-separated: sft, spin, irft_T<k>.")
-    hidden_size: int = opt(64, "Width of the tiny model.")
-    layers: int = opt(2, "Layers of the tiny model.")
+    arms: str = opt("sft,spin,irft_T4,irft_T8,irft_T8@sft1", "Arms, comma-separated: sft, spin, irft_T<k>; a pairwise arm may end in @sft<w> to override sft_weight for it (e.g. irft_T8@sft1).")
+    hidden_size: int = opt(128, "Width of the tiny model.")
+    layers: int = opt(3, "Layers of the tiny model.")
     vocab_size: int = opt(300, "Vocabulary of the tokenizer trained on the task's text.")
-    start_examples: int = opt(2000, "Demonstrations for the SFT that makes the start model.")
-    start_epochs: int = opt(3, "Epochs of that SFT.")
+    start_examples: int = opt(4000, "Demonstrations for the SFT that makes the start model.")
+    start_epochs: int = opt(4, "Epochs of that SFT.")
     start_learning_rate: float = opt(3e-3, "Learning rate of that SFT.")
     train_examples: int = opt(512, "Demonstrations every arm trains on (the same for all arms).")
     epochs: int = opt(2, "Passes over them (SFT epochs = IRFT/SPIN epochs per stage: equal optimiser steps).")
     batch_size: int = opt(16, "Examples or pairs per optimiser step.")
-    sft_learning_rate: float = opt(1e-3, "Learning rate of the continued-SFT arm.")
-    learning_rate: float = opt(1e-3, "Learning rate of the SPIN and IRFT arms.")
+    sft_learning_rate: float = opt(1e-4, "Learning rate of the continued-SFT arm.")
+    learning_rate: float = opt(1e-4, "Learning rate of the SPIN and IRFT arms.")
     beta: float = opt(0.1, "β of SPIN/IRFT.")
     loss_type: str = opt("sigmoid", "Pairwise loss of SPIN/IRFT.")
     sft_weight: float = opt(0.0, "SFT term added to the SPIN/IRFT loss (0 = the paper's loss).")
@@ -62,25 +62,42 @@ class DemoConfig:
         if "sft" not in arm_names:
             raise ValueError("arms must include sft (every arm is compared with it)")
         for arm in arm_names:
-            if arm not in ("sft", "spin") and not (arm.startswith("irft_T") and arm[6:].isdigit()):
-                raise ValueError(f"unknown arm {arm!r}: use sft, spin or irft_T<k>")
+            parse_arm(arm)
 
     def arm_list(self) -> list[str]:
         return [a.strip() for a in self.arms.split(",") if a.strip()]
+
+
+def parse_arm(arm: str) -> tuple[str, int, float | None]:
+    """'sft' | 'spin' | 'irft_T<k>', optionally '@sft<w>' → (method, stages, sft_weight or None)."""
+    base, _, suffix = arm.partition("@")
+    weight = None
+    if suffix:
+        try:
+            assert suffix.startswith("sft") and base != "sft"
+            weight = float(suffix[3:])
+        except (AssertionError, ValueError):
+            raise ValueError(f"arm {arm!r}: the suffix must be @sft<weight> on a spin or irft arm") from None
+    if base in ("sft", "spin"):
+        return base, 1, weight
+    if base.startswith("irft_T") and base[6:].isdigit() and int(base[6:]) >= 1:
+        return "irft", int(base[6:]), weight
+    raise ValueError(f"unknown arm {arm!r}: use sft, spin or irft_T<k> (optionally @sft<w>)")
 
 
 def _arm_config(demo: DemoConfig, arm: str, start: Path, seed: int, out: Path):
     common = dict(model=str(start), data=f"task:{demo.task}:1", max_examples=demo.train_examples,
                   output_dir=str(out), template="plain", max_length=64, max_prompt_length=32,
                   batch_size=demo.batch_size, seed=seed, cpu=True, show_progress=False, overwrite=True)
-    if arm == "sft":
+    method, stages, weight = parse_arm(arm)
+    if method == "sft":
         return build_config(SFTConfig, {**common, "epochs": demo.epochs, "learning_rate": demo.sft_learning_rate})
     pairwise = {**common, "learning_rate": demo.learning_rate, "beta": demo.beta, "loss_type": demo.loss_type,
-                "sft_weight": demo.sft_weight, "epochs_per_stage": demo.epochs,
+                "sft_weight": demo.sft_weight if weight is None else weight, "epochs_per_stage": demo.epochs,
                 "max_new_tokens": demo.max_new_tokens, "generation_batch_size": 64}
-    if arm == "spin":
+    if method == "spin":
         return build_config(SPINConfig, pairwise)
-    return build_config(IRFTConfig, {**pairwise, "stages": int(arm[len("irft_T"):])})
+    return build_config(IRFTConfig, {**pairwise, "stages": stages})
 
 
 class Evaluator:
@@ -214,8 +231,8 @@ def _fmt(metric: dict) -> str:
 
 def _claims(results: dict) -> list[str]:
     arms = {a["name"]: a for a in results["arms"]}
-    sft = arms["sft"]["metrics"]
-    irft = [a for a in arms.values() if a["name"].startswith("irft_T")]
+    irft = [a for a in arms.values() if parse_arm(a["name"])[0] == "irft"]
+    spin = {parse_arm(a)[2]: a for a in arms if a.startswith("spin")}  # by sft_weight override
     lines = []
 
     def compare(a, b, metric):
@@ -225,13 +242,14 @@ def _claims(results: dict) -> list[str]:
     if irft:
         lines.append("(a) IRFT beats SFT at equal budget on the sampled task reward: "
                      + "; ".join(compare(a, arms["sft"], "task_reward_sampled") for a in irft) + ".")
-        if "spin" in arms:
-            lines.append("(b) IRFT with T > 1 beats T = 1 (SPIN) on the sampled task reward: "
-                         + "; ".join(compare(a, arms["spin"], "task_reward_sampled") for a in irft) + ".")
+        same_loss = [(a, arms[spin[parse_arm(a["name"])[2]]]) for a in irft
+                     if parse_arm(a["name"])[1] > 1 and parse_arm(a["name"])[2] in spin]
+        if same_loss:
+            lines.append("(b) IRFT with T > 1 beats T = 1 (SPIN, same loss) on the sampled task reward: "
+                         + "; ".join(compare(a, s, "task_reward_sampled") for a, s in same_loss) + ".")
         lines.append("(c) After IRFT the correct response wins more held-out pairs than after SFT: "
                      + "; ".join(compare(a, arms["sft"], "pair_win_rate") for a in irft) + ".")
     lines.append("(d) RFT beats SFT: **not tested** (RFT is not implemented yet).")
-    del sft
     return lines
 
 
