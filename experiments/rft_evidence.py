@@ -65,7 +65,7 @@ def main():
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--eval-prompts", type=int, default=300)
     p.add_argument("overrides", nargs="*", help="RFT config keys, e.g. beta=0.05 policy_steps=30")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     torch.set_num_threads(1)  # tiny models: one thread is faster on a shared CPU
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
