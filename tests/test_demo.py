@@ -6,7 +6,8 @@ from demoalign.demo import METRICS, DemoConfig, run_demo
 
 def test_short_demo_writes_every_field(tmp_path):
     overrides = [
-        f"output_dir={tmp_path / 'demo'}", "seeds=2", "arms=sft,spin,irft_T2", "hidden_size=32",
+        f"output_dir={tmp_path / 'demo'}", "seeds=2", "arms=sft,spin,irft_T2,rft", "hidden_size=32",
+        "rft_reward_steps=2", "rft_rollouts=2",
         "start_examples=128", "start_epochs=1", "train_examples=32", "eval_prompts=16",
         "stage_eval_prompts=8", "max_new_tokens=12", "batch_size=8",
     ]
@@ -15,7 +16,7 @@ def test_short_demo_writes_every_field(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["train_examples"] == 32
     names = [a["name"] for a in results["arms"]]
-    assert names == ["sft", "spin", "irft_T2"]
+    assert names == ["sft", "spin", "irft_T2", "rft"]
     for arm in results["arms"]:
         assert arm["seeds"] == [0, 1]
         for metric in METRICS:
@@ -39,4 +40,9 @@ def test_short_demo_writes_every_field(tmp_path):
     for name in names:
         lines = (out / "arms" / name / "seed0" / "metrics.jsonl").read_text().splitlines()
         steps[name] = sum('"step"' in line for line in lines)
+    # RFT counts its policy steps (its reward-model steps are logged with phase "reward").
+    rft_policy = [line for line in (out / "arms" / "rft" / "seed0" / "metrics.jsonl").read_text().splitlines()
+                  if '"step"' in line and '"phase": "policy"' in line]
+    steps["rft"] = len(rft_policy)
     assert len(set(steps.values())) == 1, steps
+    assert "(d) RFT beats SFT at equal policy steps" in report

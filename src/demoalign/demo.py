@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import IRFTConfig, SFTConfig, SPINConfig, build_config, opt
+from .config import IRFTConfig, RFTConfig, SFTConfig, SPINConfig, build_config, opt
 from .runio import atomic_write_text, prepare_output_dir
 from .stats import mean_std, paired_t_test, verdict
 
@@ -32,7 +32,7 @@ class DemoConfig:
     overwrite: bool = opt(False, "Replace an existing demo folder.")
     task: str = opt("sort", "Built-in task: sort, add or brackets.")
     seeds: int = opt(3, "Seeds per arm (the paired test needs at least 2).")
-    arms: str = opt("sft,spin,irft_T4,irft_T8,irft_T8@sft1", "Arms, comma-separated: sft, spin, irft_T<k>; a pairwise arm may end in @sft<w> to override sft_weight for it (e.g. irft_T8@sft1).")
+    arms: str = opt("sft,spin,irft_T4,irft_T8,irft_T8@sft1,rft", "Arms, comma-separated: sft, spin, irft_T<k>, rft; a spin/irft arm may end in @sft<w> to override sft_weight for it (e.g. irft_T8@sft1).")
     hidden_size: int = opt(128, "Width of the tiny model.")
     layers: int = opt(3, "Layers of the tiny model.")
     vocab_size: int = opt(300, "Vocabulary of the tokenizer trained on the task's text.")
@@ -50,6 +50,11 @@ class DemoConfig:
     eval_prompts: int = opt(300, "Held-out prompts (and pairs) for the metrics.")
     stage_eval_prompts: int = opt(100, "Held-out prompts for the reward-over-stages curve.")
     max_new_tokens: int = opt(24, "Tokens generated per negative and per evaluation response.")
+    rft_outer_iterations: int = opt(2, "RFT arm: outer iterations; its policy steps add up to the other arms' steps.")
+    rft_reward_steps: int = opt(30, "RFT arm: reward-model steps per outer iteration (not counted in the budget).")
+    rft_reward_learning_rate: float = opt(1e-4, "RFT arm: learning rate of the reward model.")
+    rft_beta: float = opt(0.5, "RFT arm: KL weight β of the policy step.")
+    rft_rollouts: int = opt(4, "RFT arm: samples per prompt (RLOO).")
     method = "demo"
 
     def validate(self) -> None:
@@ -78,11 +83,13 @@ def parse_arm(arm: str) -> tuple[str, int, float | None]:
             weight = float(suffix[3:])
         except (AssertionError, ValueError):
             raise ValueError(f"arm {arm!r}: the suffix must be @sft<weight> on a spin or irft arm") from None
-    if base in ("sft", "spin"):
+    if base in ("sft", "spin", "rft"):
+        if base == "rft" and weight is not None:
+            raise ValueError(f"arm {arm!r}: @sft<w> applies to spin and irft arms only")
         return base, 1, weight
     if base.startswith("irft_T") and base[6:].isdigit() and int(base[6:]) >= 1:
         return "irft", int(base[6:]), weight
-    raise ValueError(f"unknown arm {arm!r}: use sft, spin or irft_T<k> (optionally @sft<w>)")
+    raise ValueError(f"unknown arm {arm!r}: use sft, spin, rft or irft_T<k> (optionally @sft<w>)")
 
 
 def _arm_config(demo: DemoConfig, arm: str, start: Path, seed: int, out: Path):
@@ -92,6 +99,15 @@ def _arm_config(demo: DemoConfig, arm: str, start: Path, seed: int, out: Path):
     method, stages, weight = parse_arm(arm)
     if method == "sft":
         return build_config(SFTConfig, {**common, "epochs": demo.epochs, "learning_rate": demo.sft_learning_rate})
+    if method == "rft":
+        # Equal budget in policy optimiser steps: RFT's policy steps add up to SFT's steps.
+        total_steps = demo.epochs * -(-demo.train_examples // demo.batch_size)
+        return build_config(RFTConfig, {
+            **common, "learning_rate": demo.learning_rate, "beta": demo.rft_beta,
+            "outer_iterations": demo.rft_outer_iterations,
+            "policy_steps": max(1, total_steps // demo.rft_outer_iterations),
+            "reward_steps": demo.rft_reward_steps, "reward_learning_rate": demo.rft_reward_learning_rate,
+            "rollouts": demo.rft_rollouts, "max_new_tokens": demo.max_new_tokens, "generation_batch_size": 64})
     pairwise = {**common, "learning_rate": demo.learning_rate, "beta": demo.beta, "loss_type": demo.loss_type,
                 "sft_weight": demo.sft_weight if weight is None else weight, "epochs_per_stage": demo.epochs,
                 "max_new_tokens": demo.max_new_tokens, "generation_batch_size": 64}
@@ -249,7 +265,11 @@ def _claims(results: dict) -> list[str]:
                          + "; ".join(compare(a, s, "task_reward_sampled") for a, s in same_loss) + ".")
         lines.append("(c) After IRFT the correct response wins more held-out pairs than after SFT: "
                      + "; ".join(compare(a, arms["sft"], "pair_win_rate") for a in irft) + ".")
-    lines.append("(d) RFT beats SFT: **not tested** (RFT is not implemented yet).")
+    if "rft" in arms:
+        lines.append("(d) RFT beats SFT at equal policy steps on the sampled task reward: "
+                     + compare(arms["rft"], arms["sft"], "task_reward_sampled") + ".")
+    else:
+        lines.append("(d) RFT beats SFT: **not tested** (no `rft` arm in this run).")
     return lines
 
 
