@@ -1,7 +1,8 @@
 """demoalign: reward learning from demonstrations (IRFT, SPIN, SFT, RFT)."""
 
-from .config import IRFTConfig, RFTConfig, SFTConfig, SPINConfig, TrainConfig
+from .config import EvalConfig, IRFTConfig, RFTConfig, SFTConfig, SPINConfig, TrainConfig
+from .evaluate import evaluate
 from .run import train
 
-__all__ = ["IRFTConfig", "RFTConfig", "SFTConfig", "SPINConfig", "TrainConfig", "train"]
+__all__ = ["EvalConfig", "IRFTConfig", "RFTConfig", "SFTConfig", "SPINConfig", "TrainConfig", "evaluate", "train"]
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ import json
 import sys
 import textwrap
 
-from .config import CONFIGS, GenerateConfig, load_config, option_docs
+from .config import CONFIGS, EvalConfig, GenerateConfig, load_config, option_docs
 
 
 def _options_epilog(cls) -> str:
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_command(sub, "irft", CONFIGS["irft"], "IRFT: implicit-reward fine-tuning with T stages.")
     _add_config_command(sub, "rft", CONFIGS["rft"], "RFT: an explicit reward model from demonstrations, and RLOO of the policy against it.")
     _add_config_command(sub, "generate", GenerateConfig, "Sample one response per prompt.")
+    _add_config_command(sub, "eval", EvalConfig, "Compare models: preference-pair, task and reward-model metrics with bootstrap intervals.")
     from .demo import DemoConfig
 
     _add_config_command(sub, "demo", DemoConfig, "The built-in task: SFT, SPIN and IRFT compared over seeds.")
@@ -103,6 +104,15 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import DemoConfig, run_demo
 
             run_demo(load_config(DemoConfig, args.config, args.overrides))
+        elif args.command == "eval":
+            from .evaluate import evaluate
+
+            config = load_config(EvalConfig, args.config, args.overrides)
+            results = evaluate(config)
+            for entry in results["models"]:
+                cells = ", ".join(f"{k} {m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]" for k, m in entry["metrics"].items())
+                print(f"{entry['name']}: {cells}")
+            print(f"wrote {config.output_dir}/results.json and {config.output_dir}/report.md")
         elif args.command == "generate":
             run_generate(load_config(GenerateConfig, args.config, args.overrides))
         elif args.command == "tiny-model":

@@ -278,3 +278,74 @@ class GenerateConfig:
     def validate(self) -> None:
         if not self.model or not self.data:
             raise ValueError("generate needs model=PATH and data=FILE")
+
+
+# ---------------------------------------------------------------- evaluation (issue 5)
+
+BEAVER_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}"
+
+
+@dataclass
+class EvalConfig:
+    """`demoalign eval`: preference-pair, task and reward-model metrics of several models, each
+    with a bootstrap interval (SPEC.md §5), written to results.json, report.md and plots."""
+
+    models: str = opt("", "Comma-separated model folders to evaluate (names in the report: the shortest distinct path endings).")
+    reference: str = opt("", "Reference model of the implicit-reward accuracy (e.g. the SFT start); empty = that metric is skipped.")
+    pairs: str = opt("", "Preference pairs: prompt/chosen/rejected or HH chosen/rejected file, or task:NAME[:SEED] (correct vs plausible-wrong answers).")
+    max_pairs: int = opt(0, "Use only the first N pairs (0 = all).")
+    task: str = opt("", "Built-in task (sort, add, brackets) for exact-match of sampled and greedy generations.")
+    task_prompts: int = opt(100, "Held-out prompts of `task` (drawn with `task_seed`).")
+    task_seed: int = opt(2, "Seed of the task's held-out prompts (2 = the demo's held-out set).")
+    prompts: str = opt("", "Held-out prompts for reward-model scoring: a file of `prompt` strings or any format `data` accepts.")
+    max_prompts: int = opt(0, "Use only the first N prompts (0 = all).")
+    reward_model: str = opt("", "AutoModelForSequenceClassification folder (num_labels must be 1) that scores generations.")
+    reward_template: str = opt(BEAVER_TEMPLATE, "Text the reward model reads; {prompt} is the last user turn, {response} the generation.")
+    reward_max_length: int = opt(1024, "Reward-model inputs are cut to this many tokens (from the left).")
+    baseline: str = opt("", "Model folder (one of `models`, or another) whose generations the win rate is taken against.")
+    regenerate: bool = opt(True, "false: reuse output_dir/generations/<model>.jsonl when present (rescore without regenerating).")
+    output_dir: str = opt("runs/eval", "Folder of results.json, report.md, the plots and generations/.")
+    overwrite: bool = opt(False, "Replace results.json and report.md of an earlier evaluation in output_dir.")
+    run_dir: str = opt("", "A training run folder: plot the log-prob gap (demonstration vs negative, under each stage's start model) over its stages.")
+    template: str = opt("auto", "Prompt rendering, as for training.")
+    max_length: int = opt(512, "Maximum tokens of prompt + response when scoring pairs; responses are cut to fit, as in training.")
+    max_prompt_length: int = opt(128, "Prompts are cut from the left to this many tokens.")
+    max_new_tokens: int = opt(128, "Tokens generated per prompt.")
+    temperature: float = opt(1.0, "Sampling temperature of generations.")
+    top_p: float = opt(1.0, "Nucleus sampling of generations (1 = off).")
+    greedy: bool = opt(False, "Greedy generations for reward-model scoring instead of sampled ones.")
+    batch_size: int = opt(16, "Sequences per forward / prompts per generate() call.")
+    seed: int = opt(0, "Seed of sampling and of the bootstrap.")
+    bootstrap_resamples: int = opt(1000, "Bootstrap resamples of each interval.")
+    confidence: float = opt(0.95, "Coverage of the bootstrap percentile intervals.")
+    cpu: bool = opt(False, "Use the CPU even when a GPU is present.")
+    method = "eval"
+
+    def model_list(self) -> list[str]:
+        return [m.strip() for m in self.models.split(",") if m.strip()]
+
+    def validate(self) -> None:
+        if not self.model_list():
+            raise ValueError("eval needs models=PATH[,PATH...]")
+        if not (self.pairs or self.task or self.prompts):
+            raise ValueError("nothing to evaluate: give pairs=FILE, task=NAME and/or prompts=FILE reward_model=PATH")
+        if self.prompts and not self.reward_model:
+            raise ValueError("prompts=FILE needs reward_model=PATH to score the generations")
+        if self.reward_model and not self.prompts:
+            raise ValueError("reward_model=PATH needs prompts=FILE (the held-out prompts to generate for)")
+        if self.reward_template.count("{response}") != 1:
+            raise ValueError("reward_template must contain {response} exactly once")
+        if self.baseline and not self.prompts:
+            raise ValueError("baseline=PATH is the win-rate baseline: it needs prompts=FILE and reward_model=PATH")
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError("temperature must be > 0 when sampling (set greedy=true for greedy generations)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if not 0 < self.confidence < 1:
+            raise ValueError("confidence must be in (0, 1)")
+        for key in ("task_prompts", "max_length", "max_prompt_length", "max_new_tokens", "batch_size",
+                    "bootstrap_resamples", "reward_max_length"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be smaller than max_length")

@@ -73,6 +73,7 @@ __all__ = [
     "RECORD_FORMATS",
     "FILE_FORMATS",
     "load_examples",
+    "load_preference_pairs",
     "inspect_data",
     "parse_columns",
 ]
@@ -651,6 +652,62 @@ def load_examples(
         notes=notes,
     )
     return examples, report
+
+
+def _parse_preference_record(rec: dict) -> tuple[Example, str]:
+    """(Example(prompt, chosen, history), rejected) from one preference record."""
+    for key in ("chosen", "rejected"):
+        if key not in rec:
+            raise _RecordError(f"missing (keys found: {sorted(rec)}); preference pairs need "
+                               "prompt/chosen/rejected strings or HH chosen/rejected transcripts", key)
+    if isinstance(rec.get("prompt"), str) and isinstance(rec["chosen"], str):
+        prompt = _get_str(rec, "prompt")
+        return Example(prompt, _get_str(rec, "chosen")), _get_str(rec, "rejected")
+    prompt, chosen, history = _parse_hh_record(rec)
+    try:
+        other_prompt, rejected, other_history = _parse_hh_record({**rec, "chosen": rec["rejected"]})
+    except _RecordError as exc:
+        raise _RecordError(exc.message, (exc.field or "").replace("chosen", "rejected") or "rejected") from None
+    if (prompt, history) != (other_prompt, other_history):
+        raise _RecordError("chosen and rejected transcripts differ before their last Assistant turn "
+                           "(they must answer the same conversation)", "rejected")
+    return Example(prompt, chosen, history), rejected
+
+
+def load_preference_pairs(path: str | Path, limit: int | None = None) -> list[tuple[Example, str]]:
+    """Preference pairs ``[(Example(prompt, chosen, history), rejected)]`` from ``path``.
+
+    Records are UltraFeedback-style ``prompt``/``chosen``/``rejected`` strings, or HH
+    ``chosen``/``rejected`` transcripts (or message lists, optionally with a ``prompt`` message
+    list), which must share everything before their last Assistant turn. Files are read as by
+    :func:`load_examples`; a malformed record is a :class:`DataError` naming the file, the line
+    (or record) and the field. Pairs whose chosen or rejected response is empty are dropped; an
+    empty file or one with no usable pair is an error.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "no such file or folder")
+    file_format = _file_format(path)
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise DataError(path, f"limit must be a positive integer, got {limit!r}")
+    unit = "line" if file_format == "jsonl" else "record"
+    pairs: list[tuple[Example, str]] = []
+    n_records = 0
+    for lineno, rec in _iter_records(path, file_format, limit):
+        n_records += 1
+        if not isinstance(rec, dict):
+            raise DataError(path, f"record is not a JSON object (got {_describe(rec)})", line=lineno, unit=unit)
+        try:
+            example, rejected = _parse_preference_record(rec)
+        except _RecordError as exc:
+            raise DataError(path, exc.message, line=lineno, field=exc.field, unit=unit) from None
+        if example.response.strip() and rejected.strip():
+            pairs.append((example, rejected))
+    if n_records == 0:
+        raise DataError(path, "no records found (empty file?)")
+    if not pairs:
+        raise DataError(path, f"no usable preference pairs: all {n_records} records have an empty chosen or rejected response")
+    return pairs
 
 
 def _clip(text: str, width: int = 600) -> str:

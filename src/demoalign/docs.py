@@ -8,7 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import GenerateConfig, IRFTConfig, RFTConfig, SFTConfig, TrainConfig, option_docs
+from .config import EvalConfig, GenerateConfig, IRFTConfig, RFTConfig, SFTConfig, TrainConfig, option_docs
 
 START, END = "<!-- reference:start -->", "<!-- reference:end -->"
 
@@ -32,6 +32,7 @@ def reference_markdown() -> str:
              "### `rft`", "", *_table(RFTConfig, {f.name for f in fields(RFTConfig)} - base), "",
              "`rft` also reads the common options; `learning_rate` is the policy's.", "",
              "### `generate`", "", *_table(GenerateConfig), "",
+             "### `eval`", "", *_table(EvalConfig), "",
              "### `demo`", "", *_table(DemoConfig)]
     return "\n".join(lines)
 

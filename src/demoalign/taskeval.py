@@ -21,14 +21,21 @@ def generation_reward(model, encoder: Encoder, task, prompts: list[str], *, gree
 
 
 @torch.no_grad()
-def pair_sequence_logps(model, encoder: Encoder, pairs: list[tuple[str, str, str]], batch_size: int = 64):
-    """(log π(correct|x), log π(wrong|x)) per pair, with the training code's own scoring."""
+def pair_sequence_logps(model, encoder: Encoder, pairs: list[tuple], batch_size: int = 64, fit: bool = False):
+    """(log π(correct|x), log π(wrong|x)) per pair, with the training code's own scoring.
+
+    A pair is (prompt, correct, wrong); the prompt is a string or an Example (which carries the
+    earlier turns). fit=True cuts responses to the encoder's max_length as training does."""
     was_training = model.training
     model.eval()
     items = []
     for i, (prompt, good, bad) in enumerate(pairs):
-        prompt_ids = encoder.prompt_ids(Example(prompt, good))
-        items.append(Pair(i, prompt_ids, encoder.response_ids(good), encoder.response_ids(bad)))
+        prompt_ids = encoder.prompt_ids(prompt if isinstance(prompt, Example) else Example(prompt, good))
+        good_ids, bad_ids = encoder.response_ids(good), encoder.response_ids(bad)
+        if fit:
+            good_ids = encoder.fit(prompt_ids, good_ids).response_ids
+            bad_ids = encoder.fit(prompt_ids, bad_ids).response_ids
+        items.append(Pair(i, prompt_ids, good_ids, bad_ids))
     good_lp, bad_lp = [], []
     pad = encoder.tokenizer.pad_token_id
     for start in range(0, len(items), batch_size):
