@@ -51,6 +51,8 @@ def test_paired_t_test_by_hand():
     assert p == pytest.approx(0.19937, abs=1e-4)
     assert paired_t_test([1, 2], [1, 2]) == (0.0, 1.0)
     assert paired_t_test([2, 3], [1, 2])[1] == 0.0
+    # Differences equal up to float rounding are equal: no p-value from rounding noise.
+    assert paired_t_test([0.94, 0.9366666666666666, 0.9433333333333334], [0.9333333333333333, 0.93, 0.9366666666666668]) == (float("inf"), 0.0)
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
     assert verdict([3, 5, 4], [1, 2, 4])[0] == "not significant"
     assert verdict([1, 2, 4], [3, 5, 4])[0] == "no"

@@ -293,7 +293,11 @@ Every arm starts from the same SFT start model (sampled reward {start['task_rewa
 greedy {start['task_reward_greedy']:.3f}) and trains on the same {demo.train_examples} demonstrations
 for the same number of optimiser steps. Mean ± std over {demo.seeds} seeds; p-values: {TEST_NAME}
 against continued SFT. Metrics on {demo.eval_prompts} held-out prompts and (correct, plausible wrong) pairs;
-implicit-reward accuracy uses the start model as reference. Total wall time {wall:.0f} s.
+implicit-reward accuracy uses the start model as reference. With {demo.seeds} seeds the t-test has
+{demo.seeds - 1} degrees of freedom: only large, consistent differences reach p < 0.05, and a difference
+that is identical in every seed gives p = 0. Verdicts: yes = higher and p < 0.05; no = not higher;
+not significant = higher but p ≥ 0.05. `wall_time_s` is training time only (evaluation excluded).
+How the settings were chosen: docs/demo-findings.md. Total wall time {wall:.0f} s.
 
 {header}{rows}
 ## The paper's claims, re-tested

@@ -16,6 +16,8 @@ def paired_t_test(a: list[float], b: list[float]) -> tuple[float, float]:
     """Two-sided paired t-test of mean(a − b) = 0: (t, p). Pairs are matched by position (seed).
 
     Identical pairs give (0, 1); differences with zero spread but non-zero mean give (±inf, 0).
+    A spread at the level of float rounding (identical differences computed from different sums)
+    counts as zero spread, rather than yielding a p-value like 1e-29 from rounding noise.
     """
     from scipy.stats import t as student_t
 
@@ -23,7 +25,7 @@ def paired_t_test(a: list[float], b: list[float]) -> tuple[float, float]:
         raise ValueError("a paired t-test needs two equal-length samples of at least 2")
     diffs = [x - y for x, y in zip(a, b)]
     mean, sd = mean_std(diffs)
-    if sd == 0:
+    if sd <= 1e-12 * max(1.0, abs(mean)):
         return (0.0, 1.0) if mean == 0 else (math.copysign(math.inf, mean), 0.0)
     t = mean / (sd / math.sqrt(len(diffs)))
     return t, float(2 * student_t.sf(abs(t), df=len(diffs) - 1))
