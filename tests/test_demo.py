@@ -29,12 +29,13 @@ def test_short_demo_writes_every_field(tmp_path):
         for metric in ("task_reward_sampled", "task_reward_greedy", "pair_win_rate", "implicit_reward_accuracy"):
             assert all(0.0 <= v <= 1.0 for v in arm["metrics"][metric]["values"])
     irft = results["arms"][2]
-    assert [len(c) for c in irft["reward_over_stages"]] == [2, 2]
+    assert [len(c) for c in irft["over_stages"]] == [2, 2]
+    assert set(irft["over_stages"][0][0]) == {"task_reward_sampled", "logp_gap"}
     report = (out / "report.md").read_text()
     for claim in ("(a)", "(b)", "(c)", "(d)"):
         assert claim in report
     assert (out / "task_reward.png").stat().st_size > 1000
-    assert (out / "reward_over_stages.png").stat().st_size > 1000
+    assert (out / "over_stages.png").stat().st_size > 1000
     # Equal budget: every arm made the same number of optimiser steps.
     steps = {}
     for name in names:

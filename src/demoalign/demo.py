@@ -48,7 +48,7 @@ class DemoConfig:
     loss_type: str = opt("sigmoid", "Pairwise loss of SPIN/IRFT.")
     sft_weight: float = opt(0.0, "SFT term added to the SPIN/IRFT loss (0 = the paper's loss).")
     eval_prompts: int = opt(300, "Held-out prompts (and pairs) for the metrics.")
-    stage_eval_prompts: int = opt(100, "Held-out prompts for the reward-over-stages curve.")
+    stage_eval_prompts: int = opt(100, "Held-out prompts (and pairs) for the curves over stages.")
     max_new_tokens: int = opt(24, "Tokens generated per negative and per evaluation response.")
     rft_outer_iterations: int = opt(2, "RFT arm: outer iterations; its policy steps add up to the other arms' steps.")
     rft_reward_steps: int = opt(30, "RFT arm: reward-model steps per outer iteration (not counted in the budget).")
@@ -133,12 +133,14 @@ class Evaluator:
         self.encoder = Encoder(self.tokenizer, "plain", 64, 32)
         self.ref_good, self.ref_bad = pair_sequence_logps(model, self.encoder, self.pairs)
 
-    def sampled_reward(self, model, n: int, seed: int) -> float:
-        from .taskeval import generation_reward
+    def stage_point(self, model, n: int, seed: int) -> dict:
+        """Sampled reward and held-out log-prob gap on the first n prompts/pairs."""
+        from .taskeval import generation_reward, pair_sequence_logps
 
         rewards = generation_reward(model, self.encoder, self.task, self.prompts[:n], greedy=False, seed=seed,
                                     max_new_tokens=self.demo.max_new_tokens)
-        return sum(rewards) / len(rewards)
+        good, bad = pair_sequence_logps(model, self.encoder, self.pairs[:n])
+        return {"task_reward_sampled": sum(rewards) / n, "logp_gap": sum(g - b for g, b in zip(good, bad)) / n}
 
     def metrics(self, model, seed: int) -> dict:
         from .taskeval import generation_reward, pair_metrics, pair_sequence_logps
@@ -196,7 +198,7 @@ def run_demo(demo: DemoConfig) -> dict:
 
             def on_stage_end(model, stage, seed=seed, curve=curve, eval_time=eval_time):
                 t = time.perf_counter()
-                curve.append(evaluator.sampled_reward(model, demo.stage_eval_prompts, seed=1000 + seed))
+                curve.append(evaluator.stage_point(model, demo.stage_eval_prompts, seed=1000 + seed))
                 eval_time[0] += time.perf_counter() - t
 
             t0 = time.perf_counter()
@@ -231,7 +233,7 @@ def _results(demo: DemoConfig, arms: dict, start_metrics: dict) -> dict:
                 _, p = paired_t_test(arm["values"][m], sft[m])
                 vs_sft[m] = {"test": TEST_NAME, "p_value": p}
         out_arms.append({"name": name, "seeds": arm["seeds"], "metrics": metrics, "vs_sft": vs_sft,
-                         "reward_over_stages": arm["stage_curves"]})
+                         "over_stages": arm["stage_curves"]})
     return {"settings": asdict(demo), "start_model": start_metrics, "arms": out_arms}
 
 
@@ -305,7 +307,7 @@ How the settings were chosen: docs/demo-findings.md. Total wall time {wall:.0f} 
 """ + "\n".join(f"- {line}" for line in _claims(results)) + f"""
 
 ![task reward per arm](task_reward.png)
-![reward over stages](reward_over_stages.png)
+![reward and log-prob gap over stages](over_stages.png)
 
 ## Reproduce
 
@@ -339,20 +341,22 @@ def _plots(out: Path, results: dict) -> None:
     fig.savefig(out / "task_reward.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for arm in arms:
-        curves = [c for c in arm["reward_over_stages"] if c]
-        if not curves:
-            continue
-        n = len(curves[0])
-        means = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
-        ax.plot([(i + 1) / n for i in range(n)], means, marker="o", label=arm["name"])
-    ax.axhline(results["start_model"]["task_reward_sampled"], color="gray", ls="--", lw=1, label="start")
-    ax.set_xlabel("fraction of training (end of each stage)")
-    ax.set_ylabel("sampled task reward (mean over seeds)")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, label in ((axes[0], "task_reward_sampled", "sampled task reward"),
+                              (axes[1], "logp_gap", "held-out log-prob gap (correct − wrong)")):
+        for arm in arms:
+            curves = [c for c in arm["over_stages"] if c]
+            if not curves:
+                continue
+            n = len(curves[0])
+            means = [sum(c[i][metric] for c in curves) / len(curves) for i in range(n)]
+            ax.plot([(i + 1) / n for i in range(n)], means, marker="o", label=arm["name"])
+        ax.axhline(results["start_model"][metric], color="gray", ls="--", lw=1, label="start")
+        ax.set_xlabel("fraction of training (end of each stage)")
+        ax.set_ylabel(f"{label} (mean over seeds)")
+    axes[0].legend()
     fig.tight_layout()
-    fig.savefig(out / "reward_over_stages.png", dpi=110)
+    fig.savefig(out / "over_stages.png", dpi=110)
     plt.close(fig)
 
 
