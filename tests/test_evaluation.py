@@ -351,3 +351,41 @@ def test_bad_files(tmp_path, tiny_model_dir, reward_model_dir):
     with pytest.raises(DataError, match="empty file"):
         evaluate(models=str(tiny_model_dir), prompts=str(empty), reward_model=str(reward_model_dir),
                  output_dir=str(tmp_path / "o3"), **SMALL)
+
+
+# ---------------------------------------------------------------- lm-evaluation-harness bridge
+
+
+def test_leaderboard_without_the_extra_names_the_install(monkeypatch, tmp_path, tiny_model_dir):
+    import sys
+
+    from demoalign.cli import main
+    from demoalign.leaderboard import MissingExtra, import_lm_eval
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    with pytest.raises(MissingExtra, match=r"pip install 'demoalign\[eval\]'"):
+        import_lm_eval()
+    assert main(["eval", f"models={tiny_model_dir}", "leaderboard=all", f"output_dir={tmp_path / 'o'}"]) == 2
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="unknown leaderboard task"):
+        from demoalign.evaluate import evaluate
+
+        evaluate(models=str(tiny_model_dir), leaderboard="arc,mmlu")
+
+
+def test_leaderboard_bridge_end_to_end(tmp_path, tiny_model_dir):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'demoalign[eval]')")
+    from demoalign.evaluate import evaluate
+
+    res = evaluate(models=str(tiny_model_dir), leaderboard="all", leaderboard_limit=1, mmlu_shots=0,
+                   output_dir=str(tmp_path / "lb"), **{**SMALL, "bootstrap_resamples": 20})
+    metrics = res["models"][0]["metrics"]
+    expected = {"arc_challenge": ("acc_norm", 25), "truthfulqa_mc2": ("acc", 0), "winogrande": ("acc", 5),
+                "gsm8k": ("exact_match,strict-match", 5), "hellaswag": ("acc_norm", 10), "mmlu": ("acc", 0)}
+    assert set(metrics) == set(expected)
+    for task, (metric, shots) in expected.items():
+        m = metrics[task]
+        assert (m["metric"], m["num_fewshot"]) == (metric, shots)
+        assert m["n"] == (57 if task == "mmlu" else 1)  # limit is per task; MMLU is 57 subject tasks
+        assert 0.0 <= m["low"] <= m["value"] <= m["high"] <= 1.0
+    assert "lm-evaluation-harness arc_challenge: acc_norm, 25-shot" in (tmp_path / "lb" / "report.md").read_text()

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             from .data import inspect_data, parse_columns
 
             print(inspect_data(args.file, parse_columns(args.columns or None)))
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -303,6 +303,10 @@ class EvalConfig:
     reward_template: str = opt(BEAVER_TEMPLATE, "Text the reward model reads; {prompt} is the last user turn, {response} the generation.")
     reward_max_length: int = opt(1024, "Reward-model inputs are cut to this many tokens (from the left).")
     baseline: str = opt("", "Model folder (one of `models`, or another) whose generations the win rate is taken against.")
+    leaderboard: str = opt("", "lm-evaluation-harness tasks on local files (extra `demoalign[eval]`): `all` or a comma list of arc_challenge, truthfulqa_mc2, winogrande, gsm8k, hellaswag, mmlu.")
+    leaderboard_data: str = opt("", "Folder holding arc/, truthfulqa/, winogrande/, gsm8k/, hellaswag/, mmlu/ (empty = ../shared/data or $DEMOALIGN_SHARED_DATA).")
+    leaderboard_limit: int = opt(0, "Items per leaderboard task (per MMLU subject) (0 = all).")
+    mmlu_shots: int = opt(4, "MMLU few-shot examples (at most 4: only the dev split, 5 per subject, is local).")
     regenerate: bool = opt(True, "false: reuse output_dir/generations/<model>.jsonl when present (rescore without regenerating).")
     output_dir: str = opt("runs/eval", "Folder of results.json, report.md, the plots and generations/.")
     overwrite: bool = opt(False, "Replace results.json and report.md of an earlier evaluation in output_dir.")
@@ -327,8 +331,16 @@ class EvalConfig:
     def validate(self) -> None:
         if not self.model_list():
             raise ValueError("eval needs models=PATH[,PATH...]")
-        if not (self.pairs or self.task or self.prompts):
-            raise ValueError("nothing to evaluate: give pairs=FILE, task=NAME and/or prompts=FILE reward_model=PATH")
+        if not (self.pairs or self.task or self.prompts or self.leaderboard):
+            raise ValueError("nothing to evaluate: give pairs=FILE, task=NAME, prompts=FILE reward_model=PATH and/or leaderboard=all")
+        if self.leaderboard:
+            from .leaderboard import parse_tasks
+
+            parse_tasks(self.leaderboard)
+        if not 0 <= self.mmlu_shots <= 4:
+            raise ValueError("mmlu_shots must be in 0..4 (only MMLU's dev split, 5 questions per subject, is local)")
+        if self.leaderboard_limit < 0:
+            raise ValueError("leaderboard_limit must be >= 0")
         if self.prompts and not self.reward_model:
             raise ValueError("prompts=FILE needs reward_model=PATH to score the generations")
         if self.reward_model and not self.prompts:

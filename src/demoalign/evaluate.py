@@ -9,6 +9,8 @@ percentile-bootstrap interval over items (seeded; `bootstrap_resamples`, `confid
   depend on β > 0). Ties count ½. Log-probs are the training code's own
   (`taskeval.pair_sequence_logps` → `pairs.pair_logps`), responses cut to `max_length` as in training.
 - built-in task: `task_exact_match_sampled` / `_greedy` (`taskeval.generation_reward`).
+- leaderboard (`leaderboard=all`): lm-evaluation-harness on local files (leaderboard.py); each
+  result also records `task`, `metric` and `num_fewshot`.
 - reward model: one seeded generation per prompt per model (the training template and sampling),
   saved to `generations/<model>.jsonl`; `reward_score` = R(x, y); `win_rate_vs_baseline` =
   [R(x, y_model) > R(x, y_baseline)], ties ½.
@@ -270,6 +272,12 @@ def evaluate(config: EvalConfig | None = None, **values) -> dict:
     prompts = load_prompts(config.prompts, config.max_prompts or None) if config.prompts else []
     if config.reward_model:
         check_reward_model(config.reward_model)
+    leaderboard = []
+    if config.leaderboard:
+        from .leaderboard import import_lm_eval, parse_tasks
+
+        leaderboard = parse_tasks(config.leaderboard)
+        import_lm_eval()  # a missing extra fails here, before any model is run
     task = task_list = None
     if config.task:
         from .tasks import get_task, task_prompts
@@ -306,6 +314,18 @@ def evaluate(config: EvalConfig | None = None, **values) -> dict:
                 rewards = generation_reward(model, encoder, task, task_list, greedy=mode == "greedy", seed=config.seed,
                                             max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
                 entry["metrics"][f"task_exact_match_{mode}"] = summarize(rewards, **stats)
+        if leaderboard:
+            from .leaderboard import run_leaderboard
+            from .tiny import shared_data_dir
+
+            board = run_leaderboard(model, tokenizer, leaderboard, root=Path(config.leaderboard_data or shared_data_dir()),
+                                    limit=config.leaderboard_limit or None, mmlu_shots=config.mmlu_shots,
+                                    batch_size=config.batch_size, seed=config.seed, device=device)
+            for task_name, r in board.items():
+                entry["metrics"][task_name] = {**summarize(r["values"], **stats), "task": r["lm_eval_task"],
+                                               "metric": r["metric"], "num_fewshot": r["num_fewshot"]}
+                results["definitions"][task_name] = (f"lm-evaluation-harness {r['lm_eval_task']}: {r['metric']}, "
+                                                     f"{r['num_fewshot']}-shot, local files")
         if prompts:
             file = generation_file(out, name)
             if not config.regenerate and file.exists():
@@ -333,7 +353,7 @@ def evaluate(config: EvalConfig | None = None, **values) -> dict:
         del rm
 
     used = {m for e in results["models"] for m in e["metrics"]}
-    results["definitions"] = {k: v for k, v in DEFINITIONS.items() if k in used}
+    results["definitions"] = {**{k: v for k, v in DEFINITIONS.items() if k in used}, **results["definitions"]}
     if config.run_dir:
         results["run_stages"] = stage_gaps(config.run_dir, config)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
@@ -350,6 +370,7 @@ def _cell(m: dict) -> str:
 
 def write_report(out: Path, results: dict, config: EvalConfig) -> None:
     metrics = [m for m in DEFINITIONS if m in results["definitions"]]
+    metrics += [m for m in results["definitions"] if m not in DEFINITIONS]
     plots = plot_metrics(out, results, metrics)
     level = f"{config.confidence:.0%}"
     lines = [f"# demoalign eval", "",
