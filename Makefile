@@ -12,6 +12,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# The tests also need TRL (the parity oracle) and lm-evaluation-harness (the eval bridge).
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test,eval]"
 	touch $@
 
@@ -19,10 +24,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) -m demoalign demo --config recipes/demo.yaml overwrite=true
 
-test: setup
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
-bench: setup
+bench: $(VENV)/.installed-test
 	$(PY) benchmarks/train_step.py
 
 clean:
