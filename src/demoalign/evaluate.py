@@ -373,7 +373,7 @@ def write_report(out: Path, results: dict, config: EvalConfig) -> None:
     metrics += [m for m in results["definitions"] if m not in DEFINITIONS]
     plots = plot_metrics(out, results, metrics)
     level = f"{config.confidence:.0%}"
-    lines = [f"# demoalign eval", "",
+    lines = ["# demoalign eval", "",
              f"Value [{level} bootstrap interval, {config.bootstrap_resamples} resamples, seed {config.seed}]; "
              "n = pairs or prompts.", ""]
     if metrics:

@@ -293,8 +293,9 @@ def policy_step(trainer: Trainer, tokenizer, prompts: list[list[int]], steps: in
 
 def load_preference_pairs(spec: str, seed: int = 0) -> list[tuple]:
     """(Example(prompt, chosen, history), rejected) from `task:NAME[:SEED]` (1000 correct vs
-    plausible-wrong pairs), a prompt/chosen/rejected file, or HH chosen/rejected transcripts."""
-    from .data import DataError, Example, _file_format, _iter_records, _parse_hh_record, _RecordError
+    plausible-wrong pairs), or a preference file read by `data.load_preference_pairs`."""
+    from .data import Example
+    from .data import load_preference_pairs as load_pairs_file
 
     if spec.startswith("task:"):
         from .tasks import get_task, task_pairs, task_prompts
@@ -303,27 +304,7 @@ def load_preference_pairs(spec: str, seed: int = 0) -> list[tuple]:
         task = get_task(name)
         data_seed = int(data_seed or 0)
         return [(Example(p, good), bad) for p, good, bad in task_pairs(task, task_prompts(task, 1000, data_seed), data_seed)]
-    path = Path(spec)
-    if not path.exists():
-        raise DataError(path, "no such file or folder")
-    out = []
-    for lineno, rec in _iter_records(path, _file_format(path), None):
-        if not isinstance(rec, dict) or "chosen" not in rec or "rejected" not in rec:
-            raise DataError(path, "preference records need `chosen` and `rejected`", line=lineno)
-        if all(isinstance(rec.get(k), str) for k in ("prompt", "chosen", "rejected")):
-            if rec["chosen"].strip() and rec["rejected"].strip():
-                out.append((Example(rec["prompt"], rec["chosen"]), rec["rejected"]))
-            continue
-        try:
-            p1, chosen, h1 = _parse_hh_record(rec)
-            p2, rejected, h2 = _parse_hh_record({**rec, "chosen": rec["rejected"]})
-        except _RecordError as exc:
-            raise DataError(path, exc.message, line=lineno, field=exc.field) from None
-        if (p1, h1) == (p2, h2) and chosen.strip() and rejected.strip() and chosen != rejected:
-            out.append((Example(p1, chosen, h1), rejected))
-    if not out:
-        raise DataError(path, "no usable preference pairs")
-    return out
+    return load_pairs_file(spec)
 
 
 def iteration_chunks(n: int, iterations: int, per_iteration: int, seed: int) -> list[list[int]]:
