@@ -219,6 +219,8 @@ def test_end_to_end_two_outer_iterations_write_every_output(tiny_model_dir, toke
     for key in ("pair_accuracy", "pair_margin", "preference_accuracy"):
         assert all(key in m for m in reward), key
     assert policy[0]["kl"] == pytest.approx(0, abs=1e-5), "the first policy step samples the reference itself"
+    # The reference stays the INITIAL policy: iteration 2 starts away from it.
+    assert abs(policy[2]["kl"]) > 1e-6
     evals = [m for m in metrics if m.get("event") == "reward_eval"]
     assert all(e["after_heldout_pairs"] >= 1 and "after_preference_heldout_accuracy" in e for e in evals)
     assert metrics[-1]["event"] == "run_end" and metrics[-1]["reward_optimizer_steps"] == 8

@@ -166,25 +166,25 @@ def reward_text(template: str, prompt: str, response: str) -> str:
 
 @torch.no_grad()
 def reward_scores(model, tokenizer, texts: list[str], batch_size: int = 16, max_length: int = 1024) -> list[float]:
-    """One score per text. Rows are right-padded; a batch where the pad id also occurs inside a
-    text (pad = EOS tokenizers) is scored a row at a time, so padding can never move the pooled
-    position."""
+    """One score per text, from an EXTERNAL reward model given by path (its own text format via
+    `reward_template`). Rows are right-padded and transformers pools at each row's last non-pad
+    token, so a text that itself ends in the pad id (pad = EOS tokenizers) is pooled one token
+    earlier. A reward model trained by `demoalign rft` is scored on training token ids by
+    `rft.RewardScorer` instead; this function is not meant for it."""
     device = next(model.parameters()).device
     ids = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     pad = tokenizer.pad_token_id
     out: list[float] = []
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
-        groups = [chunk] if not any(pad in row for row in chunk) else [[row] for row in chunk]
-        for group in groups:
-            width = max(len(r) for r in group)
-            input_ids = torch.full((len(group), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(group), width), dtype=torch.long)
-            for i, row in enumerate(group):
-                input_ids[i, : len(row)] = torch.tensor(row)
-                attention[i, : len(row)] = 1
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-            out += logits[:, 0].float().tolist()
+        width = max(len(r) for r in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, row in enumerate(chunk):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention[i, : len(row)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+        out += logits[:, 0].float().tolist()
     return out
 
 
@@ -388,6 +388,9 @@ def write_report(out: Path, results: dict, config: EvalConfig) -> None:
             lines.append(f"Responses cut to max_length={config.max_length} (as in training): "
                          + ", ".join(f"{k} {v}" for k, v in cut.items()))
         lines.append("")
+    if config.pairs and not config.reference:
+        lines += ["No `reference` was given: the implicit-reward accuracy (SPEC §5's first form) was not "
+                  "computed; only the reference-free form is reported.", ""]
     lines += ["## Definitions", ""] + [f"- `{k}`: {v}" for k, v in results["definitions"].items()]
     if results.get("reference"):
         lines.append(f"- reference model of the implicit reward: `{results['reference']}`")

@@ -131,14 +131,15 @@ def task_configs(name: str, root: Path, shots: int) -> list[dict]:
     if name == "winogrande":
         docs = [{"context_options": r["context_options"], "continuation": r["continuation"], "gold": int(r["gold"])}
                 for r in _jsonl(root / "winogrande" / "winogrande.jsonl")]
-        return [{**official(name), "custom_dataset": _splits(validation=docs), "validation_split": "validation",
+        # test_split = fewshot_split makes lm-eval exclude the item itself from its few-shot examples.
+        return [{**official(name), "custom_dataset": _splits(validation=docs), "test_split": "validation",
                  "fewshot_split": "validation", "doc_to_text": _wg_text, "doc_to_choice": _wg_choice, "doc_to_target": _wg_target}]
     if name == "gsm8k":
         test, train = _jsonl(root / "gsm8k" / "test.jsonl"), _jsonl(root / "gsm8k" / "train.jsonl")
         return [{**official(name), "custom_dataset": _splits(test=test, train=train), "test_split": "test", "fewshot_split": "train"}]
     if name == "hellaswag":
         docs = _hellaswag(root / "hellaswag" / "hellaswag_val_full.txt.bz2")
-        cfg = {**official(name), "custom_dataset": _splits(validation=docs), "validation_split": "validation",
+        cfg = {**official(name), "custom_dataset": _splits(validation=docs), "test_split": "validation",
                "fewshot_split": "validation"}
         cfg.pop("process_docs", None)  # the local text is already processed
         return [cfg]

@@ -379,6 +379,11 @@ def run_rft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir:
         return sequence_logps_of(reference, rows, pad, batch)
 
     totals = {"pairs": 0, "negatives_truncated": 0, "demonstrations_truncated": 0}
+    # Held-out demonstrations are chosen once for the run, by example: chunks may wrap around the
+    # data, and a demonstration trained on in one iteration must never be held out in another.
+    n_heldout = round(config.heldout_fraction * len(examples)) if config.heldout_fraction > 0 else 0
+    heldout_examples = set(seeded_permutation(len(examples), config.seed, 2)[:n_heldout])
+    trained_examples: set[int] = set()
     for k, chunk_idx in enumerate(chunks, start=1):
         chunk = [examples[i] for i in chunk_idx]
         folder = out_dir / "iterations" / str(k)
@@ -389,10 +394,18 @@ def run_rft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir:
         totals["negatives_truncated"] += sum(p.negative_truncated for p in pairs)
         totals["demonstrations_truncated"] += sum(p.demo_truncated for p in pairs)
         reward_pairs = [RewardPair(p.prompt_ids, p.demo_ids, p.negative_ids) for p in pairs]
-        order = seeded_permutation(len(reward_pairs), config.seed, 2, k)
-        n_held = min(len(order) - 1, round(config.heldout_fraction * len(order))) if config.heldout_fraction > 0 else 0
-        held = [reward_pairs[i] for i in order[:n_held]]
-        train_pairs = [reward_pairs[i] for i in order[n_held:]]
+        example_ids = [chunk_idx[p.index] for p in pairs]
+        if n_heldout and not heldout_examples.intersection(example_ids):
+            # Every iteration evaluates on some held-out pair: hold out one never-trained example.
+            fresh = [e for e in example_ids if e not in trained_examples]
+            if fresh:
+                heldout_examples.add(fresh[-1])
+        is_held = [e in heldout_examples for e in example_ids]
+        trained_examples.update(e for e, h in zip(example_ids, is_held) if not h)
+        held = [rp for rp, h in zip(reward_pairs, is_held) if h]
+        train_pairs = [rp for rp, h in zip(reward_pairs, is_held) if not h]
+        if not train_pairs:
+            raise ValueError(f"iteration {k}: every demonstration is held out; lower heldout_fraction")
 
         def evaluation(when: str) -> dict:
             record = {}
