@@ -256,3 +256,24 @@ def test_rft_config_is_checked(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="did you mean `preference_weight`"):
         rft_config(tiny_model_dir, tmp_path, preference_data_weight=1.0)
 
+
+
+def test_lora_policy_uses_the_base_as_reference_without_a_copy(tiny_model_dir, tmp_path):
+    """With LoRA the KL reference is the base with adapters disabled: no reference copy, the first
+    policy step is at KL 0, the adapters train, and final/ is a merged plain model."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = train(rft_config(tiny_model_dir, tmp_path / "lora", lora_r=4, learning_rate=1e-2))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    memory = next(m for m in metrics if m.get("event") == "memory")
+    assert memory["reference_param_bytes"] == 0 and "adapters disabled" in memory["note"]
+    policy = [m for m in metrics if m.get("phase") == "policy"]
+    assert policy[0]["kl"] == pytest.approx(0, abs=1e-5)
+    assert abs(policy[-1]["kl"]) > 1e-6, "the adapters must move the policy away from the base"
+    assert (out / "iterations" / "1" / "policy" / "adapter_config.json").exists()
+    final = load_file(str(out / "final" / "model.safetensors"))
+    assert not any("lora" in key for key in final), "final/ must be merged"
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert any(not torch.equal(final[k], start[k]) for k in final if k in start), "merged weights must differ"
+    AutoModelForCausalLM.from_pretrained(out / "final")

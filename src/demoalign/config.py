@@ -151,6 +151,9 @@ class RFTConfig(TrainConfig):
     temperature: float = opt(1.0, "Sampling temperature of negatives and rollouts.")
     top_p: float = opt(1.0, "Nucleus sampling of negatives and rollouts (1 = off).")
     generation_batch_size: int = opt(16, "Prompts per generate() call (negatives) and sequences per scoring batch.")
+    lora_r: int = opt(0, "LoRA rank of the policy (peft); 0 = full fine-tuning. With LoRA the KL reference is the base model with the adapters disabled: no copy is held. The final policy is saved merged.")
+    lora_alpha: int = opt(16, "LoRA alpha (scale alpha / r).")
+    lora_target_modules: str = opt("all-linear", "Modules that get adapters: all-linear, or comma-separated names (e.g. q_proj,v_proj).")
     method = "rft"
     greedy = False  # not an option: negatives and rollouts are always sampled (methods.make_negatives reads it)
 
@@ -170,6 +173,8 @@ class RFTConfig(TrainConfig):
             raise ValueError("preference_weight must be >= 0")
         if self.rollouts < 2:
             raise ValueError("rollouts must be >= 2 (the leave-one-out baseline needs another sample)")
+        if self.lora_r < 0 or (self.lora_r and self.lora_alpha <= 0):
+            raise ValueError("lora_r must be >= 0 and lora_alpha > 0")
         for key in ("outer_iterations", "max_new_tokens", "generation_batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")

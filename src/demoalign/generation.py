@@ -32,11 +32,12 @@ def sampling_config(
 def _generate_with_only(model, config: GenerationConfig, input_ids, attention):
     """transformers fills every field left unset from `model.generation_config` (a checkpoint's
     repetition_penalty, min_p, …); a blank one in its place keeps the sampling exactly `config`."""
-    saved, model.generation_config = model.generation_config, GenerationConfig()
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
+    saved, inner.generation_config = inner.generation_config, GenerationConfig()
     try:
         return model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
     finally:
-        model.generation_config = saved
+        inner.generation_config = saved
 
 
 def _left_pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,7 +81,10 @@ class SequenceScorer(torch.nn.Module):
         if not self.fused:
             logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             return sequence_logps(logits, labels)
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        # A peft model's `base_model` is its LoRA wrapper; the transformer trunk (with the adapters
+        # injected in place) is the wrapped model's own `base_model`.
+        model = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         mask = targets != IGNORE_INDEX
         rows = mask.nonzero()[:, 0]

@@ -324,6 +324,16 @@ def _param_bytes(model) -> int:
 # ---------------------------------------------------------------- the run
 
 
+def add_lora(model, config):
+    """The policy with LoRA adapters (peft); only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.lora_target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    return get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                                            target_modules=targets, task_type="CAUSAL_LM"))
+
+
 def run_rft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir: Path, tokenizer) -> dict:
     """All outer iterations; `trainer` holds the policy. Returns counts for the run_end record."""
     from .methods import make_negatives, negative_records
@@ -336,21 +346,25 @@ def run_rft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir:
     T = config.outer_iterations
     chunks = iteration_chunks(len(examples), T, config.prompts_per_iteration, config.seed)
 
-    # Reference π_ref = the initial policy, frozen, in inference mode (a second copy of the weights).
+    # Reference π_ref = the initial policy: with LoRA the base with adapters disabled (no copy);
+    # otherwise a frozen copy in inference mode.
     policy = trainer.unwrapped
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    lora = hasattr(policy, "disable_adapter")
+    reference = None if lora else copy.deepcopy(policy).eval().requires_grad_(False)
     # Reward model, trained by its own Trainer (same loop, its own optimiser and learning rate).
     reward_config = replace(config, learning_rate=config.reward_learning_rate)
     reward_trainer = Trainer(reward_config, load_reward_model(config, tokenizer), acc, log, wrapper=RewardScorer)
     scorer = acc.unwrap_model(reward_trainer.model)
+    note = ("LoRA: the reference is the base model with the adapters disabled; no copy is held" if lora else
+            "full fine-tuning: the reference is a frozen copy of the initial policy held in inference mode "
+            "(no gradients, no optimiser state)")
+    ref_bytes = 0 if reference is None else _param_bytes(reference)
     log.write({
-        "event": "memory", "policy_param_bytes": _param_bytes(policy), "reference_param_bytes": _param_bytes(reference),
-        "reward_model_param_bytes": _param_bytes(scorer.lm),
-        "note": "full fine-tuning: the reference is a frozen copy of the initial policy held in inference mode (no gradients, no optimiser state)",
+        "event": "memory", "policy_param_bytes": _param_bytes(policy), "reference_param_bytes": ref_bytes,
+        "reward_model_param_bytes": _param_bytes(scorer.lm), "note": note,
     })
     if acc.is_main_process and config.show_progress:
-        print("RFT: the KL reference is a frozen copy of the initial policy (inference mode); "
-              f"policy {_param_bytes(policy) / 2**20:.1f} MiB, reference {_param_bytes(reference) / 2**20:.1f} MiB, "
+        print(f"RFT: {note}; policy {_param_bytes(policy) / 2**20:.1f} MiB, reference {ref_bytes / 2**20:.1f} MiB, "
               f"reward model {_param_bytes(scorer.lm) / 2**20:.1f} MiB of parameters")
 
     preference_train, preference_eval = [], []
@@ -376,6 +390,9 @@ def run_rft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir:
         return score_rows(scorer, rows, pad, batch)
 
     def ref_logps_fn(rows):
+        if reference is None:
+            with policy.disable_adapter():
+                return sequence_logps_of(policy, rows, pad, batch)
         return sequence_logps_of(reference, rows, pad, batch)
 
     totals = {"pairs": 0, "negatives_truncated": 0, "demonstrations_truncated": 0}

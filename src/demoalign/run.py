@@ -69,6 +69,10 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     log.write({"event": "run_start", "method": config.method, "template": template,
                "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
                "examples": len(examples), **data_counts})
+    if isinstance(config, RFTConfig) and config.lora_r:
+        from .rft import add_lora
+
+        model = add_lora(model, config)
     trainer = Trainer(config, model, accelerator, log)
     started = time.perf_counter()
     try:
@@ -92,6 +96,9 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
         log.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_pretrained_atomic(trainer.unwrapped, tokenizer, out / "final")
+        final = trainer.unwrapped
+        if hasattr(final, "merge_and_unload"):  # LoRA: save a plain model that AutoModelForCausalLM loads
+            final = final.merge_and_unload()
+        save_pretrained_atomic(final, tokenizer, out / "final")
     accelerator.wait_for_everyone()
     return out
