@@ -545,6 +545,16 @@ def _check_columns(path: Path, columns: dict[str, str]) -> None:
 # ----------------------------------------------------------------- public API
 
 
+def _checked_source(path: Path, limit: int | None) -> tuple[str, str]:
+    """(file format, what an error position is called) of an existing path, with `limit` checked."""
+    if not path.exists():
+        raise DataError(path, "no such file or folder")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise DataError(path, f"limit must be a positive integer, got {limit!r}")
+    file_format = _file_format(path)
+    return file_format, ("line" if file_format == "jsonl" else "record")
+
+
 def load_examples(
     path: str | Path,
     columns: dict[str, str] | None = None,
@@ -557,12 +567,7 @@ def load_examples(
     problem, naming the file, line/record and field.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(path, "no such file or folder")
-    file_format = _file_format(path)
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise DataError(path, f"limit must be a positive integer, got {limit!r}")
-    unit = "line" if file_format == "jsonl" else "record"
+    file_format, unit = _checked_source(path, limit)
     if columns is not None:
         _check_columns(path, columns)
 
@@ -685,12 +690,7 @@ def load_preference_pairs(path: str | Path, limit: int | None = None) -> list[tu
     empty file or one with no usable pair is an error.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(path, "no such file or folder")
-    file_format = _file_format(path)
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise DataError(path, f"limit must be a positive integer, got {limit!r}")
-    unit = "line" if file_format == "jsonl" else "record"
+    file_format, unit = _checked_source(path, limit)
     pairs: list[tuple[Example, str]] = []
     n_records = 0
     for lineno, rec in _iter_records(path, file_format, limit):

@@ -153,16 +153,22 @@ def evaluate_reward_pairs(scorer, pairs: list[RewardPair], pad_id: int, batch_si
 
 
 @torch.no_grad()
-def score_rows(scorer, rows: list[Tokenized], pad_id: int, batch_size: int) -> list[float]:
-    was_training = scorer.training
-    scorer.eval()
-    device = next(scorer.parameters()).device
+def _in_eval_batches(model, rows: list[Tokenized], pad_id: int, batch_size: int, score) -> list[float]:
+    """`score(model, batch)` over padded batches of `rows`, in eval mode, one float per row."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
     out = []
     for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start : start + batch_size], pad_id)
-        out += scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
-    scorer.train(was_training)
+        batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], pad_id).items()}
+        out += score(model, batch).tolist()
+    model.train(was_training)
     return out
+
+
+def score_rows(scorer, rows: list[Tokenized], pad_id: int, batch_size: int) -> list[float]:
+    return _in_eval_batches(scorer, rows, pad_id, batch_size,
+                            lambda m, b: m(b["input_ids"], b["attention_mask"]))
 
 
 def cyclic_batches(items: list, size: int, *seed_parts: int):
@@ -235,17 +241,8 @@ def rloo_loss_fn(beta: float, pad_id: int):
     return loss_fn
 
 
-@torch.no_grad()
 def sequence_logps_of(model, rows: list[Tokenized], pad_id: int, batch_size: int) -> list[float]:
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], pad_id).items()}
-        out += model_sequence_logps(model, batch)[0].tolist()
-    model.train(was_training)
-    return out
+    return _in_eval_batches(model, rows, pad_id, batch_size, lambda m, b: model_sequence_logps(m, b)[0])
 
 
 def make_rollouts(policy, tokenizer, prompts: list[list[int]], k: int, reward_fn, ref_logps_fn, *, max_length: int,
