@@ -18,7 +18,7 @@ from demoalign.data import load_examples
 from demoalign.generation import generate_ids
 from demoalign.methods import count_pairs, irft_loss_fn, response_tokens, sft_loss_fn
 from demoalign.pairs import Pair, fill_reference_logps, pair_logps
-from demoalign.runio import MetricsLog
+from demoalign.runio import MetricsLog, RunFolderError
 from demoalign.trainer import Trainer, disable_dropout, make_accelerator
 
 
@@ -167,7 +167,7 @@ def test_end_to_end_two_stages_writes_every_output(tiny_model_dir, tmp_path):
     generated = model.generate(**ids, max_new_tokens=5, do_sample=True, pad_token_id=tok.pad_token_id)
     assert generated.shape[1] > ids["input_ids"].shape[1]
 
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(RunFolderError, match="overwrite"):
         train(small_run_config(IRFTConfig, tiny_model_dir, out))
     again = train(small_run_config(IRFTConfig, tiny_model_dir, out, overwrite=True, stages=1))
     assert not (again / "stages" / "2").exists(), "overwrite must not leave the old run's files"

@@ -13,8 +13,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import IRFTConfig, RFTConfig, SFTConfig, SPINConfig, build_config, opt
-from .runio import atomic_write_text, prepare_output_dir
+from .config import (IRFTConfig, RFTConfig, SFTConfig, SPINConfig, build_config,
+                     check_types_and_finite, opt)
+from .runio import atomic_write_text, claim_output_dir, release_lock
 from .stats import mean_std, paired_t_test, verdict
 
 SHORT = {"task_reward_sampled": "sampled", "task_reward_greedy": "greedy", "pair_win_rate": "pair win",
@@ -60,6 +61,7 @@ class DemoConfig:
     def validate(self) -> None:
         from .tasks import get_task
 
+        check_types_and_finite(self)
         get_task(self.task)
         if self.seeds < 2:
             raise ValueError("seeds must be >= 2 for the paired test")
@@ -172,13 +174,21 @@ def _make_start_model(demo: DemoConfig, out: Path) -> Path:
 
 
 def run_demo(demo: DemoConfig) -> dict:
+    """Validate, take the demo folder (locked while the demo runs), run every arm."""
+    demo.validate()
+    out = claim_output_dir(demo.output_dir, demo.overwrite)
+    try:
+        return _run_demo_in(out, demo)
+    finally:
+        release_lock(out)
+
+
+def _run_demo_in(out: Path, demo: DemoConfig) -> dict:
     from rich.console import Console
 
     from .progress import progress_bar
     from .run import load_model_and_tokenizer, train
 
-    demo.validate()
-    out = prepare_output_dir(demo.output_dir, demo.overwrite)
     atomic_write_text(out / "config.yaml", _yaml({"method": "demo", **asdict(demo)}))
     console = Console()
     started = time.perf_counter()

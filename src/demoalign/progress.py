@@ -24,3 +24,17 @@ def progress_bar(desc: str, total: int, enabled: bool = True):
     with Progress(*columns, transient=False) as progress:
         task = progress.add_task(desc, total=total)
         yield lambda n=1: progress.update(task, advance=n)
+
+
+def library_progress_bars(enabled: bool) -> None:
+    """transformers' and huggingface_hub's own bars (weight loading, downloads) follow
+    `show_progress` too, so show_progress=false leaves a clean log."""
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging
+
+    if enabled:
+        logging.enable_progress_bar()
+        enable_progress_bars()
+    else:
+        logging.disable_progress_bar()
+        disable_progress_bars()

@@ -10,14 +10,37 @@ from accelerate.utils import set_seed
 
 from .batching import Encoder
 from .config import IRFTConfig, RFTConfig, SFTConfig, TrainConfig, config_to_dict
-from .runio import MetricsLog, atomic_write_yaml, prepare_output_dir, save_pretrained_atomic
+from .runio import (MetricsLog, atomic_write_yaml, check_output_dir, claim_output_dir, release_lock,
+                    save_pretrained_atomic, write_run_state)
+from .progress import library_progress_bars
 from .templates import resolve_template
 from .trainer import Trainer, make_accelerator
+
+
+def _looks_local(path: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything else, or a path whose first part exists
+    here, is meant as a local folder (and must not fall through to a hub lookup that retries)."""
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path:
+        return True
+    return Path(path.split("/")[0]).exists()
+
+
+def check_model_path(path: str, what: str = "model") -> None:
+    """A clear error for a model that cannot be a model folder, before anything is created."""
+    local = Path(path).expanduser()
+    if local.is_file():
+        raise ValueError(f"{what}={path} is a file; expected a model folder "
+                         "(config.json, weights and tokenizer files)")
+    if local.is_dir() and not (local / "config.json").exists():
+        raise ValueError(f"{what}={path} is a folder without config.json; not a model folder")
+    if not local.exists() and _looks_local(path):
+        raise ValueError(f"{what}={path}: no such model folder")
 
 
 def load_model_and_tokenizer(path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_path(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer of {path} has no EOS token; responses must end with one")
@@ -46,17 +69,24 @@ def load_demonstrations(config: TrainConfig) -> tuple[list, str, dict]:
     return examples, report.summary(), counts
 
 
+def run_inputs(config: TrainConfig) -> list[str]:
+    """Paths this run reads: an overwrite must never delete them."""
+    paths = [config.model, config.data, getattr(config, "reward_model", ""),
+             getattr(config, "preference_data", "")]
+    return [p for p in paths if p and not p.startswith("task:") and Path(p).expanduser().exists()]
+
+
 def train(config: TrainConfig, on_stage_end=None) -> Path:
     """Run SFT, SPIN, IRFT or RFT as `config` says; returns the run folder. `on_stage_end(model,
-    stage)` is called on the main process after every IRFT stage (for evaluation over stages)."""
+    stage)` is called on the main process after every IRFT stage (for evaluation over stages).
+    Every input is checked and loaded before the run folder is created or cleared."""
     config.validate()
+    check_model_path(config.model)
+    library_progress_bars(config.show_progress)
     accelerator = make_accelerator(config)
     set_seed(config.seed)
-    out = Path(config.output_dir)
-    if accelerator.is_main_process:
-        prepare_output_dir(out, config.overwrite)
-        atomic_write_yaml(out / "config.yaml", config_to_dict(config))
-    accelerator.wait_for_everyone()
+    check_output_dir(config.output_dir, config.overwrite, run_inputs(config))
+    accelerator.wait_for_everyone()  # every process checked before the main one clears
 
     examples, summary, data_counts = load_demonstrations(config)
     if accelerator.is_main_process and config.show_progress:
@@ -65,40 +95,65 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     template = resolve_template(tokenizer, config.template)
     encoder = Encoder(tokenizer, template, config.max_length, config.max_prompt_length)
 
+    out = Path(config.output_dir)
+    if accelerator.is_main_process:
+        claim_output_dir(out, config.overwrite, run_inputs(config))
+        atomic_write_yaml(out / "config.yaml", config_to_dict(config))
+        write_run_state(out, "running", method=config.method)
+    accelerator.wait_for_everyone()
     log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
-    log.write({"event": "run_start", "method": config.method, "template": template,
-               "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-               "examples": len(examples), **data_counts})
+    try:
+        log.write({"event": "run_start", "method": config.method, "template": template,
+                   "processes": accelerator.num_processes,
+                   "mixed_precision": accelerator.mixed_precision,
+                   "examples": len(examples), **data_counts})
+        _train_and_save(config, model, tokenizer, encoder, examples, accelerator, log, on_stage_end)
+    except BaseException as exc:
+        if accelerator.is_main_process:
+            write_run_state(out, "failed", method=config.method,
+                            error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        log.close()
+        if accelerator.is_main_process:
+            release_lock(out)
+    return out
+
+
+def _run_method(config, trainer, encoder, examples, out, tokenizer, on_stage_end) -> dict:
+    if isinstance(config, IRFTConfig):
+        from .methods import run_irft
+
+        return run_irft(config, trainer, encoder, examples, out, on_stage_end)
+    if isinstance(config, RFTConfig):
+        from .rft import run_rft
+
+        return run_rft(config, trainer, encoder, examples, out, tokenizer)
+    if isinstance(config, SFTConfig):
+        from .methods import run_sft
+
+        return run_sft(config, trainer, encoder, examples)
+    raise TypeError(f"no method for {type(config).__name__}")
+
+
+def _train_and_save(config, model, tokenizer, encoder, examples, accelerator, log, on_stage_end):
+    """Train, then save final/; `run_end` and the finished state are written only once final/
+    is complete, so a run killed during the save never looks finished."""
+    out = Path(config.output_dir)
     if isinstance(config, RFTConfig) and config.lora_r:
         from .rft import add_lora
 
         model = add_lora(model, config)
     trainer = Trainer(config, model, accelerator, log)
     started = time.perf_counter()
-    try:
-        if isinstance(config, IRFTConfig):
-            from .methods import run_irft
-
-            counts = run_irft(config, trainer, encoder, examples, out, on_stage_end)
-        elif isinstance(config, RFTConfig):
-            from .rft import run_rft
-
-            counts = run_rft(config, trainer, encoder, examples, out, tokenizer)
-        elif isinstance(config, SFTConfig):
-            from .methods import run_sft
-
-            counts = run_sft(config, trainer, encoder, examples)
-        else:
-            raise TypeError(f"no method for {type(config).__name__}")
-        log.write({"event": "run_end", "steps": trainer.global_step, "wall_s": time.perf_counter() - started,
-                   **counts})
-    finally:
-        log.close()
+    counts = _run_method(config, trainer, encoder, examples, out, tokenizer, on_stage_end)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = trainer.unwrapped
-        if hasattr(final, "merge_and_unload"):  # LoRA: save a plain model that AutoModelForCausalLM loads
+        if hasattr(final, "merge_and_unload"):  # LoRA: a plain model AutoModelForCausalLM loads
             final = final.merge_and_unload()
         save_pretrained_atomic(final, tokenizer, out / "final")
+        log.write({"event": "run_end", "steps": trainer.global_step,
+                   "wall_s": time.perf_counter() - started, **counts})
+        write_run_state(out, "finished", method=config.method, steps=trainer.global_step)
     accelerator.wait_for_everyone()
-    return out

@@ -78,6 +78,10 @@ def seeded_permutation(n: int, *seed_parts: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
+class NonFiniteError(ValueError):
+    """A loss or gradient that is NaN or infinite: training stops rather than corrupt weights."""
+
+
 class Trainer:
     """Owns the accelerator, the prepared model, the optimiser and the schedule."""
 
@@ -177,6 +181,13 @@ class Trainer:
                 stat_sums[key] = stat_sums.get(key, 0) + value.detach().float().sum() * weight
         clip = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
+        # The norm is all-reduced, so every process stops at the same step, before the update.
+        if not math.isfinite(float(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                f"non-finite gradient (norm {float(grad_norm)}) at optimiser step "
+                f"{self.global_step + 1}; the model was not updated with it. Lower the learning "
+                "rate, enable clipping, or check the data of this step")
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         if self.scheduler is not None:
