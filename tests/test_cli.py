@@ -88,3 +88,51 @@ def test_cli_tiny_model_train_generate_and_inspect(tmp_path, capsys):
     assert "hh" in text and "1137" in text
     assert main(["irft", *args, "overwrite=true", "stagez=2"]) == 2
     assert "did you mean `stages`" in capsys.readouterr().err
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_every_bad_input_is_one_error_line_exit_2_and_touches_nothing(
+        tiny_model_dir, tmp_path, capsys, monkeypatch):
+    base = [f"data={DOLLY}", "max_examples=4", "show_progress=false", "cpu=true"]
+    out = tmp_path / "run"
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: [unclosed\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    cases = [
+        (["sft", f"model={DOLLY}", f"output_dir={out}", *base], "is a file"),
+        (["sft", f"model={tmp_path / 'missing'}", f"output_dir={out}", *base], "no such model"),
+        (["sft", "--config", str(bad_yaml), f"output_dir={out}", *base], "invalid YAML"),
+        (["sft", f"model={tiny_model_dir}", f"output_dir={a_file}", *base], "is a file"),
+        (["irft", f"model={tiny_model_dir}", f"output_dir={out}", "beta=nan", *base], "beta"),
+        (["sft", f"model={tiny_model_dir}", f"output_dir={out}", "epochs=0", *base], "epochs"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        assert expected in _one_error_line(capsys)
+    assert not out.exists() and a_file.read_text() == "keep me"
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "config.yaml").write_text("mine: 1\n")
+    (work / "train.py").write_text("print('mine')\n")
+    monkeypatch.chdir(work)
+    argv = ["sft", f"model={tiny_model_dir}", "output_dir=.", "overwrite=true", *base]
+    assert main(argv) == 2
+    assert "not a demoalign run folder" in _one_error_line(capsys)
+    assert sorted(p.name for p in work.iterdir()) == ["config.yaml", "train.py"]
+
+
+def test_generate_reads_a_file_of_prompts_alone(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Hi", "Name a fruit")))
+    output = tmp_path / "gen.jsonl"
+    assert main(["generate", f"model={tiny_model_dir}", f"data={prompts}", f"output={output}",
+                 "max_new_tokens=4", "cpu=true"]) == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["Hi", "Name a fruit"]

@@ -482,3 +482,27 @@ def test_inspect_data(tmp_path):
     assert "duplicates:       1" in text and "empty responses:  1" in text
     text = inspect_data(GSM8K, columns={"prompt": "question", "response": "answer"})
     assert "record format:    columns" in text
+
+
+def test_non_utf8_bytes_are_reported_by_line(tmp_path):
+    from demoalign.data import DataError, load_examples
+
+    path = tmp_path / "latin1.jsonl"
+    good = b'{"prompt": "a", "response": "b"}\n'
+    path.write_bytes(good * 3 + '{"prompt": "caf\xe9", "response": "b"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match="line 4") as info:
+        load_examples(path)
+    assert "UTF-8" in str(info.value)
+
+
+def test_pairs_with_chosen_identical_to_rejected_are_dropped_and_counted(tmp_path):
+    from demoalign.data import inspect_data, load_preference_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "q1", "chosen": "yes", "rejected": "no"},
+            {"prompt": "q2", "chosen": "same", "rejected": "same"},
+            {"prompt": "q3", "chosen": "a", "rejected": "b"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [e.prompt for e, _ in load_preference_pairs(path)] == ["q1", "q3"]
+    assert "2 usable of 3 records" in inspect_data(path)
+    assert "1 with chosen identical to rejected" in inspect_data(path)

@@ -56,13 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_generate(config: GenerateConfig) -> None:
     from .batching import Encoder
-    from .data import load_examples, parse_columns
+    from .data import load_examples, load_prompts, parse_columns
     from .generation import generate_ids
     from .run import load_model_and_tokenizer
     from .runio import atomic_write_jsonl
     from .templates import resolve_template
 
-    examples, _ = load_examples(config.data, parse_columns(config.columns or None), config.max_examples or None)
+    limit = config.max_examples or None
+    if config.columns:
+        examples, _ = load_examples(config.data, parse_columns(config.columns), limit)
+    else:  # a file of prompts alone is enough; responses, where present, are ignored
+        examples = load_prompts(config.data, limit)
     model, tokenizer = load_model_and_tokenizer(config.model)
     if not config.cpu:
         import torch

@@ -4,6 +4,7 @@ its documentation (`--help` and the README's reference are generated from them).
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -12,6 +13,26 @@ import yaml
 
 def opt(default, help: str):
     return field(default=default, metadata={"help": help})
+
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def check_types_and_finite(config) -> None:
+    """Every option has its declared type (a config built in Python skips the CLI's parsing) and
+    every float is finite: `beta=nan` or `learning_rate=inf` would train on garbage."""
+    for f in fields(config):
+        target = f.type if isinstance(f.type, type) else _TYPES.get(f.type)
+        value = getattr(config, f.name)
+        if target is None:
+            continue
+        ok = isinstance(value, target) and not (target is not bool and isinstance(value, bool))
+        if target is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ValueError(f"config key `{f.name}` expects {target.__name__}, got {value!r}")
+        if target is float and not math.isfinite(value):
+            raise ValueError(f"config key `{f.name}` must be a finite number, got {value!r}")
 
 
 @dataclass
@@ -23,7 +44,7 @@ class TrainConfig:
     columns: str = opt("", "Explicit column mapping for unrecognised files, e.g. 'prompt:question,response:answer'.")
     max_examples: int = opt(0, "Use only the first N records of `data` (0 = all).")
     output_dir: str = opt("runs/out", "Run folder: config.yaml, metrics.jsonl, stages/, final/.")
-    overwrite: bool = opt(False, "Replace an existing non-empty run folder (only one that holds a config.yaml).")
+    overwrite: bool = opt(False, "Replace an earlier run in output_dir: only a folder demoalign created (it holds the .demoalign-run marker), never the working directory or a parent of it, a folder holding this run's model or data, or a live run's folder (it is locked).")
     seed: int = opt(0, "Seed for shuffling, chunking, sampling and initialisation.")
     template: str = opt("auto", "Prompt rendering: auto (chat template if the tokenizer has one, else instruction), chat, instruction, hh, plain.")
     max_length: int = opt(512, "Maximum tokens of prompt + response; the response is cut to fit.")
@@ -46,6 +67,7 @@ class TrainConfig:
     method = "base"
 
     def validate(self) -> None:
+        check_types_and_finite(self)
         if not self.model:
             raise ValueError("config key `model` is required (a model folder; `demoalign tiny-model OUT` makes one)")
         if not self.data:
@@ -66,6 +88,11 @@ class TrainConfig:
             raise ValueError("max_prompt_length must be smaller than max_length")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("warmup_ratio must be in [0, 1)")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for key in ("weight_decay", "max_grad_norm", "max_examples"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass
@@ -75,6 +102,11 @@ class SFTConfig(TrainConfig):
     learning_rate: float = opt(2e-5, "Peak learning rate.")
     epochs: int = opt(1, "Passes over the demonstrations.")
     method = "sft"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
 
 
 @dataclass
@@ -105,6 +137,8 @@ class IRFTConfig(TrainConfig):
             raise ValueError(f"loss_type={self.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
         if self.beta <= 0:
             raise ValueError("beta must be > 0")
+        if self.sft_weight < 0:
+            raise ValueError("sft_weight must be >= 0")
         if not self.greedy and self.temperature <= 0:
             raise ValueError("temperature must be > 0 when sampling (set greedy=true for greedy negatives)")
         if not 0 < self.top_p <= 1:
@@ -171,6 +205,8 @@ class RFTConfig(TrainConfig):
             raise ValueError("heldout_fraction must be in [0, 1)")
         if self.preference_weight < 0:
             raise ValueError("preference_weight must be >= 0")
+        if self.reward_learning_rate <= 0:
+            raise ValueError("reward_learning_rate must be > 0")
         if self.rollouts < 2:
             raise ValueError("rollouts must be >= 2 (the leave-one-out baseline needs another sample)")
         if self.lora_r < 0 or (self.lora_r and self.lora_alpha <= 0):
@@ -235,10 +271,19 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
 def load_config(cls, config_file: str | None, overrides: list[str]):
     values = {}
     if config_file:
-        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{config_file}: invalid YAML ({_one_line(exc)})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{config_file}: cannot read the config file ({exc})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{config_file}: expected a mapping of config keys")
         loaded.pop("method", None)
@@ -281,6 +326,7 @@ class GenerateConfig:
     method = "generate"
 
     def validate(self) -> None:
+        check_types_and_finite(self)
         if not self.model or not self.data:
             raise ValueError("generate needs model=PATH and data=FILE")
 
@@ -334,6 +380,7 @@ class EvalConfig:
         return [m.strip() for m in self.models.split(",") if m.strip()]
 
     def validate(self) -> None:
+        check_types_and_finite(self)
         if not self.model_list():
             raise ValueError("eval needs models=PATH[,PATH...]")
         if not (self.pairs or self.task or self.prompts or self.leaderboard):

@@ -210,6 +210,21 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8-sig")
 
 
+def _first_non_utf8_line(path: Path) -> int | None:
+    """The decoder reports a byte offset within its buffer; users need the line."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    return lineno
+    except (OSError, EOFError):
+        return None
+    return None
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     with _open_text(path) as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -320,7 +335,9 @@ def _iter_records(path: Path, file_format: str, limit: int | None) -> Iterator[t
             if limit is not None and count >= limit:
                 return
     except UnicodeDecodeError as exc:
-        raise DataError(path, f"file is not valid UTF-8 text ({exc})") from None
+        line = _first_non_utf8_line(path)
+        raise DataError(path, f"not valid UTF-8 text ({exc.reason}, byte "
+                              f"{exc.object[exc.start:exc.start + 1]!r})", line=line) from None
     except (OSError, EOFError) as exc:  # e.g. gzip.BadGzipFile, truncated gzip
         raise DataError(path, f"cannot read file ({exc})") from None
     except csv.Error as exc:
@@ -659,6 +676,26 @@ def load_examples(
     return examples, report
 
 
+def load_prompts(path: str, limit: int | None = None) -> list[Example]:
+    """Held-out prompts: records with a `prompt` string (nothing else needed), or any format
+    `data` accepts (its responses ignored, earlier turns kept)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(p, "no such file or folder")
+    records = []
+    for lineno, rec in _iter_records(p, _file_format(p), limit):
+        if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str)):
+            records = None
+            break
+        records.append(Example(rec["prompt"], ""))
+    if records is None:
+        examples, _ = load_examples(p, limit=limit)
+        return [Example(e.prompt, "", e.history) for e in examples]
+    if not records:
+        raise DataError(p, "no records found (empty file?)")
+    return records
+
+
 def _parse_preference_record(rec: dict) -> tuple[Example, str]:
     """(Example(prompt, chosen, history), rejected) from one preference record."""
     for key in ("chosen", "rejected"):
@@ -689,25 +726,38 @@ def load_preference_pairs(path: str | Path, limit: int | None = None) -> list[tu
     (or record) and the field. Pairs whose chosen or rejected response is empty are dropped; an
     empty file or one with no usable pair is an error.
     """
+    return read_preference_pairs(path, limit)[0]
+
+
+def read_preference_pairs(path: str | Path, limit: int | None = None):
+    """(pairs, counts): what load_preference_pairs returns, and how many records were read and
+    dropped for an empty side or for a chosen identical to its rejected (no preference)."""
     path = Path(path)
     file_format, unit = _checked_source(path, limit)
     pairs: list[tuple[Example, str]] = []
-    n_records = 0
+    counts = {"records": 0, "empty": 0, "identical": 0}
     for lineno, rec in _iter_records(path, file_format, limit):
-        n_records += 1
+        counts["records"] += 1
         if not isinstance(rec, dict):
-            raise DataError(path, f"record is not a JSON object (got {_describe(rec)})", line=lineno, unit=unit)
+            raise DataError(path, f"record is not a JSON object (got {_describe(rec)})",
+                            line=lineno, unit=unit)
         try:
             example, rejected = _parse_preference_record(rec)
         except _RecordError as exc:
             raise DataError(path, exc.message, line=lineno, field=exc.field, unit=unit) from None
-        if example.response.strip() and rejected.strip():
+        if not (example.response.strip() and rejected.strip()):
+            counts["empty"] += 1
+        elif example.response == rejected:
+            counts["identical"] += 1
+        else:
             pairs.append((example, rejected))
-    if n_records == 0:
+    if counts["records"] == 0:
         raise DataError(path, "no records found (empty file?)")
     if not pairs:
-        raise DataError(path, f"no usable preference pairs: all {n_records} records have an empty chosen or rejected response")
-    return pairs
+        raise DataError(path, f"no usable preference pairs among {counts['records']} records "
+                              f"({counts['empty']} with an empty side, {counts['identical']} "
+                              "with chosen identical to rejected)")
+    return pairs, counts
 
 
 def _clip(text: str, width: int = 600) -> str:
@@ -725,4 +775,20 @@ def inspect_data(path: str | Path, columns: dict[str, str] | None = None) -> str
         lines.append(f"  [{role}] {_clip(content)}")
     lines.append(f"  [prompt] {_clip(ex.prompt)}")
     lines.append(f"  [response] {_clip(ex.response)}")
+    lines.extend(_preference_summary(Path(path)))
     return "\n".join(lines)
+
+
+def _preference_summary(path: Path) -> list[str]:
+    """A line on the file read as preference pairs, when its records have chosen and rejected."""
+    first = next(_iter_records(path, _file_format(path), 1), (0, None))[1]
+    if not (isinstance(first, dict) and "chosen" in first and "rejected" in first):
+        return []
+    try:
+        _, counts = read_preference_pairs(path)
+    except DataError as exc:  # still fine as demonstrations, which is what inspect reports first
+        return ["", f"as preference pairs: not loadable ({exc})"]
+    usable = counts["records"] - counts["empty"] - counts["identical"]
+    return ["", f"as preference pairs: {usable} usable of {counts['records']} records; dropped "
+                f"{counts['empty']} with an empty side, {counts['identical']} with chosen "
+                "identical to rejected"]

@@ -26,7 +26,7 @@ import torch
 
 from .batching import Encoder
 from .config import EvalConfig, build_config, config_to_dict
-from .data import DataError, Example, load_preference_pairs
+from .data import DataError, Example, load_preference_pairs, load_prompts
 from .runio import atomic_write_jsonl, atomic_write_text, atomic_write_yaml
 from .taskeval import _win, generation_reward, pair_metrics, pair_sequence_logps
 
@@ -109,28 +109,6 @@ def load_pairs(spec: str, limit: int | None = None) -> list[tuple[Example, str]]
         prompts = task_prompts(task, limit or 200, int(seed or 2))
         return [(Example(p, good), bad) for p, good, bad in task_pairs(task, prompts, int(seed or 2))]
     return load_preference_pairs(spec, limit)
-
-
-def load_prompts(path: str, limit: int | None = None) -> list[Example]:
-    """Held-out prompts: records with a `prompt` string (nothing else needed), or any format
-    `data` accepts (its responses ignored, earlier turns kept)."""
-    from .data import _file_format, _iter_records, load_examples
-
-    p = Path(path)
-    if not p.exists():
-        raise DataError(p, "no such file or folder")
-    records = []
-    for lineno, rec in _iter_records(p, _file_format(p), limit):
-        if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str)):
-            records = None
-            break
-        records.append(Example(rec["prompt"], ""))
-    if records is None:
-        examples, _ = load_examples(p, limit=limit)
-        return [Example(e.prompt, "", e.history) for e in examples]
-    if not records:
-        raise DataError(p, "no records found (empty file?)")
-    return records
 
 
 def check_reward_model(path: str) -> None:
