@@ -7,7 +7,7 @@ import time
 import torch
 
 from demoalign.config import IRFTConfig
-from demoalign.methods import count_pairs, irft_loss_fn
+from demoalign.methods.irft import count_pairs, irft_loss_fn
 from demoalign.pairs import Pair, fill_reference_logps
 from demoalign.runio import MetricsLog
 from demoalign.tiny import tiny_model, train_tokenizer

@@ -188,7 +188,7 @@ def build_data(tok, args):
     """Random-word prompts and responses. Returns (texts for TRL, token ids for demoalign); the ids
     are what demoalign's Encoder makes of the texts, and the parity test shows that TRL's
     preparation gives the same ids for this template."""
-    from demoalign.batching import Encoder
+    from demoalign.encoding import Encoder
     from demoalign.data import Example
     from demoalign.templates import render_prompt, response_text
 
@@ -246,7 +246,7 @@ def use_bf16(device: str) -> bool:
 
 def run_ours(args, tok, model, ids, memory: PeakMemory) -> dict:
     from demoalign.config import IRFTConfig
-    from demoalign.methods import count_pairs, irft_loss_fn
+    from demoalign.methods.irft import count_pairs, irft_loss_fn
     from demoalign.pairs import Pair, fill_reference_logps
     from demoalign.runio import MetricsLog
     from demoalign.trainer import Trainer, make_accelerator

@@ -11,7 +11,8 @@ import shlex
 from pathlib import Path
 
 from demoalign.config import load_config
-from demoalign.demo import DemoConfig, run_demo
+from demoalign.config import DemoConfig
+from demoalign.eval.demo import run_demo
 
 
 def main():

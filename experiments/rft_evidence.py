@@ -19,13 +19,13 @@ import torch
 
 from demoalign.config import RFTConfig, SFTConfig, build_config, parse_overrides
 from demoalign.run import train
-from demoalign.stats import mean_std, paired_t_test
+from demoalign.eval.stats import mean_std, paired_t_test
 
 COMMON = dict(template="plain", max_length=64, max_prompt_length=32, cpu=True, show_progress=False, overwrite=True)
 
 
 def start_model(out: Path) -> Path:
-    from demoalign.tasks import task_examples
+    from demoalign.data.tasks import task_examples
     from demoalign.tiny import tiny_model, train_tokenizer
 
     texts = [f"{e.prompt}\n{e.response}" for e in task_examples("sort", 500, seed=0)]
@@ -40,9 +40,9 @@ def start_model(out: Path) -> Path:
 
 class Evaluator:
     def __init__(self, model_dir: Path, n: int):
-        from demoalign.batching import Encoder
-        from demoalign.run import load_model_and_tokenizer
-        from demoalign.tasks import get_task, task_prompts
+        from demoalign.encoding import Encoder
+        from demoalign.models import load_model_and_tokenizer
+        from demoalign.data.tasks import get_task, task_prompts
 
         self.task = get_task("sort")
         self.prompts = task_prompts(self.task, n, seed=2)  # held out: training data use seeds 0 and 1
@@ -50,8 +50,8 @@ class Evaluator:
         self.encoder = Encoder(tokenizer, "plain", 64, 32)
 
     def sampled_reward(self, model_dir: Path, seed: int) -> float:
-        from demoalign.run import load_model_and_tokenizer
-        from demoalign.taskeval import generation_reward
+        from demoalign.models import load_model_and_tokenizer
+        from demoalign.eval.metrics import generation_reward
 
         model, _ = load_model_and_tokenizer(str(model_dir))
         rewards = generation_reward(model, self.encoder, self.task, self.prompts, greedy=False, seed=1000 + seed,

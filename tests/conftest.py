@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(os.environ.get("DEMOALIGN_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+SHARED_DATA = Path(os.environ.get("DEMOALIGN_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 DOLLY = SHARED_DATA / "dolly_hhrlhf" / "dolly_hhrlhf_train_small.jsonl"
-os.environ["DEMOALIGN_SHARED_DATA"] = str(SHARED_DATA)
+os.environ["DEMOALIGN_DATA"] = str(SHARED_DATA)
 
 
 @pytest.fixture(scope="session")

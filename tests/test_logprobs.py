@@ -3,7 +3,7 @@ import math
 import torch
 
 from conftest import fresh_model
-from demoalign.batching import Tokenized, collate
+from demoalign.encoding import Tokenized, collate
 from demoalign.logprobs import IGNORE_INDEX, model_sequence_logps, sequence_logps, token_logps
 
 

@@ -8,6 +8,7 @@ import pytest
 from conftest import small_run_config
 from demoalign import IRFTConfig, SFTConfig, train
 from demoalign import run as run_module
+from demoalign.models import check_model_path
 from demoalign.runio import MARKER, RunFolderError, read_run_state
 from demoalign.trainer import NonFiniteError
 
@@ -67,7 +68,7 @@ def test_a_crash_during_the_final_save_is_never_reported_as_finished(
 
 def test_a_non_finite_gradient_stops_the_run_with_the_step_and_strict_json(
         tiny_model_dir, tmp_path, monkeypatch):
-    from demoalign import methods
+    from demoalign.methods import sft as methods
 
     real = methods.sft_loss_fn
 
@@ -119,11 +120,11 @@ def test_the_model_path_is_checked_without_a_hub_lookup(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "response": "b"}\n')
     with pytest.raises(ValueError, match="is a file"):
-        run_module.check_model_path(str(data))
+        check_model_path(str(data))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="without config.json"):
-        run_module.check_model_path(str(tmp_path / "empty"))
+        check_model_path(str(tmp_path / "empty"))
     for local in (str(tmp_path / "gone"), "./gone", "runs/x/final"):
         with pytest.raises(ValueError, match="no such model folder"):
-            run_module.check_model_path(local)
-    run_module.check_model_path("HuggingFaceTB/SmolLM2-135M")  # a hub id is left to the hub
+            check_model_path(local)
+    check_model_path("HuggingFaceTB/SmolLM2-135M")  # a hub id is left to the hub

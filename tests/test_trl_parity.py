@@ -1,6 +1,6 @@
 """Parity with TRL's DPOTrainer: the same tiny model, reference and (prompt, chosen, rejected) pairs
 give the same tokenisation, the same summed sequence log-probs, the same loss and the same
-gradient on our side (demoalign.batching / pairs / methods) as on TRL's (its own dataset
+gradient on our side (demoalign.encoding / pairs / methods) as on TRL's (its own dataset
 preparation, data collator, fused log-prob head and `compute_loss`).
 
 Both loss types that the two share are checked:
@@ -30,10 +30,10 @@ datasets = pytest.importorskip("datasets")
 
 import torch  # noqa: E402
 
-from demoalign.batching import Encoder  # noqa: E402
+from demoalign.encoding import Encoder  # noqa: E402
 from demoalign.data import Example  # noqa: E402
 from demoalign.losses import pairwise_loss  # noqa: E402
-from demoalign.methods import irft_loss_fn  # noqa: E402
+from demoalign.methods.irft import irft_loss_fn  # noqa: E402
 from demoalign.pairs import Pair, fill_reference_logps, pair_logps  # noqa: E402
 from demoalign.templates import render_prompt, response_text  # noqa: E402
 from demoalign.tiny import tiny_model, train_tokenizer  # noqa: E402

@@ -1,7 +1,7 @@
 """demoalign: reward learning from demonstrations (IRFT, SPIN, SFT, RFT)."""
 
 from .config import EvalConfig, IRFTConfig, RFTConfig, SFTConfig, SPINConfig, TrainConfig
-from .evaluate import evaluate
+from .eval import evaluate
 from .run import train
 
 __all__ = ["EvalConfig", "IRFTConfig", "RFTConfig", "SFTConfig", "SPINConfig", "TrainConfig", "evaluate", "train"]

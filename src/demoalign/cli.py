@@ -1,5 +1,8 @@
 """Command line: `demoalign sft|spin|irft|rft --config FILE key=value …`, `generate`, `tiny-model`,
-`data inspect`. Every option comes from the config dataclasses (see `demoalign irft --help`)."""
+`data inspect`. Every option comes from the config dataclasses (see `demoalign irft --help`).
+
+The commands import their modules when they run, so that `demoalign --help` and a mistyped key
+answer at once instead of after importing torch and transformers."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import argparse
 import sys
 import textwrap
 
-from .config import CONFIGS, EvalConfig, GenerateConfig, load_config, option_docs
+from .config import CONFIGS, DemoConfig, EvalConfig, GenerateConfig, load_config, option_docs
 
 
 def _options_epilog(cls) -> str:
@@ -35,13 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_command(sub, "rft", CONFIGS["rft"], "RFT: an explicit reward model from demonstrations, and RLOO of the policy against it.")
     _add_config_command(sub, "generate", GenerateConfig, "Sample one response per prompt.")
     _add_config_command(sub, "eval", EvalConfig, "Compare models: preference-pair, task and reward-model metrics with bootstrap intervals.")
-    from .demo import DemoConfig
-
     _add_config_command(sub, "demo", DemoConfig, "The built-in task: SFT, SPIN and IRFT compared over seeds.")
     tiny = sub.add_parser("tiny-model", help="Write a tiny random model + tokenizer for trials and tests.")
     tiny.add_argument("out")
     tiny.add_argument("--tokenizer", default="trained", choices=["trained", "gpt2", "neox"],
-                      help="trained: a byte-level BPE trained here (fast); gpt2/neox: the real files in ../shared/data")
+                      help="trained: a byte-level BPE trained here (fast); gpt2/neox: the real tokenizer files under $DEMOALIGN_DATA/tokenizers")
     tiny.add_argument("--vocab-size", type=int, default=512, help="vocabulary of the trained tokenizer")
     tiny.add_argument("--hidden-size", type=int, default=64)
     tiny.add_argument("--layers", type=int, default=2)
@@ -55,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_generate(config: GenerateConfig) -> None:
-    from .batching import Encoder
     from .data import load_examples, load_prompts, parse_columns
+    from .encoding import Encoder
     from .generation import generate_ids
-    from .run import load_model_and_tokenizer
+    from .models import load_model_and_tokenizer
     from .runio import atomic_write_jsonl
     from .templates import resolve_template
 
@@ -104,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
             if (out / "iterations").exists():
                 print(f"  per outer iteration: {out / 'iterations'}/<k>/negatives.jsonl, reward_model/, policy/")
         elif args.command == "demo":
-            from .demo import DemoConfig, run_demo
+            from .eval.demo import run_demo
 
             run_demo(load_config(DemoConfig, args.config, args.overrides))
         elif args.command == "eval":
-            from .evaluate import evaluate
+            from .eval import evaluate
 
             config = load_config(EvalConfig, args.config, args.overrides)
             results = evaluate(config)

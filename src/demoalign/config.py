@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from .data.tasks import get_task
+
 
 def opt(default, help: str):
     return field(default=default, metadata={"help": help})
@@ -355,7 +357,7 @@ class EvalConfig:
     reward_max_length: int = opt(1024, "Reward-model inputs are cut to this many tokens (from the left).")
     baseline: str = opt("", "Model folder (one of `models`, or another) whose generations the win rate is taken against.")
     leaderboard: str = opt("", "lm-evaluation-harness tasks on local files (extra `demoalign[eval]`): `all` or a comma list of arc_challenge, truthfulqa_mc2, winogrande, gsm8k, hellaswag, mmlu.")
-    leaderboard_data: str = opt("", "Folder holding arc/, truthfulqa/, winogrande/, gsm8k/, hellaswag/, mmlu/ (empty = ../shared/data or $DEMOALIGN_SHARED_DATA).")
+    leaderboard_data: str = opt("", "Folder holding arc/, truthfulqa/, winogrande/, gsm8k/, hellaswag/, mmlu/ (empty = $DEMOALIGN_DATA).")
     leaderboard_limit: int = opt(0, "Items per leaderboard task (per MMLU subject) (0 = all).")
     mmlu_shots: int = opt(4, "MMLU few-shot examples (at most 4: only the dev split, 5 per subject, is local).")
     regenerate: bool = opt(True, "false: reuse output_dir/generations/<model>.jsonl when present (rescore without regenerating).")
@@ -386,7 +388,7 @@ class EvalConfig:
         if not (self.pairs or self.task or self.prompts or self.leaderboard):
             raise ValueError("nothing to evaluate: give pairs=FILE, task=NAME, prompts=FILE reward_model=PATH and/or leaderboard=all")
         if self.leaderboard:
-            from .leaderboard import parse_tasks
+            from .eval.leaderboard import parse_tasks  # here: eval imports config
 
             parse_tasks(self.leaderboard)
         if not 0 <= self.mmlu_shots <= 4:
@@ -413,3 +415,74 @@ class EvalConfig:
                 raise ValueError(f"{key} must be >= 1")
         if self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length must be smaller than max_length")
+
+
+# ---------------------------------------------------------------- the demo
+
+
+@dataclass
+class DemoConfig:
+    """Settings of `demoalign demo` (copy recipes/demo.yaml and change them)."""
+
+    output_dir: str = opt("runs/demo", "Folder of results.json, report.md, the plots and every arm's run.")
+    overwrite: bool = opt(False, "Replace an existing demo folder.")
+    task: str = opt("sort", "Built-in task: sort, add or brackets.")
+    seeds: int = opt(3, "Seeds per arm (the paired test needs at least 2).")
+    arms: str = opt("sft,spin,irft_T4,irft_T8,irft_T8@sft1,rft", "Arms, comma-separated: sft, spin, irft_T<k>, rft; a spin/irft arm may end in @sft<w> to override sft_weight for it (e.g. irft_T8@sft1).")
+    hidden_size: int = opt(128, "Width of the tiny model.")
+    layers: int = opt(3, "Layers of the tiny model.")
+    vocab_size: int = opt(300, "Vocabulary of the tokenizer trained on the task's text.")
+    start_examples: int = opt(4000, "Demonstrations for the SFT that makes the start model.")
+    start_epochs: int = opt(4, "Epochs of that SFT.")
+    start_learning_rate: float = opt(3e-3, "Learning rate of that SFT.")
+    train_examples: int = opt(512, "Demonstrations every arm trains on (the same for all arms).")
+    epochs: int = opt(2, "Passes over them (SFT epochs = IRFT/SPIN epochs per stage: equal optimiser steps).")
+    batch_size: int = opt(16, "Examples or pairs per optimiser step.")
+    sft_learning_rate: float = opt(1e-4, "Learning rate of the continued-SFT arm.")
+    learning_rate: float = opt(1e-4, "Learning rate of the SPIN and IRFT arms.")
+    beta: float = opt(0.1, "β of SPIN/IRFT.")
+    loss_type: str = opt("sigmoid", "Pairwise loss of SPIN/IRFT.")
+    sft_weight: float = opt(0.0, "SFT term added to the SPIN/IRFT loss (0 = the paper's loss).")
+    eval_prompts: int = opt(300, "Held-out prompts (and pairs) for the metrics.")
+    stage_eval_prompts: int = opt(100, "Held-out prompts (and pairs) for the curves over stages.")
+    max_new_tokens: int = opt(24, "Tokens generated per negative and per evaluation response.")
+    rft_outer_iterations: int = opt(2, "RFT arm: outer iterations; its policy steps add up to the other arms' steps.")
+    rft_reward_steps: int = opt(30, "RFT arm: reward-model steps per outer iteration (not counted in the budget).")
+    rft_reward_learning_rate: float = opt(1e-4, "RFT arm: learning rate of the reward model.")
+    rft_beta: float = opt(0.5, "RFT arm: KL weight β of the policy step.")
+    rft_rollouts: int = opt(4, "RFT arm: samples per prompt (RLOO).")
+    method = "demo"
+
+    def validate(self) -> None:
+        check_types_and_finite(self)
+        get_task(self.task)
+        if self.seeds < 2:
+            raise ValueError("seeds must be >= 2 for the paired test")
+        arm_names = self.arm_list()
+        if "sft" not in arm_names:
+            raise ValueError("arms must include sft (every arm is compared with it)")
+        for arm in arm_names:
+            parse_arm(arm)
+
+    def arm_list(self) -> list[str]:
+        return [a.strip() for a in self.arms.split(",") if a.strip()]
+
+
+def parse_arm(arm: str) -> tuple[str, int, float | None]:
+    """'sft' | 'spin' | 'irft_T<k>', optionally '@sft<w>' → (method, stages, sft_weight or None)."""
+    base, _, suffix = arm.partition("@")
+    weight = None
+    if suffix:
+        try:
+            assert suffix.startswith("sft") and base != "sft"
+            weight = float(suffix[3:])
+        except (AssertionError, ValueError):
+            raise ValueError(f"arm {arm!r}: the suffix must be @sft<weight> on a spin or irft arm") from None
+    if base in ("sft", "spin", "rft"):
+        if base == "rft" and weight is not None:
+            raise ValueError(f"arm {arm!r}: @sft<w> applies to spin and irft arms only")
+        return base, 1, weight
+    if base.startswith("irft_T") and base[6:].isdigit() and int(base[6:]) >= 1:
+        return "irft", int(base[6:]), weight
+    raise ValueError(f"unknown arm {arm!r}: use sft, spin, rft or irft_T<k> (optionally @sft<w>)")
+

@@ -8,7 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import EvalConfig, GenerateConfig, IRFTConfig, RFTConfig, SFTConfig, TrainConfig, option_docs
+from .config import DemoConfig, EvalConfig, GenerateConfig, IRFTConfig, RFTConfig, SFTConfig, TrainConfig, option_docs
 
 START, END = "<!-- reference:start -->", "<!-- reference:end -->"
 
@@ -22,8 +22,6 @@ def _table(cls, only=None) -> list[str]:
 
 
 def reference_markdown() -> str:
-    from .demo import DemoConfig
-
     base = {f.name for f in fields(TrainConfig)}
     lines = ["### Common to `sft`, `spin`, `irft`, `rft`", "", *_table(TrainConfig), "",
              "### `sft` only (and its own default)", "", *_table(SFTConfig, {"epochs", "learning_rate"}), "",

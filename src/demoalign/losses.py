@@ -47,3 +47,22 @@ def implicit_rewards(policy: torch.Tensor, ref: torch.Tensor, beta: float) -> to
 def nll(token_logps_sum: torch.Tensor) -> torch.Tensor:
     """SFT loss per example: the negative summed log-prob of its response tokens."""
     return -token_logps_sum
+
+
+def reward_pair_loss(margin: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """RFT's reward-model loss per pair, margin = r(y) − r(ỹ): logistic −log σ(margin)
+    (Bradley–Terry) or linear −margin (the gradient the paper's derivation gives)."""
+    if loss_type == "logistic":
+        return -F.logsigmoid(margin)
+    if loss_type == "linear":
+        return -margin
+    raise ValueError(f"reward loss {loss_type!r}: choose logistic or linear")
+
+
+def rloo_advantages(shaped: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out advantages of k ≥ 2 samples per row (prompt): A_i = R_i − mean_{j≠i} R_j."""
+    k = shaped.shape[-1]
+    if k < 2:
+        raise ValueError("the leave-one-out baseline needs k >= 2 samples per prompt")
+    baseline = (shaped.sum(-1, keepdim=True) - shaped) / (k - 1)
+    return shaped - baseline

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .batching import Tokenized, collate
+from .encoding import Tokenized, collate
 from .logprobs import model_sequence_logps
+from .models import eval_mode
 
 
 @dataclass
@@ -41,12 +42,22 @@ def pair_logps(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, tor
 @torch.no_grad()
 def fill_reference_logps(model, pairs: list[Pair], pad_id: int, batch_size: int, autocast) -> None:
     """Reference log-probs by the CURRENT weights (the stage-start model), in place."""
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        with autocast():
-            demo, neg, _, _ = pair_logps(model, chunk, pad_id)
-        for pair, d, g in zip(chunk, demo.tolist(), neg.tolist()):
-            pair.ref_demo, pair.ref_negative = d, g
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            with autocast():
+                demo, neg, _, _ = pair_logps(model, chunk, pad_id)
+            for pair, d, g in zip(chunk, demo.tolist(), neg.tolist()):
+                pair.ref_demo, pair.ref_negative = d, g
+
+
+@torch.no_grad()
+def in_eval_batches(model, rows: list[Tokenized], pad_id: int, batch_size: int, score) -> list[float]:
+    """`score(model, batch)` over padded batches of `rows`, in eval mode, one float per row."""
+    device = next(model.parameters()).device
+    out = []
+    with eval_mode(model):
+        for start in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], pad_id).items()}
+            out += score(model, batch).tolist()
+    return out

@@ -1,72 +1,23 @@
-"""`demoalign.train(config)`: load, set up the one training loop, run the method, save."""
+"""`demoalign.train(config)`: check every input, take the run folder, run the method, save."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-import torch
 from accelerate.utils import set_seed
 
-from .batching import Encoder
 from .config import IRFTConfig, RFTConfig, SFTConfig, TrainConfig, config_to_dict
+from .data.sources import demonstrations
+from .encoding import Encoder
+from .lora import add_lora
+from .methods import run_irft, run_rft, run_sft
+from .models import check_model_path, load_model_and_tokenizer
+from .progress import library_progress_bars
 from .runio import (MetricsLog, atomic_write_yaml, check_output_dir, claim_output_dir, release_lock,
                     save_pretrained_atomic, write_run_state)
-from .progress import library_progress_bars
 from .templates import resolve_template
 from .trainer import Trainer, make_accelerator
-
-
-def _looks_local(path: str) -> bool:
-    """A hub id is `name` or `owner/name`; anything else, or a path whose first part exists
-    here, is meant as a local folder (and must not fall through to a hub lookup that retries)."""
-    if path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path:
-        return True
-    return Path(path.split("/")[0]).exists()
-
-
-def check_model_path(path: str, what: str = "model") -> None:
-    """A clear error for a model that cannot be a model folder, before anything is created."""
-    local = Path(path).expanduser()
-    if local.is_file():
-        raise ValueError(f"{what}={path} is a file; expected a model folder "
-                         "(config.json, weights and tokenizer files)")
-    if local.is_dir() and not (local / "config.json").exists():
-        raise ValueError(f"{what}={path} is a folder without config.json; not a model folder")
-    if not local.exists() and _looks_local(path):
-        raise ValueError(f"{what}={path}: no such model folder")
-
-
-def load_model_and_tokenizer(path: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    check_model_path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"the tokenizer of {path} has no EOS token; responses must end with one")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # labels come from lengths, not from pad ids
-    tokenizer.padding_side = "right"  # not saved by transformers 5; generation pads left by hand
-    # fp32 master weights whatever the checkpoint's dtype (transformers 5 defaults to "auto"):
-    # bf16 weights would lose updates at the paper's lr 5e-7; autocast does the bf16 compute.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model, tokenizer
-
-
-def load_demonstrations(config: TrainConfig) -> tuple[list, str, dict]:
-    """(examples, a summary to print, counts to log). `data=task:NAME[:SEED]` draws
-    `max_examples` (default 1000) demonstrations of a built-in task."""
-    from .data import load_examples, parse_columns
-
-    if config.data.startswith("task:"):
-        from .tasks import task_examples
-
-        name, _, seed = config.data[len("task:"):].partition(":")
-        examples = task_examples(name, config.max_examples or 1000, seed=int(seed or 0))
-        return examples, f"built-in task {name!r} (data seed {seed or 0}): {len(examples)} demonstrations", {}
-    examples, report = load_examples(config.data, parse_columns(config.columns or None), config.max_examples or None)
-    counts = {"empty_responses_dropped": report.n_empty_responses, "duplicates_dropped": report.n_duplicates}
-    return examples, report.summary(), counts
 
 
 def run_inputs(config: TrainConfig) -> list[str]:
@@ -88,7 +39,8 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     check_output_dir(config.output_dir, config.overwrite, run_inputs(config))
     accelerator.wait_for_everyone()  # every process checked before the main one clears
 
-    examples, summary, data_counts = load_demonstrations(config)
+    examples, summary, data_counts = demonstrations(config.data, config.columns,
+                                                    config.max_examples)
     if accelerator.is_main_process and config.show_progress:
         print(summary)
     model, tokenizer = load_model_and_tokenizer(config.model)
@@ -120,18 +72,12 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     return out
 
 
-def _run_method(config, trainer, encoder, examples, out, tokenizer, on_stage_end) -> dict:
+def _run_method(config, trainer, encoder, examples, out, on_stage_end) -> dict:
     if isinstance(config, IRFTConfig):
-        from .methods import run_irft
-
         return run_irft(config, trainer, encoder, examples, out, on_stage_end)
     if isinstance(config, RFTConfig):
-        from .rft import run_rft
-
-        return run_rft(config, trainer, encoder, examples, out, tokenizer)
+        return run_rft(config, trainer, encoder, examples, out)
     if isinstance(config, SFTConfig):
-        from .methods import run_sft
-
         return run_sft(config, trainer, encoder, examples)
     raise TypeError(f"no method for {type(config).__name__}")
 
@@ -141,12 +87,10 @@ def _train_and_save(config, model, tokenizer, encoder, examples, accelerator, lo
     is complete, so a run killed during the save never looks finished."""
     out = Path(config.output_dir)
     if isinstance(config, RFTConfig) and config.lora_r:
-        from .rft import add_lora
-
         model = add_lora(model, config)
     trainer = Trainer(config, model, accelerator, log)
     started = time.perf_counter()
-    counts = _run_method(config, trainer, encoder, examples, out, tokenizer, on_stage_end)
+    counts = _run_method(config, trainer, encoder, examples, out, on_stage_end)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = trainer.unwrapped

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .data import Example
+    from .data.formats import Example
 
 NAMED_TEMPLATES = ("instruction", "hh", "plain")
 TEMPLATE_CHOICES = ("auto", "chat") + NAMED_TEMPLATES

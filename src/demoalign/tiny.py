@@ -2,12 +2,14 @@
 
 Nothing is downloaded. The tokenizer is either a byte-level BPE trained here in a fraction of a
 second (default: a small vocabulary keeps a CPU model fast) or one of the real tokenizer files
-in ../shared/data/tokenizers (GPT-2 / GPT-NeoX, 50k vocabulary, slow on CPU).
+under $DEMOALIGN_DATA/tokenizers (GPT-2 / GPT-NeoX, 50k vocabulary, slow on CPU).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from .data.sources import data_root
 
 SPECIAL_EOS = "<|endoftext|>"
 SPECIAL_PAD = "<|pad|>"
@@ -29,16 +31,6 @@ REAL_TOKENIZERS = {
     "gpt2": "tokenizers/gpt2/gpt2.json",
     "neox": "tokenizers/gpt-neox-20b/20B_tokenizer.json",
 }
-
-
-def shared_data_dir() -> Path:
-    """../shared/data beside the repository (or DEMOALIGN_SHARED_DATA)."""
-    import os
-
-    env = os.environ.get("DEMOALIGN_SHARED_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def _wrap(tokenizer_object):
@@ -72,9 +64,9 @@ def real_tokenizer(name: str):
 
     if name not in REAL_TOKENIZERS:
         raise ValueError(f"unknown tokenizer {name!r}; choose trained, {', '.join(REAL_TOKENIZERS)}")
-    path = shared_data_dir() / REAL_TOKENIZERS[name]
+    path = data_root() / REAL_TOKENIZERS[name]
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found (set DEMOALIGN_SHARED_DATA to the shared data folder)")
+        raise FileNotFoundError(f"{path} not found (DEMOALIGN_DATA must hold tokenizers/)")
     tok = Tokenizer.from_file(str(path))
     tok.add_special_tokens([SPECIAL_PAD])
     return _wrap(tok)

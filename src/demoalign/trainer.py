@@ -78,6 +78,19 @@ def seeded_permutation(n: int, *seed_parts: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
+def cyclic_batches(items: list, size: int, *seed_parts: int):
+    """Endless batches of `size` items: seeded shuffled passes, one after another."""
+    epoch = 0
+    buffer: list = []
+    while True:
+        while len(buffer) < size:
+            buffer += [items[i] for i in seeded_permutation(len(items), *seed_parts, epoch)]
+            epoch += 1
+        batch, buffer = buffer[:size], buffer[size:]
+        yield batch
+
+
+
 class NonFiniteError(ValueError):
     """A loss or gradient that is NaN or infinite: training stops rather than corrupt weights."""
 

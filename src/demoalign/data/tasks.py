@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .data import Example
+from .formats import Example
 
 
 @dataclass(frozen=True)

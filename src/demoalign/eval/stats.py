@@ -1,9 +1,13 @@
-"""Summary statistics and the paired test used in reports."""
+"""Statistics of reports: mean ± std and the paired t-test over seeds, and the percentile
+bootstrap interval of a mean over items."""
 
 from __future__ import annotations
 
 import math
 import statistics
+
+import numpy as np
+from scipy.stats import t as student_t
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -19,8 +23,6 @@ def paired_t_test(a: list[float], b: list[float]) -> tuple[float, float]:
     A spread at the level of float rounding (identical differences computed from different sums)
     counts as zero spread, rather than yielding a p-value like 1e-29 from rounding noise.
     """
-    from scipy.stats import t as student_t
-
     if len(a) != len(b) or len(a) < 2:
         raise ValueError("a paired t-test needs two equal-length samples of at least 2")
     diffs = [x - y for x, y in zip(a, b)]
@@ -40,3 +42,26 @@ def verdict(a: list[float], b: list[float], alpha: float = 0.05) -> tuple[str, f
     if diff <= 0:
         return "no", p
     return "not significant", p
+
+
+def bootstrap_interval(values: list[float], n_resamples: int = 1000, seed: int = 0,
+                       confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of `values` (resampling items with replacement)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("bootstrap_interval needs at least one value")
+    rng = np.random.default_rng(seed)
+    means = []
+    chunk = max(1, 2_000_000 // x.size)
+    for start in range(0, n_resamples, chunk):
+        rows = min(chunk, n_resamples - start)
+        means.append(x[rng.integers(0, x.size, size=(rows, x.size))].mean(axis=1))
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(np.concatenate(means), [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def summarize(values: list[float], n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict:
+    """{value: mean, low, high: bootstrap interval, n}."""
+    low, high = bootstrap_interval(values, n_resamples, seed, confidence)
+    return {"value": sum(values) / len(values), "low": low, "high": high, "n": len(values)}

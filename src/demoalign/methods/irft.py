@@ -1,4 +1,7 @@
-"""The methods: what a run does, stage by stage. The optimisation itself is `Trainer.fit`."""
+"""IRFT and SPIN (docs/algorithms.md): T stages per pass over the demonstrations; each stage
+samples one negative per prompt from the stage-start model, takes the reference log-probs with
+those same weights, then trains the pairwise loss on (demonstration, negative) pairs. SPIN is
+T = 1. The optimisation itself is `Trainer.fit`."""
 
 from __future__ import annotations
 
@@ -7,48 +10,12 @@ from pathlib import Path
 
 import torch
 
-from .batching import Encoder, Tokenized, collate
-from .generation import generate_ids
-from .logprobs import model_sequence_logps
-from .losses import implicit_rewards, nll, pairwise_loss
-from .pairs import Pair, fill_reference_logps, pair_logps
-from .runio import atomic_write_jsonl
-from .trainer import Trainer, seeded_permutation, steps_per_epoch
-
-
-# ---------------------------------------------------------------- SFT
-
-
-def sft_loss_fn(pad_id: int):
-    def loss_fn(model, items: list[Tokenized]):
-        device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in collate(items, pad_id).items()}
-        logps, n_tokens = model_sequence_logps(model, batch)
-        return nll(logps), {"response_tokens": n_tokens.float()}, n_tokens.sum()
-
-    return loss_fn
-
-
-def response_tokens(items: list[Tokenized]) -> float:
-    """SFT is normalised per token of the global batch (the usual token-mean NLL)."""
-    return float(sum(len(t.response_ids) for t in items))
-
-
-def run_sft(config, trainer: Trainer, encoder: Encoder, examples: list) -> dict:
-    """Returns the truncation counts of the run."""
-    items = [encoder.encode(e) for e in examples]
-    counts = encoder.counts.as_dict()
-    trainer.log.write({"event": "data", **counts})
-    total = config.epochs * steps_per_epoch(len(items), trainer.global_batch)
-    trainer.start_schedule(total)
-    trainer.fit(
-        items, sft_loss_fn(encoder.tokenizer.pad_token_id), response_tokens, config.epochs,
-        seed_parts=(config.seed, 0), context={"method": "sft"}, desc="sft",
-    )
-    return counts
-
-
-# ---------------------------------------------------------------- IRFT / SPIN
+from ..encoding import Encoder
+from ..generation import generate_ids
+from ..losses import implicit_rewards, nll, pairwise_loss
+from ..pairs import Pair, fill_reference_logps, pair_logps
+from ..runio import atomic_write_jsonl
+from ..trainer import Trainer, seeded_permutation, steps_per_epoch
 
 
 def irft_loss_fn(beta: float, loss_type: str, sft_weight: float, pad_id: int):

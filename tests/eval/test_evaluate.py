@@ -66,8 +66,8 @@ def prompts_file(tmp_path_factory):
 
 
 def test_pair_metrics_by_hand():
-    from demoalign.evaluate import pair_values
-    from demoalign.taskeval import pair_metrics
+    from demoalign.eval.metrics import pair_values
+    from demoalign.eval.metrics import pair_metrics
 
     good, bad = [-1.0, -2.0, -3.0, -4.0], [-2.0, -2.0, -1.0, -5.0]
     ref_good, ref_bad = [-1.0, -1.0, -3.0, -4.5], [-1.0, -2.0, -1.0, -5.0]
@@ -84,7 +84,7 @@ def test_pair_metrics_by_hand():
 
 
 def test_win_rate_by_hand_ties_half():
-    from demoalign.evaluate import win_values
+    from demoalign.eval.metrics import win_values
 
     wins = win_values([1.0, 2.0, 3.0, 3.0], [0.0, 2.0, 4.0, 1.0])
     assert wins == [1.0, 0.5, 0.0, 1.0] and sum(wins) / 4 == 0.625
@@ -96,7 +96,7 @@ def test_win_rate_by_hand_ties_half():
 def test_bootstrap_interval_contains_estimate_and_is_seeded():
     import numpy as np
 
-    from demoalign.evaluate import bootstrap_interval, summarize
+    from demoalign.eval.stats import bootstrap_interval, summarize
 
     values = [1.0, 0.0, 1.0, 1.0, 0.5, 0.0, 1.0, 1.0, 0.0, 1.0]
     m = summarize(values, n_resamples=500, seed=3)
@@ -117,7 +117,7 @@ def test_bootstrap_interval_contains_estimate_and_is_seeded():
 
 
 def test_model_names_are_distinct_path_endings(tmp_path):
-    from demoalign.evaluate import model_names
+    from demoalign.eval.evaluate import model_names
 
     assert model_names([str(tmp_path / "a" / "final"), str(tmp_path / "b" / "final")]) == ["a/final", "b/final"]
     assert model_names([str(tmp_path / "sft"), str(tmp_path / "irft")]) == ["sft", "irft"]
@@ -125,7 +125,7 @@ def test_model_names_are_distinct_path_endings(tmp_path):
 
 def test_reward_text_template():
     from demoalign.config import BEAVER_TEMPLATE
-    from demoalign.evaluate import reward_text
+    from demoalign.eval.reward_scoring import reward_text
 
     assert reward_text(BEAVER_TEMPLATE, "Hi {x}", " Hello {prompt}") == \
         "BEGINNING OF CONVERSATION: USER: Hi {x} ASSISTANT: Hello {prompt}"
@@ -133,7 +133,7 @@ def test_reward_text_template():
 
 def test_stage_gaps_from_a_run_folder(tmp_path):
     from demoalign.config import EvalConfig
-    from demoalign.evaluate import stage_gaps
+    from demoalign.eval.evaluate import stage_gaps
 
     for stage, rows in ((1, [(-5.0, -6.0), (-4.0, -4.0)]), (2, [(-3.0, -6.0), (-2.0, -5.0)])):
         (tmp_path / "stages" / str(stage)).mkdir(parents=True)
@@ -201,10 +201,10 @@ def test_load_preference_pairs_errors(tmp_path, records, message):
 def test_eval_logps_equal_training_logps(tiny_model_dir, tokenizer):
     """Evaluation scores pairs with the training code's function (pairs.pair_logps) on the very ids
     training builds (Encoder.encode, responses cut to max_length)."""
-    from demoalign.batching import Encoder
+    from demoalign.encoding import Encoder
     from demoalign.data import Example, load_preference_pairs
     from demoalign.pairs import Pair, pair_logps
-    from demoalign.taskeval import pair_sequence_logps
+    from demoalign.eval.metrics import pair_sequence_logps
 
     model = fresh_model(tiny_model_dir).eval()
     pairs = load_preference_pairs(HH, limit=3) + load_preference_pairs(UF, limit=3)
@@ -229,9 +229,11 @@ def test_eval_logps_equal_training_logps(tiny_model_dir, tokenizer):
 
 
 def test_reward_scores_do_not_depend_on_batching(reward_model_dir):
-    from demoalign.evaluate import load_reward_model, reward_scores
+    from demoalign.eval.reward_scoring import reward_scores
+    from demoalign.models import load_reward_model
 
-    rm, tok = load_reward_model(str(reward_model_dir), "cpu")
+    rm, tok = load_reward_model(str(reward_model_dir))
+    rm = rm.eval()
     texts = ["USER: hi ASSISTANT: hello there", "USER: sort 3 1 ASSISTANT: 1 3", "x"]
     together = reward_scores(rm, tok, texts, batch_size=8)
     alone = [reward_scores(rm, tok, [t], batch_size=1)[0] for t in texts]
@@ -239,7 +241,7 @@ def test_reward_scores_do_not_depend_on_batching(reward_model_dir):
 
 
 def test_reward_model_with_two_labels_is_refused(tmp_path, tokenizer, tiny_model_dir, prompts_file):
-    from demoalign.evaluate import evaluate
+    from demoalign.eval.evaluate import evaluate
 
     rm2 = _reward_model(tokenizer, tmp_path / "rm2", num_labels=2)
     with pytest.raises(ValueError, match="num_labels=2; a reward model must give one score"):
@@ -253,7 +255,7 @@ def test_reward_model_with_two_labels_is_refused(tmp_path, tokenizer, tiny_model
 
 def test_model_against_itself(tmp_path, tiny_model_dir, reward_model_dir, prompts_file):
     """Reference = model: every implicit reward is 0, all ties; baseline = model: every win a tie."""
-    from demoalign.evaluate import evaluate
+    from demoalign.eval.evaluate import evaluate
 
     res = evaluate(models=str(tiny_model_dir), reference=str(tiny_model_dir), pairs=str(HH), max_pairs=6,
                    prompts=str(prompts_file), reward_model=str(reward_model_dir), baseline=str(tiny_model_dir),
@@ -314,7 +316,7 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir, second_model_dir, reward_model
 
 
 def test_eval_on_hh_pairs_with_two_models(tmp_path, tiny_model_dir, second_model_dir):
-    from demoalign.evaluate import evaluate
+    from demoalign.eval.evaluate import evaluate
 
     res = evaluate(models=f"{tiny_model_dir},{second_model_dir}", pairs=str(HH), max_pairs=6, template="hh",
                    output_dir=str(tmp_path / "hh"), **SMALL)
@@ -331,7 +333,7 @@ def test_eval_on_hh_pairs_with_two_models(tmp_path, tiny_model_dir, second_model
     (dict(pairs="x", bogus=1), "unknown config key `bogus`"),
 ])
 def test_bad_config(tiny_model_dir, overrides, message):
-    from demoalign.evaluate import evaluate
+    from demoalign.eval.evaluate import evaluate
 
     with pytest.raises(ValueError, match=message):
         evaluate(models=str(tiny_model_dir), **overrides)
@@ -339,7 +341,7 @@ def test_bad_config(tiny_model_dir, overrides, message):
 
 def test_bad_files(tmp_path, tiny_model_dir, reward_model_dir):
     from demoalign.data import DataError
-    from demoalign.evaluate import evaluate
+    from demoalign.eval.evaluate import evaluate
 
     bad = _write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": "A"}])
     with pytest.raises(DataError, match="field 'rejected': missing"):
@@ -360,7 +362,7 @@ def test_leaderboard_without_the_extra_names_the_install(monkeypatch, tmp_path, 
     import sys
 
     from demoalign.cli import main
-    from demoalign.leaderboard import MissingExtra, import_lm_eval
+    from demoalign.eval.leaderboard import MissingExtra, import_lm_eval
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     with pytest.raises(MissingExtra, match=r"pip install 'demoalign\[eval\]'"):
@@ -368,14 +370,14 @@ def test_leaderboard_without_the_extra_names_the_install(monkeypatch, tmp_path, 
     assert main(["eval", f"models={tiny_model_dir}", "leaderboard=all", f"output_dir={tmp_path / 'o'}"]) == 2
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match="unknown leaderboard task"):
-        from demoalign.evaluate import evaluate
+        from demoalign.eval.evaluate import evaluate
 
         evaluate(models=str(tiny_model_dir), leaderboard="arc,mmlu")
 
 
 def test_leaderboard_bridge_end_to_end(tmp_path, tiny_model_dir):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'demoalign[eval]')")
-    from demoalign.evaluate import evaluate
+    from demoalign.eval.evaluate import evaluate
 
     res = evaluate(models=str(tiny_model_dir), leaderboard="all", leaderboard_limit=1, mmlu_shots=0,
                    output_dir=str(tmp_path / "lb"), **{**SMALL, "bootstrap_resamples": 20})

@@ -1,9 +1,7 @@
-import math
+"""Built-in tasks: rewards by hand, wrong answers never right, seeded draws."""
 
 import pytest
-
-from demoalign.stats import mean_std, paired_t_test, verdict
-from demoalign.tasks import TASKS, AddTask, BracketTask, SortTask, get_task, task_examples, task_pairs, task_prompts
+from demoalign.data.tasks import TASKS, AddTask, BracketTask, SortTask, get_task, task_examples, task_pairs, task_prompts
 
 
 @pytest.mark.parametrize(
@@ -40,19 +38,3 @@ def test_task_examples_are_seeded_and_distinct_by_seed():
     with pytest.raises(ValueError, match="sort"):
         get_task("parity")
 
-
-def test_paired_t_test_by_hand():
-    # diffs 2, 3, 0: mean 5/3, sd sqrt(7/3), t = (5/3) / (sqrt(7/3)/sqrt(3)) = 1.88982...
-    t, p = paired_t_test([3, 5, 4], [1, 2, 4])
-    assert t == pytest.approx((5 / 3) / (math.sqrt(7 / 3) / math.sqrt(3)))
-    # Student t with 2 df has the closed form two-sided p = 1 − t / sqrt(2 + t²).
-    assert p == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-9)
-    assert p == pytest.approx(0.19937, abs=1e-4)
-    assert paired_t_test([1, 2], [1, 2]) == (0.0, 1.0)
-    assert paired_t_test([2, 3], [1, 2])[1] == 0.0
-    # Differences equal up to float rounding are equal: no p-value from rounding noise.
-    assert paired_t_test([0.94, 0.9366666666666666, 0.9433333333333334], [0.9333333333333333, 0.93, 0.9366666666666668]) == (float("inf"), 0.0)
-    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
-    assert verdict([3, 5, 4], [1, 2, 4])[0] == "not significant"
-    assert verdict([1, 2, 4], [3, 5, 4])[0] == "no"
-    assert verdict([5.0, 6.1, 7.0, 8.1], [1.0, 2.0, 3.1, 4.0])[0] == "yes"

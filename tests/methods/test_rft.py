@@ -10,14 +10,22 @@ import yaml
 
 from conftest import fresh_model
 from demoalign import RFTConfig, train
-from demoalign.batching import Encoder, Tokenized
+from demoalign.encoding import Encoder, Tokenized
 from demoalign.config import build_config
 from demoalign.generation import generate_ids
-from demoalign.methods import sft_loss_fn
-from demoalign.rft import (RewardPair, RewardScorer, evaluate_reward_pairs, load_reward_model, policy_step,
-                           reward_loss_fn, reward_step, sequence_logps_of)
+from demoalign.methods.sft import sft_loss_fn
+from demoalign.methods.reward_model import (RewardPair, RewardScorer, evaluate_reward_pairs,
+                                           reward_loss_fn, reward_step)
+from demoalign.methods.rloo import policy_step, sequence_logps_of
+from demoalign.models import load_reward_model as load_reward_model_from
+
+
+def load_reward_model(config, tokenizer):
+    """RFT's reward model of `config`, as the run builds it."""
+    path = config.reward_model or config.model
+    return load_reward_model_from(path, same_ids_as=tokenizer, seed=config.seed)[0]
 from demoalign.runio import MetricsLog
-from demoalign.tasks import task_examples
+from demoalign.data.tasks import task_examples
 from demoalign.trainer import Trainer, make_accelerator
 
 
@@ -114,7 +122,7 @@ def test_preference_pairs_with_weight_zero_change_nothing_and_enter_the_loss_oth
     pad = tokenizer.pad_token_id
     demo = sort_pairs(tiny_model_dir, tokenizer, 8)
     encoder = Encoder(tokenizer, "plain", 48, 24)
-    from demoalign.tasks import get_task, task_pairs, task_prompts
+    from demoalign.data.tasks import get_task, task_pairs, task_prompts
 
     task = get_task("sort")
     raw = task_pairs(task, task_prompts(task, 8, seed=5), seed=5)
@@ -138,7 +146,7 @@ def test_preference_pairs_with_weight_zero_change_nothing_and_enter_the_loss_oth
     assert not torch.equal(none[1], w2[1])
     # First step (same weights): loss = mean demo loss + 2 × mean preference loss.
     # The preference pairs of the first step are the first seeded batch of the preference stream.
-    from demoalign.rft import cyclic_batches
+    from demoalign.trainer import cyclic_batches
 
     fresh = RewardScorer(load_reward_model(config, tokenizer))
     drawn = next(cyclic_batches(preference(1.0), 4, 0, 1))

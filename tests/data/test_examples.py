@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_DATA
 from demoalign.data import (
     DataError,
     DataReport,
@@ -19,7 +20,7 @@ from demoalign.data import (
     parse_columns,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 DOLLY = DATA / "dolly_hhrlhf" / "dolly_hhrlhf_train_small.jsonl"
 GSM8K = DATA / "gsm8k" / "test.jsonl"
 ALPACA = DATA / "rasbt_instruct" / "instruction-data.json"

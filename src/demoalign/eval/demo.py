@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from .config import (IRFTConfig, RFTConfig, SFTConfig, SPINConfig, build_config,
-                     check_types_and_finite, opt)
-from .runio import atomic_write_text, claim_output_dir, release_lock
+from rich.console import Console
+
+from ..config import (DemoConfig, IRFTConfig, RFTConfig, SFTConfig, SPINConfig, build_config,
+                      parse_arm)
+from ..data.sources import HELDOUT_SEED
+from ..data.tasks import get_task, task_examples, task_pairs, task_prompts
+from ..encoding import Encoder
+from ..models import load_model_and_tokenizer
+from ..progress import progress_bar
+from ..run import train
+from ..runio import atomic_write_text, claim_output_dir, release_lock
+from ..tiny import tiny_model, train_tokenizer
+from .metrics import generation_reward, pair_metrics, pair_sequence_logps
 from .stats import mean_std, paired_t_test, verdict
 
 SHORT = {"task_reward_sampled": "sampled", "task_reward_greedy": "greedy", "pair_win_rate": "pair win",
@@ -25,73 +35,8 @@ METRICS = ("task_reward_sampled", "task_reward_greedy", "pair_win_rate", "logp_g
 TEST_NAME = "paired t-test over seeds (two-sided)"
 
 
-@dataclass
-class DemoConfig:
-    """Settings of `demoalign demo` (copy recipes/demo.yaml and change them)."""
-
-    output_dir: str = opt("runs/demo", "Folder of results.json, report.md, the plots and every arm's run.")
-    overwrite: bool = opt(False, "Replace an existing demo folder.")
-    task: str = opt("sort", "Built-in task: sort, add or brackets.")
-    seeds: int = opt(3, "Seeds per arm (the paired test needs at least 2).")
-    arms: str = opt("sft,spin,irft_T4,irft_T8,irft_T8@sft1,rft", "Arms, comma-separated: sft, spin, irft_T<k>, rft; a spin/irft arm may end in @sft<w> to override sft_weight for it (e.g. irft_T8@sft1).")
-    hidden_size: int = opt(128, "Width of the tiny model.")
-    layers: int = opt(3, "Layers of the tiny model.")
-    vocab_size: int = opt(300, "Vocabulary of the tokenizer trained on the task's text.")
-    start_examples: int = opt(4000, "Demonstrations for the SFT that makes the start model.")
-    start_epochs: int = opt(4, "Epochs of that SFT.")
-    start_learning_rate: float = opt(3e-3, "Learning rate of that SFT.")
-    train_examples: int = opt(512, "Demonstrations every arm trains on (the same for all arms).")
-    epochs: int = opt(2, "Passes over them (SFT epochs = IRFT/SPIN epochs per stage: equal optimiser steps).")
-    batch_size: int = opt(16, "Examples or pairs per optimiser step.")
-    sft_learning_rate: float = opt(1e-4, "Learning rate of the continued-SFT arm.")
-    learning_rate: float = opt(1e-4, "Learning rate of the SPIN and IRFT arms.")
-    beta: float = opt(0.1, "β of SPIN/IRFT.")
-    loss_type: str = opt("sigmoid", "Pairwise loss of SPIN/IRFT.")
-    sft_weight: float = opt(0.0, "SFT term added to the SPIN/IRFT loss (0 = the paper's loss).")
-    eval_prompts: int = opt(300, "Held-out prompts (and pairs) for the metrics.")
-    stage_eval_prompts: int = opt(100, "Held-out prompts (and pairs) for the curves over stages.")
-    max_new_tokens: int = opt(24, "Tokens generated per negative and per evaluation response.")
-    rft_outer_iterations: int = opt(2, "RFT arm: outer iterations; its policy steps add up to the other arms' steps.")
-    rft_reward_steps: int = opt(30, "RFT arm: reward-model steps per outer iteration (not counted in the budget).")
-    rft_reward_learning_rate: float = opt(1e-4, "RFT arm: learning rate of the reward model.")
-    rft_beta: float = opt(0.5, "RFT arm: KL weight β of the policy step.")
-    rft_rollouts: int = opt(4, "RFT arm: samples per prompt (RLOO).")
-    method = "demo"
-
-    def validate(self) -> None:
-        from .tasks import get_task
-
-        check_types_and_finite(self)
-        get_task(self.task)
-        if self.seeds < 2:
-            raise ValueError("seeds must be >= 2 for the paired test")
-        arm_names = self.arm_list()
-        if "sft" not in arm_names:
-            raise ValueError("arms must include sft (every arm is compared with it)")
-        for arm in arm_names:
-            parse_arm(arm)
-
-    def arm_list(self) -> list[str]:
-        return [a.strip() for a in self.arms.split(",") if a.strip()]
 
 
-def parse_arm(arm: str) -> tuple[str, int, float | None]:
-    """'sft' | 'spin' | 'irft_T<k>', optionally '@sft<w>' → (method, stages, sft_weight or None)."""
-    base, _, suffix = arm.partition("@")
-    weight = None
-    if suffix:
-        try:
-            assert suffix.startswith("sft") and base != "sft"
-            weight = float(suffix[3:])
-        except (AssertionError, ValueError):
-            raise ValueError(f"arm {arm!r}: the suffix must be @sft<weight> on a spin or irft arm") from None
-    if base in ("sft", "spin", "rft"):
-        if base == "rft" and weight is not None:
-            raise ValueError(f"arm {arm!r}: @sft<w> applies to spin and irft arms only")
-        return base, 1, weight
-    if base.startswith("irft_T") and base[6:].isdigit() and int(base[6:]) >= 1:
-        return "irft", int(base[6:]), weight
-    raise ValueError(f"unknown arm {arm!r}: use sft, spin, rft or irft_T<k> (optionally @sft<w>)")
 
 
 def _arm_config(demo: DemoConfig, arm: str, start: Path, seed: int, out: Path):
@@ -122,31 +67,22 @@ class Evaluator:
     """Held-out metrics of a model on the task, with the start model as the implicit reference."""
 
     def __init__(self, demo: DemoConfig, start_dir: Path):
-        from .batching import Encoder
-        from .run import load_model_and_tokenizer
-        from .taskeval import pair_sequence_logps
-        from .tasks import get_task, task_pairs, task_prompts
-
         self.demo = demo
         self.task = get_task(demo.task)
-        self.prompts = task_prompts(self.task, demo.eval_prompts, seed=2)
-        self.pairs = task_pairs(self.task, self.prompts, seed=2)
+        self.prompts = task_prompts(self.task, demo.eval_prompts, seed=HELDOUT_SEED)
+        self.pairs = task_pairs(self.task, self.prompts, seed=HELDOUT_SEED)
         model, self.tokenizer = load_model_and_tokenizer(str(start_dir))
         self.encoder = Encoder(self.tokenizer, "plain", 64, 32)
         self.ref_good, self.ref_bad = pair_sequence_logps(model, self.encoder, self.pairs)
 
     def stage_point(self, model, n: int, seed: int) -> dict:
         """Sampled reward and held-out log-prob gap on the first n prompts/pairs."""
-        from .taskeval import generation_reward, pair_sequence_logps
-
         rewards = generation_reward(model, self.encoder, self.task, self.prompts[:n], greedy=False, seed=seed,
                                     max_new_tokens=self.demo.max_new_tokens)
         good, bad = pair_sequence_logps(model, self.encoder, self.pairs[:n])
         return {"task_reward_sampled": sum(rewards) / n, "logp_gap": sum(g - b for g, b in zip(good, bad)) / n}
 
     def metrics(self, model, seed: int) -> dict:
-        from .taskeval import generation_reward, pair_metrics, pair_sequence_logps
-
         common = dict(max_new_tokens=self.demo.max_new_tokens)
         sampled = generation_reward(model, self.encoder, self.task, self.prompts, greedy=False, seed=seed, **common)
         greedy = generation_reward(model, self.encoder, self.task, self.prompts, greedy=True, seed=seed, **common)
@@ -156,10 +92,6 @@ class Evaluator:
 
 
 def _make_start_model(demo: DemoConfig, out: Path) -> Path:
-    from .run import train
-    from .tasks import get_task, task_examples
-    from .tiny import tiny_model, train_tokenizer
-
     task = get_task(demo.task)
     texts = [f"{e.prompt}\n{e.response}" for e in task_examples(task.name, 500, seed=0)]
     tokenizer = train_tokenizer(texts, vocab_size=demo.vocab_size)
@@ -184,11 +116,6 @@ def run_demo(demo: DemoConfig) -> dict:
 
 
 def _run_demo_in(out: Path, demo: DemoConfig) -> dict:
-    from rich.console import Console
-
-    from .progress import progress_bar
-    from .run import load_model_and_tokenizer, train
-
     atomic_write_text(out / "config.yaml", _yaml({"method": "demo", **asdict(demo)}))
     console = Console()
     started = time.perf_counter()

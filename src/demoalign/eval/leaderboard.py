@@ -2,7 +2,7 @@
 `pip install 'demoalign[eval]'`, lm-eval 0.4.13), read from LOCAL files only.
 
 Each task is lm-eval's own registered config (prompt, choices, metric, filters) with the data
-source replaced by the local copy in ../shared/data (or `leaderboard_data`), mapped to the schema
+source replaced by the local copy under $DEMOALIGN_DATA (or `leaderboard_data`), mapped to the schema
 the config expects. Nothing is downloaded. Per-item scores come back from lm-eval's logged samples
 and get the same bootstrap interval as every other figure of `demoalign eval`.
 
@@ -22,6 +22,7 @@ import bz2
 import json
 from functools import lru_cache
 from pathlib import Path
+
 
 TASKS = {  # name: (metric key in lm-eval's samples, filter, default shots)
     "arc_challenge": ("acc_norm", "none", 25),

@@ -12,11 +12,12 @@ import yaml
 
 from conftest import DOLLY, fresh_model, small_run_config
 from demoalign import IRFTConfig, SFTConfig, SPINConfig, train
-from demoalign import methods
-from demoalign.batching import Encoder
+from demoalign.methods import irft as methods
+from demoalign.encoding import Encoder
 from demoalign.data import load_examples
 from demoalign.generation import generate_ids
-from demoalign.methods import count_pairs, irft_loss_fn, response_tokens, sft_loss_fn
+from demoalign.methods.irft import count_pairs, irft_loss_fn, stage_chunks
+from demoalign.methods.sft import response_tokens, sft_loss_fn
 from demoalign.pairs import Pair, fill_reference_logps, pair_logps
 from demoalign.runio import MetricsLog, RunFolderError
 from demoalign.trainer import Trainer, disable_dropout, make_accelerator
@@ -191,3 +192,13 @@ def test_sft_weight_adds_the_per_token_nll_of_the_demonstration(tiny_model_dir, 
         demo, _, demo_tokens, _ = pair_logps(model, pairs, pad)
     assert torch.allclose(mixed - plain, 0.7 * (-demo) / demo_tokens, atol=1e-5)
     assert (mixed - plain).min() > 0
+
+
+def test_stage_chunks_are_disjoint_cover_the_data_and_reshuffle_per_iteration():
+    chunks = stage_chunks(103, 4, seed=3, iteration=0)
+    flat = [i for c in chunks for i in c]
+    assert sorted(flat) == list(range(103))
+    assert [len(c) for c in chunks] == [25, 26, 26, 26]
+    assert stage_chunks(103, 4, seed=3, iteration=1) != chunks
+    assert stage_chunks(103, 4, seed=3, iteration=0) == chunks
+

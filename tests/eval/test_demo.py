@@ -1,7 +1,8 @@
 import json
 
 from demoalign.config import load_config
-from demoalign.demo import METRICS, DemoConfig, run_demo
+from demoalign.config import DemoConfig
+from demoalign.eval.demo import METRICS, run_demo
 
 
 def test_short_demo_writes_every_field(tmp_path):

@@ -1,0 +1,14 @@
+"""The data layer: readers (file kinds), formats (record shapes), examples (demonstrations),
+preferences (pairs), tasks (built-in tasks) and sources (file or `task:NAME[:SEED]`)."""
+
+from .errors import DataError
+from .examples import DataReport, inspect_data, load_examples, load_prompts
+from .formats import RECORD_FORMATS, Example, parse_columns
+from .preferences import load_preference_pairs, read_preference_pairs
+from .readers import FILE_FORMATS
+
+__all__ = [
+    "FILE_FORMATS", "RECORD_FORMATS", "DataError", "DataReport", "Example", "inspect_data",
+    "load_examples", "load_preference_pairs", "load_prompts", "parse_columns",
+    "read_preference_pairs",
+]

@@ -1,0 +1,104 @@
+"""Loading models: the policy (causal LM + tokenizer), reward models, and the eval-mode switch."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer)
+
+
+@contextmanager
+def eval_mode(model):
+    """model.eval() for the block, then the training mode it had before."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _looks_local(path: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything else, or a path whose first part exists
+    here, is meant as a local folder (and must not fall through to a hub lookup that retries)."""
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path:
+        return True
+    return Path(path.split("/")[0]).exists()
+
+
+def check_model_path(path: str, what: str = "model") -> None:
+    """A clear error for a model that cannot be a model folder, before anything is created."""
+    local = Path(path).expanduser()
+    if local.is_file():
+        raise ValueError(f"{what}={path} is a file; expected a model folder "
+                         "(config.json, weights and tokenizer files)")
+    if local.is_dir() and not (local / "config.json").exists():
+        raise ValueError(f"{what}={path} is a folder without config.json; not a model folder")
+    if not local.exists() and _looks_local(path):
+        raise ValueError(f"{what}={path}: no such model folder")
+
+
+def load_model_and_tokenizer(path: str):
+    check_model_path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {path} has no EOS token; responses must end with one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # labels come from lengths, not from pad ids
+    tokenizer.padding_side = "right"  # not saved by transformers 5; generation pads left by hand
+    # fp32 master weights whatever the checkpoint's dtype (transformers 5 defaults to "auto"):
+    # bf16 weights would lose updates at the paper's lr 5e-7; autocast does the bf16 compute.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model, tokenizer
+
+
+
+def check_reward_model(path: str) -> None:
+    """A trained reward model gives one score per sequence."""
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"reward_model={path}: cannot read its config ({exc})") from None
+    if cfg.num_labels != 1:
+        raise ValueError(f"reward_model={path} has num_labels={cfg.num_labels}; a reward model "
+                         "must give one score per sequence (AutoModelForSequenceClassification "
+                         "with num_labels=1)")
+
+
+def load_reward_model(path: str, same_ids_as=None, seed: int | None = None):
+    """(model, tokenizer): an AutoModelForSequenceClassification with one score, in fp32.
+
+    seed=None: a trained reward model (num_labels must be 1) with its own tokenizer, cut from the
+    left so the response's end is kept (`demoalign eval`). With a seed: RFT's reward model, whose
+    scalar head may be new (initialised under `seed`, e.g. from the policy's own weights);
+    `same_ids_as` is the policy's tokenizer, which it must share, since both read the same ids."""
+    if seed is None:
+        check_reward_model(path)
+    tokenizer = _reward_tokenizer(path, same_ids_as)
+    if seed is not None:
+        torch.manual_seed(seed)  # the new head's initialisation
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
+                                                               dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _reward_tokenizer(path: str, same_ids_as):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        if same_ids_as is None:
+            raise
+        return same_ids_as
+    if same_ids_as is not None:
+        if tokenizer.get_vocab() != same_ids_as.get_vocab():
+            raise ValueError(f"reward_model={path} has a different tokenizer from the policy; "
+                             "both must read the same ids")
+        return same_ids_as
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.truncation_side = "left"  # keep the response's end
+    return tokenizer
