@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Local public data (tokenizers, data sets, leaderboard tasks): the one setting DEMOALIGN_DATA.
+export DEMOALIGN_DATA ?= $(abspath ../shared/data)
 
 .PHONY: setup demo test bench docs clean
 
@@ -25,6 +27,8 @@ demo: setup
 	$(PY) -m demoalign demo --config recipes/demo.yaml overwrite=true
 
 test: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check src tests benchmarks experiments
+	$(VENV)/bin/ruff format --check src tests benchmarks experiments
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-test

@@ -25,11 +25,20 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args()
     tok = train_tokenizer(vocab_size=512)
-    model = tiny_model(tok, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads)
+    model = tiny_model(
+        tok, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads
+    )
     model.resize_token_embeddings(args.vocab_size)
     cuda = args.device == "cuda"
-    config = IRFTConfig(model="x", data="x", batch_size=args.batch_size, cpu=not cuda, show_progress=False,
-                        mixed_precision="bf16" if cuda else "no", learning_rate=1e-5)
+    config = IRFTConfig(
+        model="x",
+        data="x",
+        batch_size=args.batch_size,
+        cpu=not cuda,
+        show_progress=False,
+        mixed_precision="bf16" if cuda else "no",
+        learning_rate=1e-5,
+    )
     acc = make_accelerator(config)
     trainer = Trainer(config, model, acc, MetricsLog("/dev/null", enabled=False))
     g = torch.Generator().manual_seed(0)
@@ -37,8 +46,18 @@ def main():
     for i in range(args.batch_size):
         n_prompt = args.seq_len // 4
         n_resp = int(torch.randint(args.seq_len // 4, args.seq_len - n_prompt, (1,), generator=g))
-        ids = lambda n: torch.randint(2, 500, (n,), generator=g).tolist()
-        pairs.append(Pair(i, ids(n_prompt), ids(n_resp) + [tok.eos_token_id], ids(n_resp // 2) + [tok.eos_token_id]))
+
+        def ids(n):
+            return torch.randint(2, 500, (n,), generator=g).tolist()
+
+        pairs.append(
+            Pair(
+                i,
+                ids(n_prompt),
+                ids(n_resp) + [tok.eos_token_id],
+                ids(n_resp // 2) + [tok.eos_token_id],
+            )
+        )
     fill_reference_logps(trainer.unwrapped, pairs, tok.pad_token_id, 8, acc.autocast)
     loss_fn = irft_loss_fn(0.1, "sigmoid", 0.0, tok.pad_token_id)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -51,19 +70,26 @@ def main():
         t0 = time.perf_counter()
         with acc.autocast():
             losses, _, _ = loss_fn(trainer.model, pairs)
-        sync(); t1 = time.perf_counter()
+        sync()
+        t1 = time.perf_counter()
         acc.backward(losses.mean())
-        sync(); t2 = time.perf_counter()
+        sync()
+        t2 = time.perf_counter()
         acc.clip_grad_norm_(trainer.model.parameters(), 1.0)
-        trainer.optimizer.step(); trainer.optimizer.zero_grad(set_to_none=True)
-        sync(); t3 = time.perf_counter()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        sync()
+        t3 = time.perf_counter()
         trainer.step(pairs, loss_fn, count_pairs(pairs))
-        sync(); t4 = time.perf_counter()
+        sync()
+        t4 = time.perf_counter()
         for k, v in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             timings[k] += v / n
     for k, v in timings.items():
         print(f"{k:16s} {v * 1000:9.1f} ms")
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+    )
     with torch.profiler.profile(activities=activities) as prof:
         trainer.step(pairs, loss_fn, count_pairs(pairs))
         sync()

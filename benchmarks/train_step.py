@@ -53,29 +53,45 @@ import warnings
 RESULT_TAG = "BENCH_RESULT "
 TEMPLATE = "hh"  # prompt ends "Assistant:", response starts " ": identical tokens on both sides
 WORDS = (
-    "mix flour water salt yeast knead dough rise shape bake degrees minutes quick brown fox jumps over "
-    "lazy dog journey thousand miles begins with one step please explain what neural network simple words "
-    "student new topic question capital france paris sorry cannot help request anything else today sort "
+    "mix flour water salt yeast knead dough rise shape bake degrees minutes quick brown fox jumps "
+    "over "
+    "lazy dog journey thousand miles begins with one step please explain what neural network "
+    "simple words "
+    "student new topic question capital france paris sorry cannot help request anything else "
+    "today sort "
     "digits add the a of and to in is it for on"
 ).split()
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab-size", type=int, default=512,
-                   help="model vocabulary (the text tokenizer is a trained BPE of at most 1000 tokens; "
-                        "ids above it are never seen but the softmax spans them all)")
-    p.add_argument("--pairs", type=int, default=32, help="distinct (prompt, chosen, rejected) pairs")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=512,
+        help="model vocabulary (the text tokenizer is a trained BPE of at most 1000 tokens; "
+        "ids above it are never seen but the softmax spans them all)",
+    )
+    p.add_argument(
+        "--pairs", type=int, default=32, help="distinct (prompt, chosen, rejected) pairs"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="pairs per optimiser step")
     p.add_argument("--steps", type=int, default=12, help="timed optimiser steps")
-    p.add_argument("--warmup-steps", type=int, default=2, help="untimed optimiser steps before them")
-    p.add_argument("--seq-len", type=int, default=128,
-                   help="max tokens of prompt + response; responses are 25-100%% of the room left")
+    p.add_argument(
+        "--warmup-steps", type=int, default=2, help="untimed optimiser steps before them"
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=128,
+        help="max tokens of prompt + response; responses are 25-100%% of the room left",
+    )
     p.add_argument("--prompt-len", type=int, default=32, help="max prompt tokens (25-100%% of it)")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--beta", type=float, default=0.1)
@@ -83,7 +99,10 @@ def parse_args(argv=None):
     p.add_argument("--only", choices=("ours", "trl"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.warmup_steps < 1 or args.steps < 1:
-        p.error("--steps and --warmup-steps must be >= 1 (timing starts at the end of the last warm-up step)")
+        p.error(
+            "--steps and --warmup-steps must be >= 1 (timing starts at the end of the last "
+            "warm-up step)"
+        )
     if args.prompt_len + 2 > args.seq_len:
         p.error("--seq-len must leave room for a response after --prompt-len")
     return args
@@ -188,8 +207,8 @@ def build_data(tok, args):
     """Random-word prompts and responses. Returns (texts for TRL, token ids for demoalign); the ids
     are what demoalign's Encoder makes of the texts, and the parity test shows that TRL's
     preparation gives the same ids for this template."""
-    from demoalign.encoding import Encoder
     from demoalign.data import Example
+    from demoalign.encoding import Encoder
     from demoalign.templates import render_prompt, response_text
 
     rng = random.Random(args.seed)
@@ -199,22 +218,33 @@ def build_data(tok, args):
         words: list[str] = []
         while True:
             candidate = words + [rng.choice(WORDS)]
-            if len(tok(render(" ".join(candidate)), add_special_tokens=False)["input_ids"]) > n_tokens:
+            if (
+                len(tok(render(" ".join(candidate)), add_special_tokens=False)["input_ids"])
+                > n_tokens
+            ):
                 return " ".join(words or candidate)
             words = candidate
 
     texts = {"prompt": [], "chosen": [], "rejected": []}
     ids = []
-    scaffold = len(tok(render_prompt(Example("", ""), tok, TEMPLATE), add_special_tokens=False)["input_ids"])
+    scaffold = len(
+        tok(render_prompt(Example("", ""), tok, TEMPLATE), add_special_tokens=False)["input_ids"]
+    )
     for _ in range(args.pairs):
         p_target = rng.randint(max(1, args.prompt_len // 4), args.prompt_len) - scaffold
         prompt = words_up_to(max(1, p_target - 2), lambda s: s)
         example = Example(prompt=prompt, response="")
         prompt_ids = encoder.prompt_ids(example)
         room = args.seq_len - len(prompt_ids) - 1  # -1: the EOS
-        responses = [words_up_to(rng.randint(max(1, room // 4), max(1, room)),
-                                 lambda s: response_text(s, TEMPLATE)) for _ in range(2)]
-        chosen, rejected = (encoder.fit(prompt_ids, encoder.response_ids(r)).response_ids for r in responses)
+        responses = [
+            words_up_to(
+                rng.randint(max(1, room // 4), max(1, room)), lambda s: response_text(s, TEMPLATE)
+            )
+            for _ in range(2)
+        ]
+        chosen, rejected = (
+            encoder.fit(prompt_ids, encoder.response_ids(r)).response_ids for r in responses
+        )
         texts["prompt"].append(render_prompt(example, tok, TEMPLATE))
         texts["chosen"].append(response_text(responses[0], TEMPLATE))
         texts["rejected"].append(response_text(responses[1], TEMPLATE))
@@ -252,10 +282,18 @@ def run_ours(args, tok, model, ids, memory: PeakMemory) -> dict:
     from demoalign.trainer import Trainer, make_accelerator
 
     config = IRFTConfig(
-        model="x", data="x", batch_size=args.batch_size, learning_rate=args.lr,
-        cpu=args.device == "cpu", show_progress=False, beta=args.beta, loss_type="sigmoid",
-        mixed_precision="bf16" if use_bf16(args.device) else "no", optimizer="adamw",
-        weight_decay=0.0, max_grad_norm=1.0,
+        model="x",
+        data="x",
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        cpu=args.device == "cpu",
+        show_progress=False,
+        beta=args.beta,
+        loss_type="sigmoid",
+        mixed_precision="bf16" if use_bf16(args.device) else "no",
+        optimizer="adamw",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
     )
     memory.start()
     accelerator = make_accelerator(config)
@@ -263,7 +301,9 @@ def run_ours(args, tok, model, ids, memory: PeakMemory) -> dict:
     pairs = [Pair(i, p, c, r) for i, (p, c, r) in enumerate(ids)]
     sync(args.device)
     started = time.perf_counter()
-    fill_reference_logps(trainer.unwrapped, pairs, tok.pad_token_id, args.batch_size, accelerator.autocast)
+    fill_reference_logps(
+        trainer.unwrapped, pairs, tok.pad_token_id, args.batch_size, accelerator.autocast
+    )
     sync(args.device)
     ref_s = time.perf_counter() - started
 
@@ -274,12 +314,21 @@ def run_ours(args, tok, model, ids, memory: PeakMemory) -> dict:
         record = trainer.step(batch, loss_fn, count_pairs(batch))
         sync(args.device)
         ends.append(time.perf_counter())
-        tokens.append(sum(2 * len(p.prompt_ids) + len(p.demo_ids) + len(p.negative_ids) for p in batch))
+        tokens.append(
+            sum(2 * len(p.prompt_ids) + len(p.demo_ids) + len(p.negative_ids) for p in batch)
+        )
         losses.append(record["loss"])
     mem = memory.stop()
     w = args.warmup_steps
-    return {"side": "ours", "train_s": ends[-1] - ends[w - 1], "tokens": sum(tokens[w:]),
-            "ref_precompute_s": ref_s, "first_loss": losses[0], "last_loss": losses[-1], **mem}
+    return {
+        "side": "ours",
+        "train_s": ends[-1] - ends[w - 1],
+        "tokens": sum(tokens[w:]),
+        "ref_precompute_s": ref_s,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        **mem,
+    }
 
 
 def run_trl(args, tok, model, texts, memory: PeakMemory) -> dict:
@@ -314,25 +363,53 @@ def run_trl(args, tok, model, texts, memory: PeakMemory) -> dict:
     with tempfile.TemporaryDirectory() as out_dir, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = DPOConfig(
-            output_dir=out_dir, use_cpu=device == "cpu", bf16=use_bf16(device), fp16=False,
-            gradient_checkpointing=False, save_strategy="no", report_to="none", logging_strategy="no",
-            disable_tqdm=True, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
-            learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
-            weight_decay=0.0, max_grad_norm=1.0, max_steps=args.warmup_steps + args.steps,
-            beta=args.beta, loss_type=["sigmoid"], max_length=None, dataloader_num_workers=0,
-            seed=args.seed, precompute_ref_log_probs=False,
+            output_dir=out_dir,
+            use_cpu=device == "cpu",
+            bf16=use_bf16(device),
+            fp16=False,
+            gradient_checkpointing=False,
+            save_strategy="no",
+            report_to="none",
+            logging_strategy="no",
+            disable_tqdm=True,
+            per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=1,
+            learning_rate=args.lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            optim="adamw_torch",
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            max_steps=args.warmup_steps + args.steps,
+            beta=args.beta,
+            loss_type=["sigmoid"],
+            max_length=None,
+            dataloader_num_workers=0,
+            seed=args.seed,
+            precompute_ref_log_probs=False,
         )
         trainer = CountingDPOTrainer(
-            model=model, ref_model=copy.deepcopy(model), args=config, train_dataset=dataset,
-            processing_class=tok, callbacks=[StepEnd()],
+            model=model,
+            ref_model=copy.deepcopy(model),
+            args=config,
+            train_dataset=dataset,
+            processing_class=tok,
+            callbacks=[StepEnd()],
         )
-        # The tokens TRL trains on are the ones ours trains on (checked by tests/test_trl_parity.py).
+        # The tokens TRL trains on are the ones ours trains on (checked by
+        # tests/test_trl_parity.py).
         trainer.train()
     mem = memory.stop()
     w = args.warmup_steps
     assert len(ends) == args.warmup_steps + args.steps, (len(ends), args.warmup_steps + args.steps)
-    return {"side": "trl", "train_s": ends[-1] - ends[w - 1], "tokens": sum(tokens[w:]),
-            "first_loss": losses[0], "last_loss": losses[-1], **mem}
+    return {
+        "side": "trl",
+        "train_s": ends[-1] - ends[w - 1],
+        "tokens": sum(tokens[w:]),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        **mem,
+    }
 
 
 def child(args) -> None:
@@ -343,10 +420,9 @@ def child(args) -> None:
     if args.only == "trl":
         import datasets  # noqa: F401  (imports before the baseline, like ours)
         import trl  # noqa: F401
-    from demoalign.tiny import train_tokenizer
-
     import demoalign.methods  # noqa: F401
     import demoalign.trainer  # noqa: F401
+    from demoalign.tiny import train_tokenizer
 
     tok = train_tokenizer(vocab_size=min(args.vocab_size, 1000))
     texts, ids = build_data(tok, args)
@@ -371,12 +447,16 @@ def missing_trl() -> list[str]:
 
 def spawn(side: str, argv: list[str]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--only", side]
-    env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "TQDM_DISABLE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+            return json.loads(line[len(RESULT_TAG) :])
     sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
     sys.exit(f"the {side} side failed (exit status {proc.returncode}); its output is above")
 
@@ -388,9 +468,14 @@ def mib(n: float) -> str:
 def parent(args, argv: list[str]) -> None:
     missing = missing_trl()
     if missing:
-        print(f"train_step.py: {', '.join(missing)} not importable in {sys.executable}; the TRL side needs "
-              "`trl` and `datasets` (pip install 'trl>=1.0' datasets, or put their wheels on PYTHONPATH). "
-              "Nothing was measured.", file=sys.stderr)
+        print(
+            f"train_step.py: {', '.join(missing)} not importable in {sys.executable}; the TRL "
+            "side needs "
+            "`trl` and `datasets` (pip install 'trl>=1.0' datasets, or put their wheels on "
+            "PYTHONPATH). "
+            "Nothing was measured.",
+            file=sys.stderr,
+        )
         sys.exit(2)
     if args.device == "cuda":
         import torch
@@ -402,30 +487,50 @@ def parent(args, argv: list[str]) -> None:
         import torch
 
         device_name = f"CPU, {torch.get_num_threads()} torch threads"
-    print(f"device: {device_name}; model: Llama hidden {args.hidden_size}, {args.layers} layers, vocab "
-          f"{args.vocab_size}; {args.pairs} pairs, batch {args.batch_size} pairs, seq-len <= {args.seq_len}, "
-          f"{args.warmup_steps} warm-up + {args.steps} timed AdamW steps, lr {args.lr}, "
-          f"{'bf16 autocast' if use_bf16(args.device) else 'fp32'}", flush=True)
+    print(
+        f"device: {device_name}; model: Llama hidden {args.hidden_size}, {args.layers} layers, "
+        "vocab "
+        f"{args.vocab_size}; {args.pairs} pairs, batch {args.batch_size} pairs, seq-len <= "
+        f"{args.seq_len}, "
+        f"{args.warmup_steps} warm-up + {args.steps} timed AdamW steps, lr {args.lr}, "
+        f"{'bf16 autocast' if use_bf16(args.device) else 'fp32'}",
+        flush=True,
+    )
     ours = spawn("ours", argv)
     trl_ = spawn("trl", argv)
     for r in (ours, trl_):
         r["tok_s"] = r["tokens"] / r["train_s"]
         r["ms_step"] = 1000 * r["train_s"] / args.steps
     if ours["tokens"] != trl_["tokens"]:
-        print(f"WARNING: the sides processed different token counts ({ours['tokens']} vs {trl_['tokens']})")
+        print(
+            f"WARNING: the sides processed different token counts ({ours['tokens']} vs "
+            f"{trl_['tokens']})"
+        )
     mem_key = "peak_bytes" if args.device == "cuda" else "growth_bytes"
     rows = [
         ("tokens/s (chosen+rejected, non-pad)", f"{ours['tok_s']:.0f}", f"{trl_['tok_s']:.0f}"),
         ("ms per optimiser step", f"{ours['ms_step']:.1f}", f"{trl_['ms_step']:.1f}"),
         ("tokens in timed steps", str(ours["tokens"]), str(trl_["tokens"])),
-        ("reference log-probs", f"once, {ours['ref_precompute_s'] * 1000:.0f} ms (untimed)",
-         "a ref forward every step"),
-        ("loss first -> last step", f"{ours['first_loss']:.4f} -> {ours['last_loss']:.4f}",
-         f"{trl_['first_loss']:.4f} -> {trl_['last_loss']:.4f}"),
+        (
+            "reference log-probs",
+            f"once, {ours['ref_precompute_s'] * 1000:.0f} ms (untimed)",
+            "a ref forward every step",
+        ),
+        (
+            "loss first -> last step",
+            f"{ours['first_loss']:.4f} -> {ours['last_loss']:.4f}",
+            f"{trl_['first_loss']:.4f} -> {trl_['last_loss']:.4f}",
+        ),
     ]
     if args.device == "cuda":
-        rows += [("peak GPU MiB allocated (total)", mib(ours["peak_bytes"]), mib(trl_["peak_bytes"])),
-                 ("peak GPU MiB above policy weights", mib(ours["growth_bytes"]), mib(trl_["growth_bytes"]))]
+        rows += [
+            ("peak GPU MiB allocated (total)", mib(ours["peak_bytes"]), mib(trl_["peak_bytes"])),
+            (
+                "peak GPU MiB above policy weights",
+                mib(ours["growth_bytes"]),
+                mib(trl_["growth_bytes"]),
+            ),
+        ]
     else:
         rows += [("peak RSS growth MiB", mib(ours["growth_bytes"]), mib(trl_["growth_bytes"]))]
     width = max(len(r[0]) for r in rows)
@@ -434,16 +539,27 @@ def parent(args, argv: list[str]) -> None:
     for name, a, b in rows:
         print(f"{name:{width}}  {a:{col}}  {b}")
     if args.device == "cuda":
-        print("memory: torch.cuda.max_memory_allocated in each side's own process, from the moment the policy "
-              "model sits on the GPU to the last step (weights, reference copy, optimiser state, activations, "
-              "gradients); the ratio uses the total peak.")
+        print(
+            "memory: torch.cuda.max_memory_allocated in each side's own process, from the moment "
+            "the policy "
+            "model sits on the GPU to the last step (weights, reference copy, optimiser state, "
+            "activations, "
+            "gradients); the ratio uses the total peak."
+        )
     else:
-        print(f"memory: peak RSS growth ({ours['method']}) of each side's own process above its RSS after imports, "
-              "tokenizer, data and policy model creation: optimiser state, TRL's reference copy and dataset "
-              "preparation, our reference pre-computation, activations and gradients. At tiny model sizes "
-              "allocator and framework overheads weigh as much as tensors.")
-    print(f"ratio throughput={ours['tok_s'] / trl_['tok_s']:.3f} "
-          f"peak_memory={ours[mem_key] / trl_[mem_key]:.3f}")
+        print(
+            f"memory: peak RSS growth ({ours['method']}) of each side's own process above its RSS "
+            "after imports, "
+            "tokenizer, data and policy model creation: optimiser state, TRL's reference copy and "
+            "dataset "
+            "preparation, our reference pre-computation, activations and gradients. At tiny model "
+            "sizes "
+            "allocator and framework overheads weigh as much as tensors."
+        )
+    print(
+        f"ratio throughput={ours['tok_s'] / trl_['tok_s']:.3f} "
+        f"peak_memory={ours[mem_key] / trl_[mem_key]:.3f}"
+    )
 
 
 def main(argv=None) -> None:

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(os.environ.get("DEMOALIGN_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+SHARED_DATA = Path(
+    os.environ.get("DEMOALIGN_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
 DOLLY = SHARED_DATA / "dolly_hhrlhf" / "dolly_hhrlhf_train_small.jsonl"
 os.environ["DEMOALIGN_DATA"] = str(SHARED_DATA)
 
@@ -14,7 +16,9 @@ os.environ["DEMOALIGN_DATA"] = str(SHARED_DATA)
 def tiny_model_dir(tmp_path_factory) -> Path:
     from demoalign.tiny import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", vocab_size=384, hidden_size=32)
+    return make_tiny_model(
+        tmp_path_factory.mktemp("tiny") / "model", vocab_size=384, hidden_size=32
+    )
 
 
 @pytest.fixture(scope="session")
@@ -35,9 +39,16 @@ def fresh_model(tiny_model_dir):
 def small_run_config(cls, tiny_model_dir, out, **overrides):
     """A config for a run of a few seconds on CPU."""
     values = dict(
-        model=str(tiny_model_dir), data=str(DOLLY), max_examples=16, output_dir=str(out),
-        max_length=80, max_prompt_length=40, batch_size=4, learning_rate=1e-3,
-        cpu=True, show_progress=False,
+        model=str(tiny_model_dir),
+        data=str(DOLLY),
+        max_examples=16,
+        output_dir=str(out),
+        max_length=80,
+        max_prompt_length=40,
+        batch_size=4,
+        learning_rate=1e-3,
+        cpu=True,
+        show_progress=False,
     )
     if cls.method != "sft":
         values.update(max_new_tokens=10, generation_batch_size=8, stages=2)

@@ -7,6 +7,7 @@ from conftest import DOLLY, SHARED_DATA
 from demoalign.cli import main
 from demoalign.config import CONFIGS, GenerateConfig
 
+
 @pytest.mark.parametrize("command", ["sft", "spin", "irft", "generate"])
 def test_help_documents_every_option(command, capsys):
     with pytest.raises(SystemExit):
@@ -25,7 +26,9 @@ def test_readme_reference_is_current_and_documents_every_option():
     from demoalign.docs import END, START, reference_markdown
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert f"{START}\n{reference_markdown()}\n{END}" in readme, "README reference is stale: run `make docs`"
+    assert f"{START}\n{reference_markdown()}\n{END}" in readme, (
+        "README reference is stale: run `make docs`"
+    )
     for cls in (*CONFIGS.values(), GenerateConfig, DemoConfig):
         for f in fields(cls):
             assert f"`{f.name}`" in readme, f"README misses {f.name}"
@@ -38,18 +41,44 @@ def test_cli_tiny_model_train_generate_and_inspect(tmp_path, capsys):
     assert main(["tiny-model", str(model_dir), "--vocab-size", "300", "--hidden-size", "32"]) == 0
     AutoModelForCausalLM.from_pretrained(model_dir)
     out = tmp_path / "run"
-    args = [f"model={model_dir}", f"data={DOLLY}", "max_examples=8", f"output_dir={out}", "max_length=64",
-            "max_prompt_length=32", "max_new_tokens=6", "batch_size=4", "stages=2", "show_progress=false"]
+    args = [
+        f"model={model_dir}",
+        f"data={DOLLY}",
+        "max_examples=8",
+        f"output_dir={out}",
+        "max_length=64",
+        "max_prompt_length=32",
+        "max_new_tokens=6",
+        "batch_size=4",
+        "stages=2",
+        "show_progress=false",
+    ]
     assert main(["irft", *args]) == 0
     assert (out / "final" / "model.safetensors").exists()
     assert main(["irft", *args]) == 2, "a non-empty run folder must be refused"
     assert "overwrite" in capsys.readouterr().err
     gen_file = tmp_path / "gen.jsonl"
-    assert main(["generate", f"model={out / 'final'}", f"data={DOLLY}", "max_examples=3",
-                 f"output={gen_file}", "max_new_tokens=5"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                f"model={out / 'final'}",
+                f"data={DOLLY}",
+                "max_examples=3",
+                f"output={gen_file}",
+                "max_new_tokens=5",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in gen_file.read_text().splitlines()]
-    assert len(rows) == 3 and all({"prompt", "response", "tokens", "finished"} <= set(r) for r in rows)
-    assert main(["data", "inspect", str(SHARED_DATA / "hh_rlhf" / "helpful-online" / "test.jsonl.gz")]) == 0
+    assert len(rows) == 3 and all(
+        {"prompt", "response", "tokens", "finished"} <= set(r) for r in rows
+    )
+    assert (
+        main(["data", "inspect", str(SHARED_DATA / "hh_rlhf" / "helpful-online" / "test.jsonl.gz")])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "hh" in text and "1137" in text
     assert main(["irft", *args, "overwrite=true", "stagez=2"]) == 2
@@ -63,7 +92,8 @@ def _one_error_line(capsys) -> str:
 
 
 def test_every_bad_input_is_one_error_line_exit_2_and_touches_nothing(
-        tiny_model_dir, tmp_path, capsys, monkeypatch):
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
     base = [f"data={DOLLY}", "max_examples=4", "show_progress=false", "cpu=true"]
     out = tmp_path / "run"
     bad_yaml = tmp_path / "bad.yaml"
@@ -98,7 +128,18 @@ def test_generate_reads_a_file_of_prompts_alone(tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Hi", "Name a fruit")))
     output = tmp_path / "gen.jsonl"
-    assert main(["generate", f"model={tiny_model_dir}", f"data={prompts}", f"output={output}",
-                 "max_new_tokens=4", "cpu=true"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                f"model={tiny_model_dir}",
+                f"data={prompts}",
+                f"output={output}",
+                "max_new_tokens=4",
+                "cpu=true",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["Hi", "Name a fruit"]

@@ -2,11 +2,10 @@
 
 from dataclasses import fields
 
+import pytest
 import yaml
 
 from demoalign.config import IRFTConfig, SPINConfig, build_config, load_config
-
-import pytest
 
 
 class CharTokenizer:
@@ -18,7 +17,6 @@ class CharTokenizer:
     def __call__(self, text, add_special_tokens=True):
         ids = [ord(c) for c in text]
         return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
-
 
 
 @pytest.mark.parametrize("key, value", [("beta", "0"), ("top_p", "1.5"), ("temperature", "0")])
@@ -40,7 +38,11 @@ def test_unknown_key_names_the_nearest_valid_key():
 
 
 def test_values_are_typed_and_checked(tmp_path):
-    cfg = load_config(IRFTConfig, None, ["model=m", "data=d", "learning_rate=1e-3", "stages=4", "greedy=true", "beta=1"])
+    cfg = load_config(
+        IRFTConfig,
+        None,
+        ["model=m", "data=d", "learning_rate=1e-3", "stages=4", "greedy=true", "beta=1"],
+    )
     assert cfg.learning_rate == 1e-3 and cfg.stages == 4 and cfg.greedy is True and cfg.beta == 1.0
     with pytest.raises(ValueError, match="expects int"):
         load_config(IRFTConfig, None, ["model=m", "data=d", "stages=two"])
@@ -56,8 +58,26 @@ def test_values_are_typed_and_checked(tmp_path):
 
 def test_interface_keys_exist():
     names = {f.name for f in fields(IRFTConfig)}
-    fixed = {"model", "data", "output_dir", "stages", "epochs_per_stage", "iterations", "beta", "loss_type",
-             "learning_rate", "optimizer", "batch_size", "gradient_accumulation_steps", "max_length",
-             "max_prompt_length", "max_new_tokens", "temperature", "top_p", "template", "seed", "overwrite"}
+    fixed = {
+        "model",
+        "data",
+        "output_dir",
+        "stages",
+        "epochs_per_stage",
+        "iterations",
+        "beta",
+        "loss_type",
+        "learning_rate",
+        "optimizer",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "max_length",
+        "max_prompt_length",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "template",
+        "seed",
+        "overwrite",
+    }
     assert fixed <= names
-

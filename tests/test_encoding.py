@@ -1,7 +1,7 @@
 """Encoding: prompt cut from the left keeping BOS, response cut to fit, labels on the response."""
 
-from demoalign.encoding import Encoder, Tokenized, collate
 from demoalign.data import Example
+from demoalign.encoding import Encoder, Tokenized, collate
 from demoalign.logprobs import IGNORE_INDEX
 
 
@@ -16,7 +16,6 @@ class CharTokenizer:
         return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
 
 
-
 def test_prompt_cut_from_the_left_keeping_bos_and_response_cut_to_fit():
     enc = Encoder(CharTokenizer(), "plain", max_length=10, max_prompt_length=4)
     t = enc.encode(Example("abcdef", "xyz"))
@@ -26,12 +25,18 @@ def test_prompt_cut_from_the_left_keeping_bos_and_response_cut_to_fit():
     long = enc.encode(Example("ab", "0123456789"))
     assert len(long.prompt_ids) + len(long.response_ids) == 10
     assert long.response_ids == [ord(c) for c in "012345"], "cut from the right to fit max_length"
-    assert enc.counts.as_dict() == {"prompts_truncated": 1, "responses_truncated": 1, "sequences": 2}
+    assert enc.counts.as_dict() == {
+        "prompts_truncated": 1,
+        "responses_truncated": 1,
+        "sequences": 2,
+    }
 
 
 def test_collate_labels_only_the_response():
     batch = collate([Tokenized([5, 6], [7, 2]), Tokenized([5], [2])], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 2], [5, 2, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 7, 2], [IGNORE_INDEX, 2, IGNORE_INDEX, IGNORE_INDEX]]
-
+    assert batch["labels"].tolist() == [
+        [IGNORE_INDEX, IGNORE_INDEX, 7, 2],
+        [IGNORE_INDEX, 2, IGNORE_INDEX, IGNORE_INDEX],
+    ]

@@ -4,7 +4,11 @@ from conftest import fresh_model
 from demoalign.config import IRFTConfig
 from demoalign.generation import _strip_after_eos, generate_ids, sampling_config
 
-PROMPTS = ["### Instruction: sort 3 1 2\n\n### Response: ", "Hello", "### Instruction: add 12 and 30, then explain\n\n### Response: "]
+PROMPTS = [
+    "### Instruction: sort 3 1 2\n\n### Response: ",
+    "Hello",
+    "### Instruction: add 12 and 30, then explain\n\n### Response: ",
+]
 
 
 def _prompt_ids(tokenizer):
@@ -63,5 +67,7 @@ def test_the_models_own_generation_config_does_not_leak_into_sampling(tiny_model
     tweaked.generation_config.no_repeat_ngram_size = 1
     tweaked.generation_config.top_k = 3
     common = dict(max_new_tokens=12, seed=3, show_progress=False)
-    assert generate_ids(tweaked, tokenizer, ids, **common) == generate_ids(plain, tokenizer, ids, **common)
+    assert generate_ids(tweaked, tokenizer, ids, **common) == generate_ids(
+        plain, tokenizer, ids, **common
+    )
     assert tweaked.generation_config.repetition_penalty == 5.0, "the model's own config is restored"

@@ -14,7 +14,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 def test_irft_on_gpu_in_bf16(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    config = small_run_config(IRFTConfig, tiny_model_dir, tmp_path / "gpu", cpu=False, mixed_precision="auto")
+    config = small_run_config(
+        IRFTConfig, tiny_model_dir, tmp_path / "gpu", cpu=False, mixed_precision="auto"
+    )
     out = train(config)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["mixed_precision"] == "bf16"

@@ -31,7 +31,11 @@ def test_chunked_equals_full_log_softmax():
     logits = torch.randn(5, 7, 11)
     labels = torch.randint(0, 11, (5, 7))
     labels[:, :3] = IGNORE_INDEX
-    full = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    full = (
+        torch.log_softmax(logits[:, :-1], -1)
+        .gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1))
+        .squeeze(-1)
+    )
     full = full * (labels[:, 1:] != IGNORE_INDEX)
     for rows in (1, 2, 8):
         assert torch.allclose(token_logps(logits, labels, rows_per_chunk=rows), full, atol=1e-6)
@@ -47,7 +51,11 @@ def test_padding_and_prompt_tokens_do_not_count_eos_does(tiny_model_dir, tokeniz
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompt = tokenizer("### Instruction: add 2 and 3\n\n### Response: ")["input_ids"]
     response = tokenizer("5", add_special_tokens=False)["input_ids"] + [eos]
-    long = Tokenized(prompt, tokenizer("a much longer answer that forces padding", add_special_tokens=False)["input_ids"] + [eos])
+    long = Tokenized(
+        prompt,
+        tokenizer("a much longer answer that forces padding", add_special_tokens=False)["input_ids"]
+        + [eos],
+    )
     alone = _logp(model, [Tokenized(prompt, response)], pad)
     padded = _logp(model, [Tokenized(prompt, response), long], pad)[0]
     assert torch.allclose(alone, padded, atol=1e-5), "right padding changed a response's log-prob"
@@ -74,8 +82,14 @@ def test_tiled_lm_head_equals_full_logits_in_value_and_gradient(tiny_model_dir, 
     model = fresh_model(tiny_model_dir)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     items = [
-        Tokenized(tokenizer("### Instruction: hi\n\n### Response: ")["input_ids"], tokenizer("hello there", add_special_tokens=False)["input_ids"] + [eos]),
-        Tokenized(tokenizer("Q: 2+2?")["input_ids"], tokenizer(" 4", add_special_tokens=False)["input_ids"] + [eos]),
+        Tokenized(
+            tokenizer("### Instruction: hi\n\n### Response: ")["input_ids"],
+            tokenizer("hello there", add_special_tokens=False)["input_ids"] + [eos],
+        ),
+        Tokenized(
+            tokenizer("Q: 2+2?")["input_ids"],
+            tokenizer(" 4", add_special_tokens=False)["input_ids"] + [eos],
+        ),
     ]
     batch = collate(items, pad)
     fused = SequenceScorer(model, tile_tokens=3)  # several tiles, one of them partial
@@ -87,7 +101,9 @@ def test_tiled_lm_head_equals_full_logits_in_value_and_gradient(tiny_model_dir, 
         model.zero_grad()
         logps, n = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
         (logps * torch.tensor([1.0, -2.0])).sum().backward()
-        results.append((logps.detach(), n, torch.cat([p.grad.flatten() for p in model.parameters()])))
+        results.append(
+            (logps.detach(), n, torch.cat([p.grad.flatten() for p in model.parameters()]))
+        )
     (a, na, ga), (b, nb, gb) = results
     assert torch.equal(na, nb) and na.tolist() == [len(i.response_ids) for i in items]
     assert torch.allclose(a, b, atol=1e-5)

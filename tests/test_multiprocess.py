@@ -26,12 +26,34 @@ def _launch_two_processes(method, tiny_model_dir, out, extra):
     if accelerate is None:
         pytest.skip("accelerate launcher not found beside the interpreter")
     args = [
-        f"model={tiny_model_dir}", f"data={DOLLY}", "max_examples=16", f"output_dir={out}",
-        "max_length=80", "max_prompt_length=40", "batch_size=2", "learning_rate=1e-3",
-        "cpu=true", "show_progress=false", *extra,
+        f"model={tiny_model_dir}",
+        f"data={DOLLY}",
+        "max_examples=16",
+        f"output_dir={out}",
+        "max_length=80",
+        "max_prompt_length=40",
+        "batch_size=2",
+        "learning_rate=1e-3",
+        "cpu=true",
+        "show_progress=false",
+        *extra,
     ]
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(HERE / "ddp_run.py"), method, *args]
+    cmd = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(HERE / "ddp_run.py"),
+        method,
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -54,6 +76,12 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
     # Same negatives whatever the number of processes (round-robin, per-batch seeds).
     for stage in ("1", "2"):
         assert (one_irft / "stages" / stage / "negatives.jsonl").read_text().count("\n") == 8
-        negs = [json.loads(x)["negative"] for x in (one_irft / "stages" / stage / "negatives.jsonl").read_text().splitlines()]
-        negs2 = [json.loads(x)["negative"] for x in (two_irft / "stages" / stage / "negatives.jsonl").read_text().splitlines()]
+        negs = [
+            json.loads(x)["negative"]
+            for x in (one_irft / "stages" / stage / "negatives.jsonl").read_text().splitlines()
+        ]
+        negs2 = [
+            json.loads(x)["negative"]
+            for x in (two_irft / "stages" / stage / "negatives.jsonl").read_text().splitlines()
+        ]
         assert negs == negs2

@@ -35,7 +35,8 @@ def test_starting_from_a_model_inside_the_run_folder_never_deletes_it(tiny_model
 
 
 def test_bad_input_creates_nothing_and_the_corrected_rerun_needs_no_overwrite(
-        tiny_model_dir, tmp_path):
+    tiny_model_dir, tmp_path
+):
     out = tmp_path / "run"
     bad = small_run_config(SFTConfig, tiny_model_dir, out)
     with pytest.raises(ValueError, match="no such file"):
@@ -47,7 +48,8 @@ def test_bad_input_creates_nothing_and_the_corrected_rerun_needs_no_overwrite(
 
 
 def test_a_crash_during_the_final_save_is_never_reported_as_finished(
-        tiny_model_dir, tmp_path, monkeypatch):
+    tiny_model_dir, tmp_path, monkeypatch
+):
     def killed(model, tokenizer, path):
         (path.parent / ".final.tmp").mkdir()
         raise KeyboardInterrupt  # what a kill looks like from inside the process
@@ -67,7 +69,8 @@ def test_a_crash_during_the_final_save_is_never_reported_as_finished(
 
 
 def test_a_non_finite_gradient_stops_the_run_with_the_step_and_strict_json(
-        tiny_model_dir, tmp_path, monkeypatch):
+    tiny_model_dir, tmp_path, monkeypatch
+):
     from demoalign.methods import sft as methods
 
     real = methods.sft_loss_fn
@@ -91,9 +94,17 @@ def test_a_non_finite_gradient_stops_the_run_with_the_step_and_strict_json(
     assert [m["step"] for m in steps] == [1, 2]
 
 
-@pytest.mark.parametrize("key,value", [("beta", float("nan")), ("learning_rate", 0.0),
-                                       ("learning_rate", -1e-3), ("beta", float("inf")),
-                                       ("stages", "4"), ("max_grad_norm", -1.0)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("beta", float("nan")),
+        ("learning_rate", 0.0),
+        ("learning_rate", -1e-3),
+        ("beta", float("inf")),
+        ("stages", "4"),
+        ("max_grad_norm", -1.0),
+    ],
+)
 def test_meaningless_values_are_refused_before_anything_runs(tiny_model_dir, tmp_path, key, value):
     config = small_run_config(IRFTConfig, tiny_model_dir, tmp_path / "run")
     with pytest.raises(ValueError, match=key):

@@ -9,13 +9,26 @@ import sys
 
 import pytest
 
-from demoalign.runio import (LOCK, MARKER, RunFolderError, atomic_write_text, check_output_dir,
-                             claim_output_dir, live_lock_owner, release_lock, strict_json)
+from demoalign.runio import (
+    LOCK,
+    MARKER,
+    RunFolderError,
+    atomic_write_text,
+    check_output_dir,
+    claim_output_dir,
+    live_lock_owner,
+    release_lock,
+    strict_json,
+)
 
 
 def _user_files(folder):
     folder.mkdir(parents=True, exist_ok=True)
-    for name, text in {"config.yaml": "mine: 1\n", "main.py": "print(1)\n", "d.jsonl": "{}\n"}.items():
+    for name, text in {
+        "config.yaml": "mine: 1\n",
+        "main.py": "print(1)\n",
+        "d.jsonl": "{}\n",
+    }.items():
         (folder / name).write_text(text)
     return sorted(p.name for p in folder.iterdir())
 

@@ -1,7 +1,9 @@
 """The one training loop: schedule, process shares, dropout."""
 
 from types import SimpleNamespace
+
 import torch
+
 from demoalign.trainer import Trainer, disable_dropout, lr_factor
 
 
@@ -16,18 +18,30 @@ class CharTokenizer:
         return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
 
 
-
 def test_lr_schedule_by_hand():
     f = lr_factor(10, 0.2, "linear")  # 2 warm-up steps, then 8 decay steps
-    assert [round(f(k), 4) for k in range(10)] == [0.3333, 0.6667, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+    assert [round(f(k), 4) for k in range(10)] == [
+        0.3333,
+        0.6667,
+        1.0,
+        0.875,
+        0.75,
+        0.625,
+        0.5,
+        0.375,
+        0.25,
+        0.125,
+    ]
     assert lr_factor(5, 0.0, "linear")(0) == 1.0, "no warm-up: the first step runs at the peak lr"
     assert [lr_factor(4, 0.5, "constant")(k) for k in range(4)] == [1 / 3, 2 / 3, 1.0, 1.0]
 
 
 def test_a_process_without_items_runs_one_with_weight_zero():
     def shard(rank, world, batch, batch_size=2):
-        fake = SimpleNamespace(accelerator=SimpleNamespace(num_processes=world, process_index=rank),
-                               config=SimpleNamespace(batch_size=batch_size))
+        fake = SimpleNamespace(
+            accelerator=SimpleNamespace(num_processes=world, process_index=rank),
+            config=SimpleNamespace(batch_size=batch_size),
+        )
         return Trainer._my_micro_batches(fake, batch)
 
     assert shard(0, 2, ["a", "b", "c"]) == ([["a", "c"]], 1.0)
@@ -48,4 +62,3 @@ def test_disable_dropout_covers_float_attention_dropout(tiny_model_dir):
     assert not torch.allclose(a, b), "the fixture must have active attention dropout"
     disable_dropout(model)
     assert torch.equal(model(ids).logits, model(ids).logits)
-

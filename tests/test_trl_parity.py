@@ -30,28 +30,34 @@ datasets = pytest.importorskip("datasets")
 
 import torch  # noqa: E402
 
-from demoalign.encoding import Encoder  # noqa: E402
 from demoalign.data import Example  # noqa: E402
+from demoalign.encoding import Encoder  # noqa: E402
 from demoalign.losses import pairwise_loss  # noqa: E402
 from demoalign.methods.irft import irft_loss_fn  # noqa: E402
 from demoalign.pairs import Pair, fill_reference_logps, pair_logps  # noqa: E402
 from demoalign.templates import render_prompt, response_text  # noqa: E402
 from demoalign.tiny import tiny_model, train_tokenizer  # noqa: E402
 
-TEMPLATE = "hh"  # the prompt ends with "Assistant:" and the response starts with " ": a token boundary
+TEMPLATE = (
+    "hh"  # the prompt ends with "Assistant:" and the response starts with " ": a token boundary
+)
 
 # (prompt, demonstration = chosen, negative = rejected); lengths differ so that padding is exercised
 # on both halves of the batch and chosen/rejected of one pair differ in length.
 ROWS = [
-    ("How do I bake bread at home?",
-     "Mix flour, water, salt and yeast, knead the dough, let it rise and bake it.",
-     "I am sorry, but I cannot help with that request."),
+    (
+        "How do I bake bread at home?",
+        "Mix flour, water, salt and yeast, knead the dough, let it rise and bake it.",
+        "I am sorry, but I cannot help with that request.",
+    ),
     ("Add 12 and 30.", "42", "The quick brown fox jumps over the lazy dog."),
     ("What is the capital of France?", "The capital of France is Paris.", "Paris"),
     ("Sort the digits 3 1 2.", "1 2 3", "3 2 1 0"),
-    ("Please explain what a neural network is, in simple words.",
-     "A neural network is a function with many parameters, fitted to examples.",
-     "A journey of a thousand miles begins with one step."),
+    (
+        "Please explain what a neural network is, in simple words.",
+        "A neural network is a function with many parameters, fitted to examples.",
+        "A journey of a thousand miles begins with one step.",
+    ),
 ]
 
 
@@ -80,11 +86,13 @@ def setup():
         pairs.append(Pair(i, demo.prompt_ids, demo.response_ids, neg.response_ids))
 
     # The same pairs as text, the way a TRL user would give them (TRL appends the EOS itself).
-    dataset = datasets.Dataset.from_dict({
-        "prompt": [render_prompt(e, tok, TEMPLATE) for e in examples],
-        "chosen": [response_text(c, TEMPLATE) for _, c, _ in ROWS],
-        "rejected": [response_text(r, TEMPLATE) for _, _, r in ROWS],
-    })
+    dataset = datasets.Dataset.from_dict(
+        {
+            "prompt": [render_prompt(e, tok, TEMPLATE) for e in examples],
+            "chosen": [response_text(c, TEMPLATE) for _, c, _ in ROWS],
+            "rejected": [response_text(r, TEMPLATE) for _, _, r in ROWS],
+        }
+    )
     return tok, policy, reference, pairs, dataset
 
 
@@ -94,14 +102,24 @@ def make_trl_trainer(tok, policy, reference, dataset, loss_type, beta, tmp_path)
         warnings.simplefilter("ignore")
         args = trl.DPOConfig(
             output_dir=str(tmp_path / f"trl-{loss_type}-{beta}"),
-            use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no",
-            report_to="none", logging_strategy="no", disable_tqdm=True,
-            per_device_train_batch_size=len(ROWS), beta=beta, loss_type=[loss_type],
+            use_cpu=True,
+            bf16=False,
+            gradient_checkpointing=False,
+            save_strategy="no",
+            report_to="none",
+            logging_strategy="no",
+            disable_tqdm=True,
+            per_device_train_batch_size=len(ROWS),
+            beta=beta,
+            loss_type=[loss_type],
             max_length=None,
         )
         return trl.DPOTrainer(
-            model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
-            train_dataset=dataset, processing_class=tok,
+            model=copy.deepcopy(policy),
+            ref_model=copy.deepcopy(reference),
+            args=args,
+            train_dataset=dataset,
+            processing_class=tok,
         )
 
 
@@ -115,7 +133,9 @@ def trl_batch(trainer):
 def ours_logps(setup):
     tok, policy, reference, pairs, _ = setup
     pairs = [copy.deepcopy(p) for p in pairs]
-    fill_reference_logps(reference, pairs, tok.pad_token_id, batch_size=2, autocast=contextlib.nullcontext)
+    fill_reference_logps(
+        reference, pairs, tok.pad_token_id, batch_size=2, autocast=contextlib.nullcontext
+    )
     with torch.no_grad():
         demo, neg, _, _ = pair_logps(policy, pairs, tok.pad_token_id)
     ref_demo = torch.tensor([p.ref_demo for p in pairs])
@@ -126,7 +146,9 @@ def ours_logps(setup):
 @pytest.fixture(scope="module")
 def trl_sigmoid(setup, tmp_path_factory):
     tok, policy, reference, _, dataset = setup
-    return make_trl_trainer(tok, policy, reference, dataset, "sigmoid", 0.1, tmp_path_factory.mktemp("trl"))
+    return make_trl_trainer(
+        tok, policy, reference, dataset, "sigmoid", 0.1, tmp_path_factory.mktemp("trl")
+    )
 
 
 def test_tokenisation_identical(setup, trl_sigmoid):
@@ -220,4 +242,3 @@ def test_irft_loss_fn_loss_and_gradient_match_trl(setup, ours_logps, trl_sigmoid
         torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-3, msg=lambda m: f"{name}: {m}")
         compared += 1
     assert compared == sum(1 for _ in model.parameters())
-

@@ -4,5 +4,14 @@ from .config import EvalConfig, IRFTConfig, RFTConfig, SFTConfig, SPINConfig, Tr
 from .eval import evaluate
 from .run import train
 
-__all__ = ["EvalConfig", "IRFTConfig", "RFTConfig", "SFTConfig", "SPINConfig", "TrainConfig", "evaluate", "train"]
+__all__ = [
+    "EvalConfig",
+    "IRFTConfig",
+    "RFTConfig",
+    "SFTConfig",
+    "SPINConfig",
+    "TrainConfig",
+    "evaluate",
+    "train",
+]
 __version__ = "0.1.0"

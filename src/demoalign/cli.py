@@ -17,39 +17,73 @@ def _options_epilog(cls) -> str:
     lines = ["options (key=value on the command line, or keys of the --config YAML):"]
     for key, default, help_text in option_docs(cls):
         lines.append(f"  {key} (default {default})")
-        lines.extend(textwrap.wrap(help_text, 88, initial_indent="      ", subsequent_indent="      "))
+        lines.extend(
+            textwrap.wrap(help_text, 88, initial_indent="      ", subsequent_indent="      ")
+        )
     return "\n".join(lines)
 
 
 def _add_config_command(sub, name: str, cls, help_text: str):
-    p = sub.add_parser(name, help=help_text, description=help_text, epilog=_options_epilog(cls),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=_options_epilog(cls),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="YAML file of config keys; key=value arguments override it")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="demoalign", description="Reward learning from demonstrations for LLM alignment.")
+    parser = argparse.ArgumentParser(
+        prog="demoalign", description="Reward learning from demonstrations for LLM alignment."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_config_command(sub, "sft", CONFIGS["sft"], "Supervised fine-tuning (token-level NLL).")
     _add_config_command(sub, "spin", CONFIGS["spin"], "SPIN: IRFT with one stage per iteration.")
-    _add_config_command(sub, "irft", CONFIGS["irft"], "IRFT: implicit-reward fine-tuning with T stages.")
-    _add_config_command(sub, "rft", CONFIGS["rft"], "RFT: an explicit reward model from demonstrations, and RLOO of the policy against it.")
+    _add_config_command(
+        sub, "irft", CONFIGS["irft"], "IRFT: implicit-reward fine-tuning with T stages."
+    )
+    _add_config_command(
+        sub,
+        "rft",
+        CONFIGS["rft"],
+        "RFT: an explicit reward model from demonstrations, and RLOO of the policy against it.",
+    )
     _add_config_command(sub, "generate", GenerateConfig, "Sample one response per prompt.")
-    _add_config_command(sub, "eval", EvalConfig, "Compare models: preference-pair, task and reward-model metrics with bootstrap intervals.")
-    _add_config_command(sub, "demo", DemoConfig, "The built-in task: SFT, SPIN and IRFT compared over seeds.")
-    tiny = sub.add_parser("tiny-model", help="Write a tiny random model + tokenizer for trials and tests.")
+    _add_config_command(
+        sub,
+        "eval",
+        EvalConfig,
+        "Compare models: preference-pair, task and reward-model metrics with bootstrap intervals.",
+    )
+    _add_config_command(
+        sub, "demo", DemoConfig, "The built-in task: SFT, SPIN and IRFT compared over seeds."
+    )
+    tiny = sub.add_parser(
+        "tiny-model", help="Write a tiny random model + tokenizer for trials and tests."
+    )
     tiny.add_argument("out")
-    tiny.add_argument("--tokenizer", default="trained", choices=["trained", "gpt2", "neox"],
-                      help="trained: a byte-level BPE trained here (fast); gpt2/neox: the real tokenizer files under $DEMOALIGN_DATA/tokenizers")
-    tiny.add_argument("--vocab-size", type=int, default=512, help="vocabulary of the trained tokenizer")
+    tiny.add_argument(
+        "--tokenizer",
+        default="trained",
+        choices=["trained", "gpt2", "neox"],
+        help="trained: a byte-level BPE trained here (fast); gpt2/neox: the real tokenizer "
+        "files under $DEMOALIGN_DATA/tokenizers",
+    )
+    tiny.add_argument(
+        "--vocab-size", type=int, default=512, help="vocabulary of the trained tokenizer"
+    )
     tiny.add_argument("--hidden-size", type=int, default=64)
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--seed", type=int, default=0)
     data = sub.add_parser("data", help="Data utilities.")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    inspect = data_sub.add_parser("inspect", help="Show the recognised format and counts of a data file.")
+    inspect = data_sub.add_parser(
+        "inspect", help="Show the recognised format and counts of a data file."
+    )
     inspect.add_argument("file")
     inspect.add_argument("--columns", default="", help="prompt:COLUMN,response:COLUMN")
     return parser
@@ -75,16 +109,33 @@ def run_generate(config: GenerateConfig) -> None:
         if torch.cuda.is_available():
             model = model.cuda()
     template = resolve_template(tokenizer, config.template)
-    encoder = Encoder(tokenizer, template, config.max_prompt_length + config.max_new_tokens, config.max_prompt_length)
+    encoder = Encoder(
+        tokenizer,
+        template,
+        config.max_prompt_length + config.max_new_tokens,
+        config.max_prompt_length,
+    )
     prompts = [encoder.prompt_ids(e) for e in examples]
-    out = generate_ids(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                       top_p=config.top_p, greedy=config.greedy, batch_size=config.batch_size, seed=config.seed)
-    records = [{
-        "prompt": e.prompt,
-        "response": tokenizer.decode(out[i], skip_special_tokens=True),
-        "tokens": len(out[i]),
-        "finished": bool(out[i]) and out[i][-1] == tokenizer.eos_token_id,
-    } for i, e in enumerate(examples)]
+    out = generate_ids(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        greedy=config.greedy,
+        batch_size=config.batch_size,
+        seed=config.seed,
+    )
+    records = [
+        {
+            "prompt": e.prompt,
+            "response": tokenizer.decode(out[i], skip_special_tokens=True),
+            "tokens": len(out[i]),
+            "finished": bool(out[i]) and out[i][-1] == tokenizer.eos_token_id,
+        }
+        for i, e in enumerate(examples)
+    ]
     atomic_write_jsonl(config.output, records)
     print(f"wrote {len(records)} generations to {config.output}")
 
@@ -103,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             if (out / "stages").exists():
                 print(f"  negatives per stage: {out / 'stages'}/<k>/negatives.jsonl")
             if (out / "iterations").exists():
-                print(f"  per outer iteration: {out / 'iterations'}/<k>/negatives.jsonl, reward_model/, policy/")
+                print(
+                    f"  per outer iteration: {out / 'iterations'}/<k>/negatives.jsonl, "
+                    "reward_model/, policy/"
+                )
         elif args.command == "demo":
             from .eval.demo import run_demo
 
@@ -114,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(EvalConfig, args.config, args.overrides)
             results = evaluate(config)
             for entry in results["models"]:
-                cells = ", ".join(f"{k} {m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]" for k, m in entry["metrics"].items())
+                cells = ", ".join(
+                    f"{k} {m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+                    for k, m in entry["metrics"].items()
+                )
                 print(f"{entry['name']}: {cells}")
             print(f"wrote {config.output_dir}/results.json and {config.output_dir}/report.md")
         elif args.command == "generate":
@@ -122,8 +179,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "tiny-model":
             from .tiny import make_tiny_model
 
-            out = make_tiny_model(args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                                  hidden_size=args.hidden_size, num_layers=args.layers, seed=args.seed)
+            out = make_tiny_model(
+                args.out,
+                tokenizer=args.tokenizer,
+                vocab_size=args.vocab_size,
+                hidden_size=args.hidden_size,
+                num_layers=args.layers,
+                seed=args.seed,
+            )
             print(f"tiny model written to {out}")
         elif args.command == "data":
             from .data import inspect_data, parse_columns

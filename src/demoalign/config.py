@@ -41,28 +41,66 @@ def check_types_and_finite(config) -> None:
 class TrainConfig:
     """Options shared by every method."""
 
-    model: str = opt("", "Path (or hub id, when a hub is reachable) of the causal LM to start from.")
-    data: str = opt("", "Demonstrations: a JSONL/JSON/Parquet/CSV file, a saved HF dataset folder, or task:NAME[:SEED] (built-in tasks: sort, add, brackets).")
-    columns: str = opt("", "Explicit column mapping for unrecognised files, e.g. 'prompt:question,response:answer'.")
+    model: str = opt(
+        "", "Path (or hub id, when a hub is reachable) of the causal LM to start from."
+    )
+    data: str = opt(
+        "",
+        "Demonstrations: a JSONL/JSON/Parquet/CSV file, a saved HF dataset folder, or "
+        "task:NAME[:SEED] (built-in tasks: sort, add, brackets).",
+    )
+    columns: str = opt(
+        "",
+        "Explicit column mapping for unrecognised files, e.g. 'prompt:question,response:answer'.",
+    )
     max_examples: int = opt(0, "Use only the first N records of `data` (0 = all).")
     output_dir: str = opt("runs/out", "Run folder: config.yaml, metrics.jsonl, stages/, final/.")
-    overwrite: bool = opt(False, "Replace an earlier run in output_dir: only a folder demoalign created (it holds the .demoalign-run marker), never the working directory or a parent of it, a folder holding this run's model or data, or a live run's folder (it is locked).")
+    overwrite: bool = opt(
+        False,
+        "Replace an earlier run in output_dir: only a folder demoalign created (it holds the "
+        ".demoalign-run marker), never the working directory or a parent of it, a folder holding "
+        "this run's model or data, or a live run's folder (it is locked).",
+    )
     seed: int = opt(0, "Seed for shuffling, chunking, sampling and initialisation.")
-    template: str = opt("auto", "Prompt rendering: auto (chat template if the tokenizer has one, else instruction), chat, instruction, hh, plain.")
+    template: str = opt(
+        "auto",
+        "Prompt rendering: auto (chat template if the tokenizer has one, else instruction), chat, "
+        "instruction, hh, plain.",
+    )
     max_length: int = opt(512, "Maximum tokens of prompt + response; the response is cut to fit.")
-    max_prompt_length: int = opt(128, "Maximum prompt tokens; longer prompts lose their beginning (cut from the left).")
+    max_prompt_length: int = opt(
+        128, "Maximum prompt tokens; longer prompts lose their beginning (cut from the left)."
+    )
     learning_rate: float = opt(5e-7, "Peak learning rate.")
     optimizer: str = opt("adamw", "adamw or rmsprop (the paper's).")
     weight_decay: float = opt(0.0, "Decoupled weight decay (AdamW) or L2 (RMSprop).")
-    lr_scheduler: str = opt("linear", "linear (warm-up then linear decay to 0) or constant (warm-up then flat).")
-    warmup_ratio: float = opt(0.1, "Share of the schedule's steps spent warming up linearly from 0.")
-    schedule_scope: str = opt("run", "run: one schedule over all optimiser steps of the run; stage: the schedule restarts at every stage.")
+    lr_scheduler: str = opt(
+        "linear", "linear (warm-up then linear decay to 0) or constant (warm-up then flat)."
+    )
+    warmup_ratio: float = opt(
+        0.1, "Share of the schedule's steps spent warming up linearly from 0."
+    )
+    schedule_scope: str = opt(
+        "run",
+        "run: one schedule over all optimiser steps of the run; stage: the schedule restarts at "
+        "every stage.",
+    )
     batch_size: int = opt(8, "Examples (pairs for IRFT/SPIN) per micro-batch per process.")
-    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimiser step. Global batch = batch_size x this x processes.")
-    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 = no clipping; the norm is still logged).")
-    mixed_precision: str = opt("auto", "auto (bf16 on a GPU that supports it, else fp32), bf16, fp16 or no.")
-    gradient_checkpointing: bool = opt(False, "Activation checkpointing: less memory, about 20% slower.")
-    disable_dropout: bool = opt(True, "Set every dropout to 0, so the first step of a stage sees u = 0 exactly.")
+    gradient_accumulation_steps: int = opt(
+        1, "Micro-batches per optimiser step. Global batch = batch_size x this x processes."
+    )
+    max_grad_norm: float = opt(
+        1.0, "Clip the global gradient norm to this (0 = no clipping; the norm is still logged)."
+    )
+    mixed_precision: str = opt(
+        "auto", "auto (bf16 on a GPU that supports it, else fp32), bf16, fp16 or no."
+    )
+    gradient_checkpointing: bool = opt(
+        False, "Activation checkpointing: less memory, about 20% slower."
+    )
+    disable_dropout: bool = opt(
+        True, "Set every dropout to 0, so the first step of a stage sees u = 0 exactly."
+    )
     cpu: bool = opt(False, "Run on the CPU even when a GPU is present.")
     show_progress: bool = opt(True, "Progress bars on the main process.")
 
@@ -71,7 +109,10 @@ class TrainConfig:
     def validate(self) -> None:
         check_types_and_finite(self)
         if not self.model:
-            raise ValueError("config key `model` is required (a model folder; `demoalign tiny-model OUT` makes one)")
+            raise ValueError(
+                "config key `model` is required (a model folder; `demoalign tiny-model OUT` makes "
+                "one)"
+            )
         if not self.data:
             raise ValueError("config key `data` is required (a demonstration file or folder)")
         choices = {
@@ -82,7 +123,9 @@ class TrainConfig:
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ValueError(f"{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+                raise ValueError(
+                    f"{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}"
+                )
         for key in ("batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")
@@ -113,20 +156,34 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class IRFTConfig(TrainConfig):
-    """IRFT (SPEC.md §2): T stages per pass, each regenerating negatives with the current model."""
+    """IRFT (docs/algorithms.md §2): T stages per pass, each regenerating negatives with the
+    current model."""
 
-    stages: int = opt(5, "T: chunks of the data per pass; negatives are regenerated at every stage start.")
+    stages: int = opt(
+        5, "T: chunks of the data per pass; negatives are regenerated at every stage start."
+    )
     epochs_per_stage: int = opt(1, "Passes over a stage's chunk of pairs.")
-    iterations: int = opt(1, "Passes over the whole data set, each restarting the stage loop from the last model.")
+    iterations: int = opt(
+        1, "Passes over the whole data set, each restarting the stage loop from the last model."
+    )
     beta: float = opt(0.1, "β of the implicit reward r = β log(π/π_ref).")
-    loss_type: str = opt("sigmoid", "sigmoid (the paper's −log σ(u)), hinge max(0, 1−u), or linear −u.")
-    sft_weight: float = opt(0.0, "Weight of an extra NLL term on the demonstrations (per-token mean; 0 = the paper's loss).")
+    loss_type: str = opt(
+        "sigmoid", "sigmoid (the paper's −log σ(u)), hinge max(0, 1−u), or linear −u."
+    )
+    sft_weight: float = opt(
+        0.0,
+        "Weight of an extra NLL term on the demonstrations (per-token mean; 0 = the paper's loss).",
+    )
     max_new_tokens: int = opt(256, "Tokens generated per negative.")
     temperature: float = opt(1.0, "Sampling temperature of the negatives.")
     top_p: float = opt(1.0, "Nucleus sampling of the negatives (1 = off).")
-    greedy: bool = opt(False, "Greedy negatives instead of sampled ones (not the paper's method; off by default).")
+    greedy: bool = opt(
+        False, "Greedy negatives instead of sampled ones (not the paper's method; off by default)."
+    )
     generation_batch_size: int = opt(16, "Prompts per generate() call.")
-    generation_backend: str = opt("hf", "hf: transformers generate, batched and left-padded (the only backend so far).")
+    generation_backend: str = opt(
+        "hf", "hf: transformers generate, batched and left-padded (the only backend so far)."
+    )
     method = "irft"
 
     def validate(self) -> None:
@@ -134,7 +191,9 @@ class IRFTConfig(TrainConfig):
         from .losses import LOSS_TYPES
 
         if self.generation_backend != "hf":
-            raise ValueError(f"generation_backend={self.generation_backend!r}: only `hf` exists so far")
+            raise ValueError(
+                f"generation_backend={self.generation_backend!r}: only `hf` exists so far"
+            )
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
         if self.beta <= 0:
@@ -142,10 +201,18 @@ class IRFTConfig(TrainConfig):
         if self.sft_weight < 0:
             raise ValueError("sft_weight must be >= 0")
         if not self.greedy and self.temperature <= 0:
-            raise ValueError("temperature must be > 0 when sampling (set greedy=true for greedy negatives)")
+            raise ValueError(
+                "temperature must be > 0 when sampling (set greedy=true for greedy negatives)"
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
-        for key in ("stages", "epochs_per_stage", "iterations", "max_new_tokens", "generation_batch_size"):
+        for key in (
+            "stages",
+            "epochs_per_stage",
+            "iterations",
+            "max_new_tokens",
+            "generation_batch_size",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")
 
@@ -160,38 +227,85 @@ class SPINConfig(IRFTConfig):
     def validate(self) -> None:
         super().validate()
         if self.stages != 1:
-            raise ValueError("SPIN has exactly one stage per iteration; use `demoalign irft stages=T` for T > 1")
+            raise ValueError(
+                "SPIN has exactly one stage per iteration; use `demoalign irft stages=T` for T > 1"
+            )
 
 
-# ---------------------------------------------------------------- RFT (issue 4)
+# ---------------------------------------------------------------- RFT
 
 
 @dataclass
 class RFTConfig(TrainConfig):
-    """RFT (SPEC.md §3): an explicit reward model learnt from demonstrations vs the policy's own
+    """RFT (docs/algorithms.md §3): an explicit reward model learnt from demonstrations vs the
+    policy's own
     samples, alternating with KL-regularised RL (RLOO) of the policy against it."""
 
-    outer_iterations: int = opt(2, "T: outer iterations, each a reward step then a policy step, on the next chunk of prompts.")
-    prompts_per_iteration: int = opt(0, "Demonstrations (prompts) per outer iteration (0 = the data split evenly over T).")
-    heldout_fraction: float = opt(0.2, "Share of each iteration's (demonstration, negative) pairs kept out of the reward step and used to evaluate it.")
-    reward_model: str = opt("", "Reward-model start: a folder loadable by AutoModelForSequenceClassification (num_labels=1) sharing the policy's tokenizer; empty = the policy's weights with a new scalar head.")
-    reward_loss: str = opt("logistic", "logistic: −log σ(r(y) − r(ỹ)) (Bradley–Terry, default); linear: −(r(y) − r(ỹ)) (the paper's gradient).")
-    reward_steps: int = opt(20, "Reward-model optimiser steps per outer iteration (`batch_size` pairs each).")
+    outer_iterations: int = opt(
+        2,
+        "T: outer iterations, each a reward step then a policy step, on the next chunk of prompts.",
+    )
+    prompts_per_iteration: int = opt(
+        0, "Demonstrations (prompts) per outer iteration (0 = the data split evenly over T)."
+    )
+    heldout_fraction: float = opt(
+        0.2,
+        "Share of each iteration's (demonstration, negative) pairs kept out of the reward step "
+        "and used to evaluate it.",
+    )
+    reward_model: str = opt(
+        "",
+        "Reward-model start: a folder loadable by AutoModelForSequenceClassification "
+        "(num_labels=1) sharing the policy's tokenizer; empty = the policy's weights with a new "
+        "scalar head.",
+    )
+    reward_loss: str = opt(
+        "logistic",
+        "logistic: −log σ(r(y) − r(ỹ)) (Bradley–Terry, default); linear: −(r(y) − r(ỹ)) (the "
+        "paper's gradient).",
+    )
+    reward_steps: int = opt(
+        20, "Reward-model optimiser steps per outer iteration (`batch_size` pairs each)."
+    )
     reward_learning_rate: float = opt(1e-5, "Peak learning rate of the reward model.")
-    preference_data: str = opt("", "Optional real preference pairs (prompt/chosen/rejected or HH chosen/rejected JSONL, or task:NAME[:SEED]) mixed into the reward step.")
-    preference_weight: float = opt(0.0, "Weight of the preference-pair loss in the reward step (0 = evaluated only).")
-    policy_steps: int = opt(20, "Policy optimiser steps per outer iteration; every step samples fresh rollouts.")
-    rollouts: int = opt(4, "k: samples per prompt in a policy step (RLOO's leave-one-out baseline needs k >= 2).")
-    beta: float = opt(0.1, "β: weight of the KL to the initial policy (the shaped reward is r − β (log π − log π_ref)).")
+    preference_data: str = opt(
+        "",
+        "Optional real preference pairs (prompt/chosen/rejected or HH chosen/rejected JSONL, or "
+        "task:NAME[:SEED]) mixed into the reward step.",
+    )
+    preference_weight: float = opt(
+        0.0, "Weight of the preference-pair loss in the reward step (0 = evaluated only)."
+    )
+    policy_steps: int = opt(
+        20, "Policy optimiser steps per outer iteration; every step samples fresh rollouts."
+    )
+    rollouts: int = opt(
+        4, "k: samples per prompt in a policy step (RLOO's leave-one-out baseline needs k >= 2)."
+    )
+    beta: float = opt(
+        0.1,
+        "β: weight of the KL to the initial policy (the shaped reward is r − β (log π − log "
+        "π_ref)).",
+    )
     max_new_tokens: int = opt(256, "Tokens generated per negative and per rollout.")
     temperature: float = opt(1.0, "Sampling temperature of negatives and rollouts.")
     top_p: float = opt(1.0, "Nucleus sampling of negatives and rollouts (1 = off).")
-    generation_batch_size: int = opt(16, "Prompts per generate() call (negatives) and sequences per scoring batch.")
-    lora_r: int = opt(0, "LoRA rank of the policy (peft); 0 = full fine-tuning. With LoRA the KL reference is the base model with the adapters disabled: no copy is held. The final policy is saved merged.")
+    generation_batch_size: int = opt(
+        16, "Prompts per generate() call (negatives) and sequences per scoring batch."
+    )
+    lora_r: int = opt(
+        0,
+        "LoRA rank of the policy (peft); 0 = full fine-tuning. With LoRA the KL reference is the "
+        "base model with the adapters disabled: no copy is held. The final policy is saved merged.",
+    )
     lora_alpha: int = opt(16, "LoRA alpha (scale alpha / r).")
-    lora_target_modules: str = opt("all-linear", "Modules that get adapters: all-linear, or comma-separated names (e.g. q_proj,v_proj).")
+    lora_target_modules: str = opt(
+        "all-linear",
+        "Modules that get adapters: all-linear, or comma-separated names (e.g. q_proj,v_proj).",
+    )
     method = "rft"
-    greedy = False  # not an option: negatives and rollouts are always sampled (methods.make_negatives reads it)
+    # Not an option: negatives and rollouts are always sampled (negatives.make_negatives reads it).
+    greedy = False
 
     def validate(self) -> None:
         super().validate()
@@ -200,7 +314,9 @@ class RFTConfig(TrainConfig):
         if self.beta <= 0:
             raise ValueError("beta must be > 0")
         if self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (RFT's policy gradient needs sampled rollouts)")
+            raise ValueError(
+                "temperature must be > 0 (RFT's policy gradient needs sampled rollouts)"
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if not 0 <= self.heldout_fraction < 1:
@@ -210,7 +326,9 @@ class RFTConfig(TrainConfig):
         if self.reward_learning_rate <= 0:
             raise ValueError("reward_learning_rate must be > 0")
         if self.rollouts < 2:
-            raise ValueError("rollouts must be >= 2 (the leave-one-out baseline needs another sample)")
+            raise ValueError(
+                "rollouts must be >= 2 (the leave-one-out baseline needs another sample)"
+            )
         if self.lora_r < 0 or (self.lora_r and self.lora_alpha <= 0):
             raise ValueError("lora_r must be >= 0 and lora_alpha > 0")
         for key in ("outer_iterations", "max_new_tokens", "generation_batch_size"):
@@ -231,14 +349,20 @@ def _nearest(key: str, valid: list[str]) -> str:
 
 def _coerce(value, f):
     """YAML gives typed values; `key=value` strings are parsed as YAML scalars, then checked."""
-    target = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+    target = (
+        f.type
+        if isinstance(f.type, type)
+        else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+    )
     if f.name == "columns" and isinstance(value, dict):  # a YAML mapping of prompt/response columns
         value = ",".join(f"{k}:{v}" for k, v in value.items())
     if isinstance(value, str) and target in (int, float):
         try:
             value = target(value)
         except ValueError:
-            raise ValueError(f"config key `{f.name}` expects {target.__name__}, got {value!r}") from None
+            raise ValueError(
+                f"config key `{f.name}` expects {target.__name__}, got {value!r}"
+            ) from None
     elif isinstance(value, str) and target is bool:
         value = yaml.safe_load(value)
     if target is float and isinstance(value, int) and not isinstance(value, bool):
@@ -256,7 +380,9 @@ def build_config(cls, values: dict):
     kwargs = {}
     for key, value in values.items():
         if key not in by_name:
-            raise ValueError(f"unknown config key `{key}` for {cls.method}{_nearest(key, list(by_name))}")
+            raise ValueError(
+                f"unknown config key `{key}` for {cls.method}{_nearest(key, list(by_name))}"
+            )
         kwargs[key] = _coerce(value, by_name[key])
     config = cls(**kwargs)
     config.validate()
@@ -315,7 +441,9 @@ class GenerateConfig:
     data: str = opt("", "File of prompts (any format `data` accepts; responses are ignored).")
     columns: str = opt("", "Explicit column mapping, as for training.")
     max_examples: int = opt(0, "Use only the first N records (0 = all).")
-    output: str = opt("generations.jsonl", "JSONL file to write: prompt, response, tokens, finished.")
+    output: str = opt(
+        "generations.jsonl", "JSONL file to write: prompt, response, tokens, finished."
+    )
     template: str = opt("auto", "Prompt rendering, as for training.")
     max_prompt_length: int = opt(128, "Prompts are cut from the left to this many tokens.")
     max_new_tokens: int = opt(256, "Tokens generated per prompt.")
@@ -333,7 +461,7 @@ class GenerateConfig:
             raise ValueError("generate needs model=PATH and data=FILE")
 
 
-# ---------------------------------------------------------------- evaluation (issue 5)
+# ---------------------------------------------------------------- evaluation
 
 BEAVER_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}"
 
@@ -341,36 +469,95 @@ BEAVER_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response
 @dataclass
 class EvalConfig:
     """`demoalign eval`: preference-pair, task and reward-model metrics of several models, each
-    with a bootstrap interval (SPEC.md §5), written to results.json, report.md and plots."""
+    with a bootstrap interval (docs/algorithms.md §5), written to results.json, report.md and
+    plots."""
 
-    models: str = opt("", "Comma-separated model folders to evaluate (names in the report: the shortest distinct path endings).")
-    reference: str = opt("", "Reference model of the implicit-reward accuracy (e.g. the SFT start); empty = that metric is skipped.")
-    pairs: str = opt("", "Preference pairs: prompt/chosen/rejected or HH chosen/rejected file, or task:NAME[:SEED] (correct vs plausible-wrong answers).")
+    models: str = opt(
+        "",
+        "Comma-separated model folders to evaluate (names in the report: the shortest distinct "
+        "path endings).",
+    )
+    reference: str = opt(
+        "",
+        "Reference model of the implicit-reward accuracy (e.g. the SFT start); empty = that "
+        "metric is skipped.",
+    )
+    pairs: str = opt(
+        "",
+        "Preference pairs: prompt/chosen/rejected or HH chosen/rejected file, or task:NAME[:SEED] "
+        "(correct vs plausible-wrong answers).",
+    )
     max_pairs: int = opt(0, "Use only the first N pairs (0 = all).")
-    task: str = opt("", "Built-in task (sort, add, brackets) for exact-match of sampled and greedy generations.")
+    task: str = opt(
+        "", "Built-in task (sort, add, brackets) for exact-match of sampled and greedy generations."
+    )
     task_prompts: int = opt(100, "Held-out prompts of `task` (drawn with `task_seed`).")
     task_seed: int = opt(2, "Seed of the task's held-out prompts (2 = the demo's held-out set).")
-    prompts: str = opt("", "Held-out prompts for reward-model scoring: a file of `prompt` strings or any format `data` accepts.")
+    prompts: str = opt(
+        "",
+        "Held-out prompts for reward-model scoring: a file of `prompt` strings or any format "
+        "`data` accepts.",
+    )
     max_prompts: int = opt(0, "Use only the first N prompts (0 = all).")
-    reward_model: str = opt("", "AutoModelForSequenceClassification folder (num_labels must be 1) that scores generations.")
-    reward_template: str = opt(BEAVER_TEMPLATE, "Text the reward model reads; {prompt} is the last user turn, {response} the generation.")
-    reward_max_length: int = opt(1024, "Reward-model inputs are cut to this many tokens (from the left).")
-    baseline: str = opt("", "Model folder (one of `models`, or another) whose generations the win rate is taken against.")
-    leaderboard: str = opt("", "lm-evaluation-harness tasks on local files (extra `demoalign[eval]`): `all` or a comma list of arc_challenge, truthfulqa_mc2, winogrande, gsm8k, hellaswag, mmlu.")
-    leaderboard_data: str = opt("", "Folder holding arc/, truthfulqa/, winogrande/, gsm8k/, hellaswag/, mmlu/ (empty = $DEMOALIGN_DATA).")
+    reward_model: str = opt(
+        "",
+        "AutoModelForSequenceClassification folder (num_labels must be 1) that scores generations.",
+    )
+    reward_template: str = opt(
+        BEAVER_TEMPLATE,
+        "Text the reward model reads; {prompt} is the last user turn, {response} the generation.",
+    )
+    reward_max_length: int = opt(
+        1024, "Reward-model inputs are cut to this many tokens (from the left)."
+    )
+    baseline: str = opt(
+        "",
+        "Model folder (one of `models`, or another) whose generations the win rate is taken "
+        "against.",
+    )
+    leaderboard: str = opt(
+        "",
+        "lm-evaluation-harness tasks on local files (extra `demoalign[eval]`): `all` or a comma "
+        "list of arc_challenge, truthfulqa_mc2, winogrande, gsm8k, hellaswag, mmlu.",
+    )
+    leaderboard_data: str = opt(
+        "",
+        "Folder holding arc/, truthfulqa/, winogrande/, gsm8k/, hellaswag/, mmlu/ (empty = "
+        "$DEMOALIGN_DATA).",
+    )
     leaderboard_limit: int = opt(0, "Items per leaderboard task (per MMLU subject) (0 = all).")
-    mmlu_shots: int = opt(4, "MMLU few-shot examples (at most 4: only the dev split, 5 per subject, is local).")
-    regenerate: bool = opt(True, "false: reuse output_dir/generations/<model>.jsonl when present (rescore without regenerating).")
-    output_dir: str = opt("runs/eval", "Folder of results.json, report.md, the plots and generations/.")
-    overwrite: bool = opt(False, "Replace results.json and report.md of an earlier evaluation in output_dir.")
-    run_dir: str = opt("", "A training run folder: plot the log-prob gap (demonstration vs negative, under each stage's start model) over its stages.")
+    mmlu_shots: int = opt(
+        4, "MMLU few-shot examples (at most 4: only the dev split, 5 per subject, is local)."
+    )
+    regenerate: bool = opt(
+        True,
+        "false: reuse output_dir/generations/<model>.jsonl when present (rescore without "
+        "regenerating).",
+    )
+    output_dir: str = opt(
+        "runs/eval", "Folder of results.json, report.md, the plots and generations/."
+    )
+    overwrite: bool = opt(
+        False, "Replace results.json and report.md of an earlier evaluation in output_dir."
+    )
+    run_dir: str = opt(
+        "",
+        "A training run folder: plot the log-prob gap (demonstration vs negative, under each "
+        "stage's start model) over its stages.",
+    )
     template: str = opt("auto", "Prompt rendering, as for training.")
-    max_length: int = opt(512, "Maximum tokens of prompt + response when scoring pairs; responses are cut to fit, as in training.")
+    max_length: int = opt(
+        512,
+        "Maximum tokens of prompt + response when scoring pairs; responses are cut to fit, as in "
+        "training.",
+    )
     max_prompt_length: int = opt(128, "Prompts are cut from the left to this many tokens.")
     max_new_tokens: int = opt(128, "Tokens generated per prompt.")
     temperature: float = opt(1.0, "Sampling temperature of generations.")
     top_p: float = opt(1.0, "Nucleus sampling of generations (1 = off).")
-    greedy: bool = opt(False, "Greedy generations for reward-model scoring instead of sampled ones.")
+    greedy: bool = opt(
+        False, "Greedy generations for reward-model scoring instead of sampled ones."
+    )
     batch_size: int = opt(16, "Sequences per forward / prompts per generate() call.")
     seed: int = opt(0, "Seed of sampling and of the bootstrap.")
     bootstrap_resamples: int = opt(1000, "Bootstrap resamples of each interval.")
@@ -386,31 +573,51 @@ class EvalConfig:
         if not self.model_list():
             raise ValueError("eval needs models=PATH[,PATH...]")
         if not (self.pairs or self.task or self.prompts or self.leaderboard):
-            raise ValueError("nothing to evaluate: give pairs=FILE, task=NAME, prompts=FILE reward_model=PATH and/or leaderboard=all")
+            raise ValueError(
+                "nothing to evaluate: give pairs=FILE, task=NAME, prompts=FILE reward_model=PATH "
+                "and/or leaderboard=all"
+            )
         if self.leaderboard:
             from .eval.leaderboard import parse_tasks  # here: eval imports config
 
             parse_tasks(self.leaderboard)
         if not 0 <= self.mmlu_shots <= 4:
-            raise ValueError("mmlu_shots must be in 0..4 (only MMLU's dev split, 5 questions per subject, is local)")
+            raise ValueError(
+                "mmlu_shots must be in 0..4 (only MMLU's dev split, 5 questions per subject, is "
+                "local)"
+            )
         if self.leaderboard_limit < 0:
             raise ValueError("leaderboard_limit must be >= 0")
         if self.prompts and not self.reward_model:
             raise ValueError("prompts=FILE needs reward_model=PATH to score the generations")
         if self.reward_model and not self.prompts:
-            raise ValueError("reward_model=PATH needs prompts=FILE (the held-out prompts to generate for)")
+            raise ValueError(
+                "reward_model=PATH needs prompts=FILE (the held-out prompts to generate for)"
+            )
         if self.reward_template.count("{response}") != 1:
             raise ValueError("reward_template must contain {response} exactly once")
         if self.baseline and not self.prompts:
-            raise ValueError("baseline=PATH is the win-rate baseline: it needs prompts=FILE and reward_model=PATH")
+            raise ValueError(
+                "baseline=PATH is the win-rate baseline: it needs prompts=FILE and "
+                "reward_model=PATH"
+            )
         if not self.greedy and self.temperature <= 0:
-            raise ValueError("temperature must be > 0 when sampling (set greedy=true for greedy generations)")
+            raise ValueError(
+                "temperature must be > 0 when sampling (set greedy=true for greedy generations)"
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if not 0 < self.confidence < 1:
             raise ValueError("confidence must be in (0, 1)")
-        for key in ("task_prompts", "max_length", "max_prompt_length", "max_new_tokens", "batch_size",
-                    "bootstrap_resamples", "reward_max_length"):
+        for key in (
+            "task_prompts",
+            "max_length",
+            "max_prompt_length",
+            "max_new_tokens",
+            "batch_size",
+            "bootstrap_resamples",
+            "reward_max_length",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")
         if self.max_prompt_length >= self.max_length:
@@ -424,11 +631,17 @@ class EvalConfig:
 class DemoConfig:
     """Settings of `demoalign demo` (copy recipes/demo.yaml and change them)."""
 
-    output_dir: str = opt("runs/demo", "Folder of results.json, report.md, the plots and every arm's run.")
+    output_dir: str = opt(
+        "runs/demo", "Folder of results.json, report.md, the plots and every arm's run."
+    )
     overwrite: bool = opt(False, "Replace an existing demo folder.")
     task: str = opt("sort", "Built-in task: sort, add or brackets.")
     seeds: int = opt(3, "Seeds per arm (the paired test needs at least 2).")
-    arms: str = opt("sft,spin,irft_T4,irft_T8,irft_T8@sft1,rft", "Arms, comma-separated: sft, spin, irft_T<k>, rft; a spin/irft arm may end in @sft<w> to override sft_weight for it (e.g. irft_T8@sft1).")
+    arms: str = opt(
+        "sft,spin,irft_T4,irft_T8,irft_T8@sft1,rft",
+        "Arms, comma-separated: sft, spin, irft_T<k>, rft; a spin/irft arm may end in @sft<w> to "
+        "override sft_weight for it (e.g. irft_T8@sft1).",
+    )
     hidden_size: int = opt(128, "Width of the tiny model.")
     layers: int = opt(3, "Layers of the tiny model.")
     vocab_size: int = opt(300, "Vocabulary of the tokenizer trained on the task's text.")
@@ -436,7 +649,9 @@ class DemoConfig:
     start_epochs: int = opt(4, "Epochs of that SFT.")
     start_learning_rate: float = opt(3e-3, "Learning rate of that SFT.")
     train_examples: int = opt(512, "Demonstrations every arm trains on (the same for all arms).")
-    epochs: int = opt(2, "Passes over them (SFT epochs = IRFT/SPIN epochs per stage: equal optimiser steps).")
+    epochs: int = opt(
+        2, "Passes over them (SFT epochs = IRFT/SPIN epochs per stage: equal optimiser steps)."
+    )
     batch_size: int = opt(16, "Examples or pairs per optimiser step.")
     sft_learning_rate: float = opt(1e-4, "Learning rate of the continued-SFT arm.")
     learning_rate: float = opt(1e-4, "Learning rate of the SPIN and IRFT arms.")
@@ -446,8 +661,12 @@ class DemoConfig:
     eval_prompts: int = opt(300, "Held-out prompts (and pairs) for the metrics.")
     stage_eval_prompts: int = opt(100, "Held-out prompts (and pairs) for the curves over stages.")
     max_new_tokens: int = opt(24, "Tokens generated per negative and per evaluation response.")
-    rft_outer_iterations: int = opt(2, "RFT arm: outer iterations; its policy steps add up to the other arms' steps.")
-    rft_reward_steps: int = opt(30, "RFT arm: reward-model steps per outer iteration (not counted in the budget).")
+    rft_outer_iterations: int = opt(
+        2, "RFT arm: outer iterations; its policy steps add up to the other arms' steps."
+    )
+    rft_reward_steps: int = opt(
+        30, "RFT arm: reward-model steps per outer iteration (not counted in the budget)."
+    )
     rft_reward_learning_rate: float = opt(1e-4, "RFT arm: learning rate of the reward model.")
     rft_beta: float = opt(0.5, "RFT arm: KL weight β of the policy step.")
     rft_rollouts: int = opt(4, "RFT arm: samples per prompt (RLOO).")
@@ -477,7 +696,9 @@ def parse_arm(arm: str) -> tuple[str, int, float | None]:
             assert suffix.startswith("sft") and base != "sft"
             weight = float(suffix[3:])
         except (AssertionError, ValueError):
-            raise ValueError(f"arm {arm!r}: the suffix must be @sft<weight> on a spin or irft arm") from None
+            raise ValueError(
+                f"arm {arm!r}: the suffix must be @sft<weight> on a spin or irft arm"
+            ) from None
     if base in ("sft", "spin", "rft"):
         if base == "rft" and weight is not None:
             raise ValueError(f"arm {arm!r}: @sft<w> applies to spin and irft arms only")
@@ -485,4 +706,3 @@ def parse_arm(arm: str) -> tuple[str, int, float | None]:
     if base.startswith("irft_T") and base[6:].isdigit() and int(base[6:]) >= 1:
         return "irft", int(base[6:]), weight
     raise ValueError(f"unknown arm {arm!r}: use sft, spin, rft or irft_T<k> (optionally @sft<w>)")
-

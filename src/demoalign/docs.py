@@ -8,7 +8,16 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import DemoConfig, EvalConfig, GenerateConfig, IRFTConfig, RFTConfig, SFTConfig, TrainConfig, option_docs
+from .config import (
+    DemoConfig,
+    EvalConfig,
+    GenerateConfig,
+    IRFTConfig,
+    RFTConfig,
+    SFTConfig,
+    TrainConfig,
+    option_docs,
+)
 
 START, END = "<!-- reference:start -->", "<!-- reference:end -->"
 
@@ -23,15 +32,39 @@ def _table(cls, only=None) -> list[str]:
 
 def reference_markdown() -> str:
     base = {f.name for f in fields(TrainConfig)}
-    lines = ["### Common to `sft`, `spin`, `irft`, `rft`", "", *_table(TrainConfig), "",
-             "### `sft` only (and its own default)", "", *_table(SFTConfig, {"epochs", "learning_rate"}), "",
-             "### `irft` and `spin`", "", *_table(IRFTConfig, {f.name for f in fields(IRFTConfig)} - base), "",
-             "`spin` is `irft` with `stages` fixed at 1; `iterations` is the number of SPIN iterations.", "",
-             "### `rft`", "", *_table(RFTConfig, {f.name for f in fields(RFTConfig)} - base), "",
-             "`rft` also reads the common options; `learning_rate` is the policy's.", "",
-             "### `generate`", "", *_table(GenerateConfig), "",
-             "### `eval`", "", *_table(EvalConfig), "",
-             "### `demo`", "", *_table(DemoConfig)]
+    lines = [
+        "### Common to `sft`, `spin`, `irft`, `rft`",
+        "",
+        *_table(TrainConfig),
+        "",
+        "### `sft` only (and its own default)",
+        "",
+        *_table(SFTConfig, {"epochs", "learning_rate"}),
+        "",
+        "### `irft` and `spin`",
+        "",
+        *_table(IRFTConfig, {f.name for f in fields(IRFTConfig)} - base),
+        "",
+        "`spin` is `irft` with `stages` fixed at 1; `iterations` is the number of SPIN iterations.",
+        "",
+        "### `rft`",
+        "",
+        *_table(RFTConfig, {f.name for f in fields(RFTConfig)} - base),
+        "",
+        "`rft` also reads the common options; `learning_rate` is the policy's.",
+        "",
+        "### `generate`",
+        "",
+        *_table(GenerateConfig),
+        "",
+        "### `eval`",
+        "",
+        *_table(EvalConfig),
+        "",
+        "### `demo`",
+        "",
+        *_table(DemoConfig),
+    ]
     return "\n".join(lines)
 
 

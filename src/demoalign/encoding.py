@@ -60,7 +60,9 @@ class Encoder:
         return ids
 
     def response_ids(self, response: str) -> list[int]:
-        ids = self.tokenizer(response_text(response, self.template), add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(response_text(response, self.template), add_special_tokens=False)[
+            "input_ids"
+        ]
         return ids + [self.tokenizer.eos_token_id]
 
     def fit(self, prompt_ids: list[int], response_ids: list[int]) -> Tokenized:

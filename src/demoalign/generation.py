@@ -25,17 +25,23 @@ def sampling_config(
     if greedy:
         return GenerationConfig(do_sample=False, **common)
     if temperature <= 0:
-        raise ValueError("temperature must be > 0 when sampling; set greedy=true for greedy decoding")
+        raise ValueError(
+            "temperature must be > 0 when sampling; set greedy=true for greedy decoding"
+        )
     return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **common)
 
 
 def _generate_with_only(model, config: GenerationConfig, input_ids, attention):
     """transformers fills every field left unset from `model.generation_config` (a checkpoint's
     repetition_penalty, min_p, …); a blank one in its place keeps the sampling exactly `config`."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
+    inner = (
+        model.get_base_model() if hasattr(model, "get_base_model") else model
+    )  # peft wraps the model
     saved, inner.generation_config = inner.generation_config, GenerationConfig()
     try:
-        return model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+        return model.generate(
+            input_ids=input_ids, attention_mask=attention, generation_config=config
+        )
     finally:
         inner.generation_config = saved
 
@@ -90,9 +96,13 @@ def generate_ids(
     batches = length_batches(prompt_ids, batch_size)
     mine = [(b, idx) for b, idx in enumerate(batches) if b % num_processes == process_index]
     results: dict[int, list[int]] = {}
-    with progress_bar(desc, total=sum(len(idx) for _, idx in mine), enabled=show_progress) as advance:
+    with progress_bar(
+        desc, total=sum(len(idx) for _, idx in mine), enabled=show_progress
+    ) as advance:
         for b, idx in mine:
-            input_ids, attention = _left_pad([prompt_ids[i] for i in idx], tokenizer.pad_token_id, device)
+            input_ids, attention = _left_pad(
+                [prompt_ids[i] for i in idx], tokenizer.pad_token_id, device
+            )
             torch.manual_seed(seed * 1_000_003 + b)
             out = _generate_with_only(model, config, input_ids, attention)
             for row, i in enumerate(idx):

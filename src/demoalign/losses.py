@@ -1,4 +1,5 @@
-"""Losses as pure tensor functions (SPEC.md §2). Each returns PER-EXAMPLE values; the training
+"""Losses as pure tensor functions (docs/algorithms.md §2, §3). Each returns PER-EXAMPLE values;
+the training
 loop decides how they are summed and normalised across micro-batches and processes."""
 
 from __future__ import annotations

@@ -6,8 +6,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 
 @contextmanager
@@ -33,8 +37,10 @@ def check_model_path(path: str, what: str = "model") -> None:
     """A clear error for a model that cannot be a model folder, before anything is created."""
     local = Path(path).expanduser()
     if local.is_file():
-        raise ValueError(f"{what}={path} is a file; expected a model folder "
-                         "(config.json, weights and tokenizer files)")
+        raise ValueError(
+            f"{what}={path} is a file; expected a model folder "
+            "(config.json, weights and tokenizer files)"
+        )
     if local.is_dir() and not (local / "config.json").exists():
         raise ValueError(f"{what}={path} is a folder without config.json; not a model folder")
     if not local.exists() and _looks_local(path):
@@ -55,7 +61,6 @@ def load_model_and_tokenizer(path: str):
     return model, tokenizer
 
 
-
 def check_reward_model(path: str) -> None:
     """A trained reward model gives one score per sequence."""
     try:
@@ -63,9 +68,11 @@ def check_reward_model(path: str) -> None:
     except (OSError, ValueError) as exc:
         raise ValueError(f"reward_model={path}: cannot read its config ({exc})") from None
     if cfg.num_labels != 1:
-        raise ValueError(f"reward_model={path} has num_labels={cfg.num_labels}; a reward model "
-                         "must give one score per sequence (AutoModelForSequenceClassification "
-                         "with num_labels=1)")
+        raise ValueError(
+            f"reward_model={path} has num_labels={cfg.num_labels}; a reward model "
+            "must give one score per sequence (AutoModelForSequenceClassification "
+            "with num_labels=1)"
+        )
 
 
 def load_reward_model(path: str, same_ids_as=None, seed: int | None = None):
@@ -80,8 +87,9 @@ def load_reward_model(path: str, same_ids_as=None, seed: int | None = None):
     tokenizer = _reward_tokenizer(path, same_ids_as)
     if seed is not None:
         torch.manual_seed(seed)  # the new head's initialisation
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
-                                                               dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=torch.float32
+    )
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
@@ -95,8 +103,10 @@ def _reward_tokenizer(path: str, same_ids_as):
         return same_ids_as
     if same_ids_as is not None:
         if tokenizer.get_vocab() != same_ids_as.get_vocab():
-            raise ValueError(f"reward_model={path} has a different tokenizer from the policy; "
-                             "both must read the same ids")
+            raise ValueError(
+                f"reward_model={path} has a different tokenizer from the policy; "
+                "both must read the same ids"
+            )
         return same_ids_as
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -14,7 +14,7 @@ from .models import eval_mode
 
 @dataclass
 class Pair:
-    index: int                 # position of the demonstration in the stage's chunk
+    index: int  # position of the demonstration in the stage's chunk
     prompt_ids: list[int]
     demo_ids: list[int]
     negative_ids: list[int]
@@ -30,7 +30,9 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     return collate(rows, pad_id)
 
 
-def pair_logps(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_logps(
+    model, pairs: list[Pair], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log π(y|x), log π(ỹ|x), tokens of y, tokens of ỹ), one value per pair."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad_id).items()}
@@ -52,12 +54,17 @@ def fill_reference_logps(model, pairs: list[Pair], pad_id: int, batch_size: int,
 
 
 @torch.no_grad()
-def in_eval_batches(model, rows: list[Tokenized], pad_id: int, batch_size: int, score) -> list[float]:
+def in_eval_batches(
+    model, rows: list[Tokenized], pad_id: int, batch_size: int, score
+) -> list[float]:
     """`score(model, batch)` over padded batches of `rows`, in eval mode, one float per row."""
     device = next(model.parameters()).device
     out = []
     with eval_mode(model):
         for start in range(0, len(rows), batch_size):
-            batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], pad_id).items()}
+            batch = {
+                k: v.to(device)
+                for k, v in collate(rows[start : start + batch_size], pad_id).items()
+            }
             out += score(model, batch).tolist()
     return out

@@ -14,16 +14,27 @@ from .lora import add_lora
 from .methods import run_irft, run_rft, run_sft
 from .models import check_model_path, load_model_and_tokenizer
 from .progress import library_progress_bars
-from .runio import (MetricsLog, atomic_write_yaml, check_output_dir, claim_output_dir, release_lock,
-                    save_pretrained_atomic, write_run_state)
+from .runio import (
+    MetricsLog,
+    atomic_write_yaml,
+    check_output_dir,
+    claim_output_dir,
+    release_lock,
+    save_pretrained_atomic,
+    write_run_state,
+)
 from .templates import resolve_template
 from .trainer import Trainer, make_accelerator
 
 
 def run_inputs(config: TrainConfig) -> list[str]:
     """Paths this run reads: an overwrite must never delete them."""
-    paths = [config.model, config.data, getattr(config, "reward_model", ""),
-             getattr(config, "preference_data", "")]
+    paths = [
+        config.model,
+        config.data,
+        getattr(config, "reward_model", ""),
+        getattr(config, "preference_data", ""),
+    ]
     return [p for p in paths if p and not p.startswith("task:") and Path(p).expanduser().exists()]
 
 
@@ -39,8 +50,9 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     check_output_dir(config.output_dir, config.overwrite, run_inputs(config))
     accelerator.wait_for_everyone()  # every process checked before the main one clears
 
-    examples, summary, data_counts = demonstrations(config.data, config.columns,
-                                                    config.max_examples)
+    examples, summary, data_counts = demonstrations(
+        config.data, config.columns, config.max_examples
+    )
     if accelerator.is_main_process and config.show_progress:
         print(summary)
     model, tokenizer = load_model_and_tokenizer(config.model)
@@ -55,15 +67,23 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     accelerator.wait_for_everyone()
     log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
     try:
-        log.write({"event": "run_start", "method": config.method, "template": template,
-                   "processes": accelerator.num_processes,
-                   "mixed_precision": accelerator.mixed_precision,
-                   "examples": len(examples), **data_counts})
+        log.write(
+            {
+                "event": "run_start",
+                "method": config.method,
+                "template": template,
+                "processes": accelerator.num_processes,
+                "mixed_precision": accelerator.mixed_precision,
+                "examples": len(examples),
+                **data_counts,
+            }
+        )
         _train_and_save(config, model, tokenizer, encoder, examples, accelerator, log, on_stage_end)
     except BaseException as exc:
         if accelerator.is_main_process:
-            write_run_state(out, "failed", method=config.method,
-                            error=f"{type(exc).__name__}: {exc}")
+            write_run_state(
+                out, "failed", method=config.method, error=f"{type(exc).__name__}: {exc}"
+            )
         raise
     finally:
         log.close()
@@ -97,7 +117,13 @@ def _train_and_save(config, model, tokenizer, encoder, examples, accelerator, lo
         if hasattr(final, "merge_and_unload"):  # LoRA: a plain model AutoModelForCausalLM loads
             final = final.merge_and_unload()
         save_pretrained_atomic(final, tokenizer, out / "final")
-        log.write({"event": "run_end", "steps": trainer.global_step,
-                   "wall_s": time.perf_counter() - started, **counts})
+        log.write(
+            {
+                "event": "run_end",
+                "steps": trainer.global_step,
+                "wall_s": time.perf_counter() - started,
+                **counts,
+            }
+        )
         write_run_state(out, "finished", method=config.method, steps=trainer.global_step)
     accelerator.wait_for_everyone()

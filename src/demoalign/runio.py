@@ -38,12 +38,16 @@ def _is_inside(path: Path, folder: Path) -> bool:
 def _refuse_unsafe_target(out: Path, inputs: list[str]) -> None:
     cwd = Path.cwd().resolve()
     if _is_inside(cwd, out):
-        raise RunFolderError(f"output_dir {out} is the working directory or a parent of it; "
-                             "refusing to replace it (choose a new folder, e.g. runs/NAME)")
+        raise RunFolderError(
+            f"output_dir {out} is the working directory or a parent of it; "
+            "refusing to replace it (choose a new folder, e.g. runs/NAME)"
+        )
     for item in inputs:
         if item and _is_inside(Path(item).expanduser().resolve(), out):
-            raise RunFolderError(f"output_dir {out} holds this run's input {item}; "
-                                 "refusing to replace it (write the run to another folder)")
+            raise RunFolderError(
+                f"output_dir {out} holds this run's input {item}; "
+                "refusing to replace it (write the run to another folder)"
+            )
 
 
 def check_output_dir(path: str | Path, overwrite: bool, inputs: list[str] = ()) -> Path:
@@ -55,16 +59,21 @@ def check_output_dir(path: str | Path, overwrite: bool, inputs: list[str] = ()) 
     if not out.exists() or not any(out.iterdir()):
         return out
     if not overwrite:
-        raise RunFolderError(f"{path} exists and is not empty; pass overwrite=true to replace "
-                             "a previous run there, or choose another output_dir")
+        raise RunFolderError(
+            f"{path} exists and is not empty; pass overwrite=true to replace "
+            "a previous run there, or choose another output_dir"
+        )
     if not (out / MARKER).exists():
-        raise RunFolderError(f"{path} is not a demoalign run folder (no {MARKER} marker); "
-                             "refusing to delete it")
+        raise RunFolderError(
+            f"{path} is not a demoalign run folder (no {MARKER} marker); refusing to delete it"
+        )
     _refuse_unsafe_target(out, list(inputs))
     owner = live_lock_owner(out)
     if owner:
-        raise RunFolderError(f"{path} is in use by a live run ({owner}); wait for it to end, or "
-                             f"delete {out / LOCK} if you know that run is gone")
+        raise RunFolderError(
+            f"{path} is in use by a live run ({owner}); wait for it to end, or "
+            f"delete {out / LOCK} if you know that run is gone"
+        )
     return out
 
 
@@ -182,8 +191,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def strict_json(record: dict) -> str:
     """JSON without bare NaN/Infinity (not JSON): non-finite floats become null."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-             for k, v in record.items()}
+    clean = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+    }
     return json.dumps(clean, ensure_ascii=False, allow_nan=False)
 
 

@@ -1,7 +1,7 @@
 """Turning a prompt into model input text: ONE place, used by generation and training alike.
 
 The paper's released code generated negatives with a different template from the one it trained
-with (SPEC.md §6); routing both through `render_prompt` makes that impossible here.
+with (docs/algorithms.md §6); routing both through `render_prompt` makes that impossible here.
 """
 
 from __future__ import annotations
@@ -20,12 +20,16 @@ _ROLE_HH = {"user": "Human", "assistant": "Assistant", "system": "System"}
 def resolve_template(tokenizer, template: str) -> str:
     """`auto` means the tokenizer's chat template when it has one, else `instruction`."""
     if template not in TEMPLATE_CHOICES:
-        raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATE_CHOICES)}")
+        raise ValueError(
+            f"unknown template {template!r}; choose one of {', '.join(TEMPLATE_CHOICES)}"
+        )
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     if template == "auto":
         return "chat" if has_chat else "instruction"
     if template == "chat" and not has_chat:
-        raise ValueError("template=chat but the tokenizer has no chat_template; use instruction, hh or plain")
+        raise ValueError(
+            "template=chat but the tokenizer has no chat_template; use instruction, hh or plain"
+        )
     return template
 
 

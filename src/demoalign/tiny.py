@@ -36,7 +36,9 @@ REAL_TOKENIZERS = {
 def _wrap(tokenizer_object):
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer_object, eos_token=SPECIAL_EOS, pad_token=SPECIAL_PAD)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer_object, eos_token=SPECIAL_EOS, pad_token=SPECIAL_PAD
+    )
     tok.padding_side = "right"
     return tok
 
@@ -63,7 +65,9 @@ def real_tokenizer(name: str):
     from tokenizers import Tokenizer
 
     if name not in REAL_TOKENIZERS:
-        raise ValueError(f"unknown tokenizer {name!r}; choose trained, {', '.join(REAL_TOKENIZERS)}")
+        raise ValueError(
+            f"unknown tokenizer {name!r}; choose trained, {', '.join(REAL_TOKENIZERS)}"
+        )
     path = data_root() / REAL_TOKENIZERS[name]
     if not path.exists():
         raise FileNotFoundError(f"{path} not found (DEMOALIGN_DATA must hold tokenizers/)")
@@ -72,7 +76,9 @@ def real_tokenizer(name: str):
     return _wrap(tok)
 
 
-def tiny_model(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0):
+def tiny_model(
+    tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0
+):
     """A random Llama-shaped causal LM (no dropout layers) sized to the tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -104,7 +110,9 @@ def make_tiny_model(
     corpus: list[str] | None = None,
 ) -> Path:
     """Write a tiny model and its tokenizer to `out_dir` (loadable with `model=out_dir`)."""
-    tok = train_tokenizer(corpus, vocab_size) if tokenizer == "trained" else real_tokenizer(tokenizer)
+    tok = (
+        train_tokenizer(corpus, vocab_size) if tokenizer == "trained" else real_tokenizer(tokenizer)
+    )
     model = tiny_model(tok, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,9 @@ from .logprobs import SequenceScorer
 from .progress import progress_bar
 
 # (per-item losses, per-item statistics to log, tokens processed)
-LossFn = Callable[[torch.nn.Module, list], tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]]
+LossFn = Callable[
+    [torch.nn.Module, list], tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]
+]
 
 
 def make_accelerator(config) -> Accelerator:
@@ -33,8 +35,17 @@ def make_accelerator(config) -> Accelerator:
     return Accelerator(cpu=config.cpu, mixed_precision=precision)
 
 
-_DROPOUT_FIELDS = ("attention_dropout", "attn_dropout", "dropout", "hidden_dropout", "resid_pdrop",
-                   "embd_pdrop", "attn_pdrop", "activation_dropout", "classifier_dropout")
+_DROPOUT_FIELDS = (
+    "attention_dropout",
+    "attn_dropout",
+    "dropout",
+    "hidden_dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "activation_dropout",
+    "classifier_dropout",
+)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -78,6 +89,18 @@ def seeded_permutation(n: int, *seed_parts: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
+def iteration_chunks(n: int, iterations: int, per_iteration: int, seed: int) -> list[list[int]]:
+    """Shuffle with the seed; iteration t takes the next `per_iteration` indices (the data split
+    evenly over T when 0), wrapping around if T × per_iteration exceeds the data."""
+    per = per_iteration or n // iterations
+    if per < 1:
+        raise ValueError(
+            f"{n} examples cannot fill {iterations} outer iterations; lower `outer_iterations`"
+        )
+    order = seeded_permutation(n, seed, 0)
+    return [[order[(t * per + i) % n] for i in range(per)] for t in range(iterations)]
+
+
 def cyclic_batches(items: list, size: int, *seed_parts: int):
     """Endless batches of `size` items: seeded shuffled passes, one after another."""
     epoch = 0
@@ -90,7 +113,6 @@ def cyclic_batches(items: list, size: int, *seed_parts: int):
         yield batch
 
 
-
 class NonFiniteError(ValueError):
     """A loss or gradient that is NaN or infinite: training stops rather than corrupt weights."""
 
@@ -98,7 +120,9 @@ class NonFiniteError(ValueError):
 class Trainer:
     """Owns the accelerator, the prepared model, the optimiser and the schedule."""
 
-    def __init__(self, config, model, accelerator: Accelerator, metrics_log, wrapper=SequenceScorer):
+    def __init__(
+        self, config, model, accelerator: Accelerator, metrics_log, wrapper=SequenceScorer
+    ):
         """`wrapper` turns the model into the module whose forward the loss functions call (it
         must keep the model as `.lm`): SequenceScorer for a causal LM (every method's policy),
         rft.RewardScorer for RFT's scalar reward model."""
@@ -112,9 +136,13 @@ class Trainer:
             model.config.use_cache = False
         params = [p for p in model.parameters() if p.requires_grad]
         if config.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+            optimizer = torch.optim.AdamW(
+                params, lr=config.learning_rate, weight_decay=config.weight_decay
+            )
         else:
-            optimizer = torch.optim.RMSprop(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+            optimizer = torch.optim.RMSprop(
+                params, lr=config.learning_rate, weight_decay=config.weight_decay
+            )
         # The scorer is what DDP wraps, so the one forward that yields log-probs is DDP's forward.
         self.model, self.optimizer = accelerator.prepare(wrapper(model), optimizer)
         self.scheduler = None
@@ -200,7 +228,8 @@ class Trainer:
             raise NonFiniteError(
                 f"non-finite gradient (norm {float(grad_norm)}) at optimiser step "
                 f"{self.global_step + 1}; the model was not updated with it. Lower the learning "
-                "rate, enable clipping, or check the data of this step")
+                "rate, enable clipping, or check the data of this step"
+            )
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         if self.scheduler is not None:
@@ -209,7 +238,9 @@ class Trainer:
         self.global_step += 1
 
         keys = sorted(stat_sums)
-        totals = acc.reduce(torch.stack([loss_sum, tokens] + [stat_sums[k] for k in keys]), reduction="sum")
+        totals = acc.reduce(
+            torch.stack([loss_sum, tokens] + [stat_sums[k] for k in keys]), reduction="sum"
+        )
         elapsed = time.perf_counter() - started
         record = {
             "step": self.global_step,

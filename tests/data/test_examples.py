@@ -135,8 +135,12 @@ def test_hh_real_empty_final_turn_and_repeated_speaker():
     _, report = load_examples(HH_HARMLESS)
     assert report.n_empty_responses == 4
     raw = [r["chosen"] for r in read_jsonl(HH_HARMLESS)]
-    i = next(i for i, t in enumerate(raw) if re.findall(r"\n\n(Human|Assistant):", t) == [
-        "Human", "Assistant", "Human", "Assistant", "Assistant"])
+    i = next(
+        i
+        for i, t in enumerate(raw)
+        if re.findall(r"\n\n(Human|Assistant):", t)
+        == ["Human", "Assistant", "Human", "Assistant", "Assistant"]
+    )
     ex = load_examples(HH_HARMLESS, limit=i + 1)[0][-1]
     a1, a2 = raw[i].split("\n\nAssistant:")[-2:]
     assert ex.response == a1.strip() + "\n\n" + a2.strip()
@@ -200,9 +204,11 @@ def test_prompt_completion(tmp_path):
 def test_messages_multi_turn_from_hh(tmp_path):
     hh, _ = load_examples(HH_HELPFUL, limit=50)
     records = [
-        {"messages": [{"role": "system", "content": "Be helpful."}]
-         + [{"role": r, "content": c} for r, c in e.history]
-         + [{"role": "user", "content": e.prompt}, {"role": "assistant", "content": e.response}]}
+        {
+            "messages": [{"role": "system", "content": "Be helpful."}]
+            + [{"role": r, "content": c} for r, c in e.history]
+            + [{"role": "user", "content": e.prompt}, {"role": "assistant", "content": e.response}]
+        }
         for e in hh
     ]
     p = write_jsonl(tmp_path / "msgs.jsonl", records)
@@ -500,9 +506,11 @@ def test_pairs_with_chosen_identical_to_rejected_are_dropped_and_counted(tmp_pat
     from demoalign.data import inspect_data, load_preference_pairs
 
     path = tmp_path / "pairs.jsonl"
-    rows = [{"prompt": "q1", "chosen": "yes", "rejected": "no"},
-            {"prompt": "q2", "chosen": "same", "rejected": "same"},
-            {"prompt": "q3", "chosen": "a", "rejected": "b"}]
+    rows = [
+        {"prompt": "q1", "chosen": "yes", "rejected": "no"},
+        {"prompt": "q2", "chosen": "same", "rejected": "same"},
+        {"prompt": "q3", "chosen": "a", "rejected": "b"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [e.prompt for e, _ in load_preference_pairs(path)] == ["q1", "q3"]
     assert "2 usable of 3 records" in inspect_data(path)

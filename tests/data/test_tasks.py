@@ -1,7 +1,17 @@
 """Built-in tasks: rewards by hand, wrong answers never right, seeded draws."""
 
 import pytest
-from demoalign.data.tasks import TASKS, AddTask, BracketTask, SortTask, get_task, task_examples, task_pairs, task_prompts
+
+from demoalign.data.tasks import (
+    TASKS,
+    AddTask,
+    BracketTask,
+    SortTask,
+    get_task,
+    task_examples,
+    task_pairs,
+    task_prompts,
+)
 
 
 @pytest.mark.parametrize(
@@ -32,9 +42,12 @@ def test_wrong_generator_never_gives_a_correct_response(name):
 
 
 def test_task_examples_are_seeded_and_distinct_by_seed():
-    a, b, c = task_examples("sort", 50, seed=0), task_examples("sort", 50, seed=0), task_examples("sort", 50, seed=1)
+    a, b, c = (
+        task_examples("sort", 50, seed=0),
+        task_examples("sort", 50, seed=0),
+        task_examples("sort", 50, seed=1),
+    )
     assert a == b and a != c
     assert all(TASKS["sort"].reward(e.prompt, e.response) == 1.0 for e in a)
     with pytest.raises(ValueError, match="sort"):
         get_task("parity")
-

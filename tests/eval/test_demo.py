@@ -1,16 +1,24 @@
 import json
 
-from demoalign.config import load_config
-from demoalign.config import DemoConfig
+from demoalign.config import DemoConfig, load_config
 from demoalign.eval.demo import METRICS, run_demo
 
 
 def test_short_demo_writes_every_field(tmp_path):
     overrides = [
-        f"output_dir={tmp_path / 'demo'}", "seeds=2", "arms=sft,spin,irft_T2,rft", "hidden_size=32",
-        "rft_reward_steps=2", "rft_rollouts=2",
-        "start_examples=128", "start_epochs=1", "train_examples=32", "eval_prompts=16",
-        "stage_eval_prompts=8", "max_new_tokens=12", "batch_size=8",
+        f"output_dir={tmp_path / 'demo'}",
+        "seeds=2",
+        "arms=sft,spin,irft_T2,rft",
+        "hidden_size=32",
+        "rft_reward_steps=2",
+        "rft_rollouts=2",
+        "start_examples=128",
+        "start_epochs=1",
+        "train_examples=32",
+        "eval_prompts=16",
+        "stage_eval_prompts=8",
+        "max_new_tokens=12",
+        "batch_size=8",
     ]
     run_demo(load_config(DemoConfig, None, overrides))
     out = tmp_path / "demo"
@@ -27,7 +35,12 @@ def test_short_demo_writes_every_field(tmp_path):
             if arm["name"] != "sft":
                 assert arm["vs_sft"][metric]["test"].startswith("paired t-test")
                 assert 0.0 <= arm["vs_sft"][metric]["p_value"] <= 1.0
-        for metric in ("task_reward_sampled", "task_reward_greedy", "pair_win_rate", "implicit_reward_accuracy"):
+        for metric in (
+            "task_reward_sampled",
+            "task_reward_greedy",
+            "pair_win_rate",
+            "implicit_reward_accuracy",
+        ):
             assert all(0.0 <= v <= 1.0 for v in arm["metrics"][metric]["values"])
     irft = results["arms"][2]
     assert [len(c) for c in irft["over_stages"]] == [2, 2]
@@ -43,8 +56,11 @@ def test_short_demo_writes_every_field(tmp_path):
         lines = (out / "arms" / name / "seed0" / "metrics.jsonl").read_text().splitlines()
         steps[name] = sum('"step"' in line for line in lines)
     # RFT counts its policy steps (its reward-model steps are logged with phase "reward").
-    rft_policy = [line for line in (out / "arms" / "rft" / "seed0" / "metrics.jsonl").read_text().splitlines()
-                  if '"step"' in line and '"phase": "policy"' in line]
+    rft_policy = [
+        line
+        for line in (out / "arms" / "rft" / "seed0" / "metrics.jsonl").read_text().splitlines()
+        if '"step"' in line and '"phase": "policy"' in line
+    ]
     steps["rft"] = len(rft_policy)
     assert len(set(steps.values())) == 1, steps
     assert "(d) RFT beats SFT at equal policy steps" in report

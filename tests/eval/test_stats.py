@@ -1,7 +1,9 @@
 """Statistics of reports: the paired t-test by hand."""
 
 import math
+
 import pytest
+
 from demoalign.eval.stats import mean_std, paired_t_test, verdict
 
 
@@ -15,9 +17,11 @@ def test_paired_t_test_by_hand():
     assert paired_t_test([1, 2], [1, 2]) == (0.0, 1.0)
     assert paired_t_test([2, 3], [1, 2])[1] == 0.0
     # Differences equal up to float rounding are equal: no p-value from rounding noise.
-    assert paired_t_test([0.94, 0.9366666666666666, 0.9433333333333334], [0.9333333333333333, 0.93, 0.9366666666666668]) == (float("inf"), 0.0)
+    assert paired_t_test(
+        [0.94, 0.9366666666666666, 0.9433333333333334],
+        [0.9333333333333333, 0.93, 0.9366666666666668],
+    ) == (float("inf"), 0.0)
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
     assert verdict([3, 5, 4], [1, 2, 4])[0] == "not significant"
     assert verdict([1, 2, 4], [3, 5, 4])[0] == "no"
     assert verdict([5.0, 6.1, 7.0, 8.1], [1.0, 2.0, 3.1, 4.0])[0] == "yes"
-

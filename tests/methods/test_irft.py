@@ -12,10 +12,10 @@ import yaml
 
 from conftest import DOLLY, fresh_model, small_run_config
 from demoalign import IRFTConfig, SFTConfig, SPINConfig, train
-from demoalign.methods import irft as methods
-from demoalign.encoding import Encoder
 from demoalign.data import load_examples
+from demoalign.encoding import Encoder
 from demoalign.generation import generate_ids
+from demoalign.methods import irft as methods
 from demoalign.methods.irft import count_pairs, irft_loss_fn, stage_chunks
 from demoalign.methods.sft import response_tokens, sft_loss_fn
 from demoalign.pairs import Pair, fill_reference_logps, pair_logps
@@ -27,7 +27,9 @@ def make_pairs(model, tokenizer, n=8):
     examples, _ = load_examples(DOLLY, limit=n)
     encoder = Encoder(tokenizer, "instruction", max_length=80, max_prompt_length=40)
     prompts = [encoder.prompt_ids(e) for e in examples]
-    negatives = generate_ids(model, tokenizer, prompts, max_new_tokens=10, seed=0, show_progress=False)
+    negatives = generate_ids(
+        model, tokenizer, prompts, max_new_tokens=10, seed=0, show_progress=False
+    )
     pairs = []
     for i, e in enumerate(examples):
         demo = encoder.encode(e)
@@ -43,7 +45,8 @@ def grads(model):
 
 @pytest.mark.parametrize("loss_type, factor", [("sigmoid", 0.5), ("hinge", 1.0), ("linear", 1.0)])
 def test_first_step_gradient_is_the_ml_irl_gradient(tiny_model_dir, tokenizer, loss_type, factor):
-    """At θ = π_t, ∇L = −(β·factor)[∇log π(y|x) − ∇log π(ỹ|x)], factor ½ for sigmoid (SPEC §2)."""
+    """At θ = π_t, ∇L = −(β·factor)[∇log π(y|x) − ∇log π(ỹ|x)], factor ½ for sigmoid
+    (docs/algorithms.md §2)."""
     model = fresh_model(tiny_model_dir)
     disable_dropout(model)
     pad = tokenizer.pad_token_id
@@ -51,7 +54,9 @@ def test_first_step_gradient_is_the_ml_irl_gradient(tiny_model_dir, tokenizer, l
     beta = 0.3
     model.train()
     losses, stats, _ = irft_loss_fn(beta, loss_type, 0.0, pad)(model, pairs)
-    assert torch.allclose(stats["margin"], torch.zeros(len(pairs)), atol=1e-5), "u must be 0 at the stage start"
+    assert torch.allclose(stats["margin"], torch.zeros(len(pairs)), atol=1e-5), (
+        "u must be 0 at the stage start"
+    )
     losses.mean().backward()
     ours = grads(model)
     model.zero_grad()
@@ -65,7 +70,9 @@ def test_first_step_gradient_is_the_ml_irl_gradient(tiny_model_dir, tokenizer, l
 def _trainer(tiny_model_dir, tmp_path, **overrides):
     config = small_run_config(IRFTConfig, tiny_model_dir, tmp_path / "unused", **overrides)
     model = fresh_model(tiny_model_dir)
-    return Trainer(config, model, make_accelerator(config), MetricsLog(tmp_path / "m.jsonl", enabled=False))
+    return Trainer(
+        config, model, make_accelerator(config), MetricsLog(tmp_path / "m.jsonl", enabled=False)
+    )
 
 
 def _params(model):
@@ -79,16 +86,26 @@ def test_batch1_accumulation8_equals_batch8(tiny_model_dir, tokenizer, tmp_path)
     for name, bs, acc in (("8x1", 8, 1), ("1x8", 1, 8), ("2x4", 2, 4)):
         trainer = _trainer(tiny_model_dir, tmp_path, batch_size=bs, gradient_accumulation_steps=acc)
         assert trainer.global_batch == 8
-        records = [trainer.step(pairs, irft_loss_fn(0.5, "sigmoid", 0.2, pad), count_pairs(pairs)) for _ in range(3)]
+        records = [
+            trainer.step(pairs, irft_loss_fn(0.5, "sigmoid", 0.2, pad), count_pairs(pairs))
+            for _ in range(3)
+        ]
         # SFT's per-token normalisation must hold across micro-batches too.
-        records += [trainer.step(sft_items, sft_loss_fn(pad), response_tokens(sft_items)) for _ in range(2)]
-        runs[name] = ([r["loss"] for r in records], [r["grad_norm"] for r in records], _params(trainer.unwrapped))
+        records += [
+            trainer.step(sft_items, sft_loss_fn(pad), response_tokens(sft_items)) for _ in range(2)
+        ]
+        runs[name] = (
+            [r["loss"] for r in records],
+            [r["grad_norm"] for r in records],
+            _params(trainer.unwrapped),
+        )
     ref_losses, ref_norms, ref_params = runs["8x1"]
     assert ref_losses[1] != ref_losses[0], "the optimiser must have moved"
     for name in ("1x8", "2x4"):
         losses, norms, params = runs[name]
         assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), name
-        # Adam is blind to a constant loss scale, so the accumulated gradient itself is compared too.
+        # Adam is blind to a constant loss scale, so the accumulated gradient itself is compared
+        # too.
         assert norms == pytest.approx(ref_norms, rel=1e-4), name
         # Adam turns float-rounding differences of near-zero gradients into ~1e-5 moves at lr 1e-3.
         assert (params - ref_params).abs().max() < 1e-4, (name, (params - ref_params).abs().max())
@@ -125,7 +142,11 @@ def test_no_second_model_is_held_during_irft(tiny_model_dir, tmp_path, monkeypat
 
         def loss_fn(model, pairs):
             gc.collect()
-            live = {o.data_ptr(): o.numel() for o in gc.get_objects() if isinstance(o, torch.nn.Parameter)}
+            live = {
+                o.data_ptr(): o.numel()
+                for o in gc.get_objects()
+                if isinstance(o, torch.nn.Parameter)
+            }
             counts.append(sum(live.values()) / model_size)
             return inner(model, pairs)
 
@@ -147,25 +168,47 @@ def test_end_to_end_two_stages_writes_every_output(tiny_model_dir, tmp_path):
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["method"] == "irft" and config["stages"] == 2
     for stage in ("1", "2"):
-        records = [json.loads(line) for line in (out / "stages" / stage / "negatives.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(line)
+            for line in (out / "stages" / stage / "negatives.jsonl").read_text().splitlines()
+        ]
         assert len(records) == 8
         for r in records:
-            assert {"prompt", "demonstration", "negative", "ref_logp_demonstration", "ref_logp_negative"} <= set(r)
+            assert {
+                "prompt",
+                "demonstration",
+                "negative",
+                "ref_logp_demonstration",
+                "ref_logp_negative",
+            } <= set(r)
             assert r["ref_logp_demonstration"] < 0 and r["ref_logp_negative"] <= 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "step" in m]
     assert len(steps) == 4  # 2 stages x 8 pairs / batch 4
-    for key in ("loss", "pair_accuracy", "margin", "reward_demo", "reward_negative", "lr", "grad_norm", "tokens_per_s"):
+    for key in (
+        "loss",
+        "pair_accuracy",
+        "margin",
+        "reward_demo",
+        "reward_negative",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+    ):
         assert all(key in m for m in steps), key
     first_of_stage = [m for m in steps if m["stage"] == 2][0]
-    assert first_of_stage["margin"] == pytest.approx(0, abs=1e-5), "stage 2 must start from its own reference"
+    assert first_of_stage["margin"] == pytest.approx(0, abs=1e-5), (
+        "stage 2 must start from its own reference"
+    )
     assert sum(m["event"] == "stage_start" for m in metrics if "event" in m) == 2
     assert "prompts_truncated" in metrics[-1]
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     tok = AutoTokenizer.from_pretrained(out / "final")
     ids = tok("### Instruction: hi\n\n### Response: ", return_tensors="pt")
-    generated = model.generate(**ids, max_new_tokens=5, do_sample=True, pad_token_id=tok.pad_token_id)
+    generated = model.generate(
+        **ids, max_new_tokens=5, do_sample=True, pad_token_id=tok.pad_token_id
+    )
     assert generated.shape[1] > ids["input_ids"].shape[1]
 
     with pytest.raises(RunFolderError, match="overwrite"):
@@ -176,7 +219,11 @@ def test_end_to_end_two_stages_writes_every_output(tiny_model_dir, tmp_path):
 
 def test_sft_run(tiny_model_dir, tmp_path):
     out = train(small_run_config(SFTConfig, tiny_model_dir, tmp_path / "sft", epochs=2))
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+    steps = [
+        json.loads(line)
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if '"step"' in line
+    ]
     assert len(steps) == 8
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert not (out / "stages").exists()
@@ -201,4 +248,3 @@ def test_stage_chunks_are_disjoint_cover_the_data_and_reshuffle_per_iteration():
     assert [len(c) for c in chunks] == [25, 26, 26, 26]
     assert stage_chunks(103, 4, seed=3, iteration=1) != chunks
     assert stage_chunks(103, 4, seed=3, iteration=0) == chunks
-

@@ -10,23 +10,28 @@ import yaml
 
 from conftest import fresh_model
 from demoalign import RFTConfig, train
-from demoalign.encoding import Encoder, Tokenized
 from demoalign.config import build_config
+from demoalign.data.tasks import task_examples
+from demoalign.encoding import Encoder, Tokenized
 from demoalign.generation import generate_ids
-from demoalign.methods.sft import sft_loss_fn
-from demoalign.methods.reward_model import (RewardPair, RewardScorer, evaluate_reward_pairs,
-                                           reward_loss_fn, reward_step)
+from demoalign.methods.reward_model import (
+    RewardPair,
+    RewardScorer,
+    evaluate_reward_pairs,
+    reward_loss_fn,
+    reward_step,
+)
 from demoalign.methods.rloo import policy_step, sequence_logps_of
+from demoalign.methods.sft import sft_loss_fn
 from demoalign.models import load_reward_model as load_reward_model_from
+from demoalign.runio import MetricsLog
+from demoalign.trainer import Trainer, make_accelerator
 
 
 def load_reward_model(config, tokenizer):
     """RFT's reward model of `config`, as the run builds it."""
     path = config.reward_model or config.model
     return load_reward_model_from(path, same_ids_as=tokenizer, seed=config.seed)[0]
-from demoalign.runio import MetricsLog
-from demoalign.data.tasks import task_examples
-from demoalign.trainer import Trainer, make_accelerator
 
 
 @pytest.fixture(autouse=True)
@@ -39,10 +44,26 @@ def one_thread():
 
 
 def rft_config(tiny_model_dir, out, **overrides):
-    values = dict(model=str(tiny_model_dir), data="task:sort", max_examples=16, output_dir=str(out),
-                  template="plain", max_length=48, max_prompt_length=24, max_new_tokens=12, batch_size=4,
-                  generation_batch_size=16, learning_rate=1e-3, reward_learning_rate=3e-3, reward_steps=4,
-                  policy_steps=2, rollouts=2, outer_iterations=2, cpu=True, show_progress=False)
+    values = dict(
+        model=str(tiny_model_dir),
+        data="task:sort",
+        max_examples=16,
+        output_dir=str(out),
+        template="plain",
+        max_length=48,
+        max_prompt_length=24,
+        max_new_tokens=12,
+        batch_size=4,
+        generation_batch_size=16,
+        learning_rate=1e-3,
+        reward_learning_rate=3e-3,
+        reward_steps=4,
+        policy_steps=2,
+        rollouts=2,
+        outer_iterations=2,
+        cpu=True,
+        show_progress=False,
+    )
     values.update(overrides)
     return build_config(RFTConfig, values)
 
@@ -52,7 +73,13 @@ def reward_trainer(config, tokenizer, tmp_path):
 
     reward_config = replace(config, learning_rate=config.reward_learning_rate)
     log = MetricsLog(tmp_path / "unused.jsonl", enabled=False)
-    return Trainer(reward_config, load_reward_model(config, tokenizer), make_accelerator(config), log, wrapper=RewardScorer)
+    return Trainer(
+        reward_config,
+        load_reward_model(config, tokenizer),
+        make_accelerator(config),
+        log,
+        wrapper=RewardScorer,
+    )
 
 
 def sort_pairs(tiny_model_dir, tokenizer, n, seed=0):
@@ -60,18 +87,31 @@ def sort_pairs(tiny_model_dir, tokenizer, n, seed=0):
     encoder = Encoder(tokenizer, "plain", 48, 24)
     examples = task_examples("sort", n, seed=seed)
     prompts = [encoder.prompt_ids(e) for e in examples]
-    negatives = generate_ids(fresh_model(tiny_model_dir), tokenizer, prompts, max_new_tokens=12, seed=seed,
-                             show_progress=False)
-    return [RewardPair(p, encoder.response_ids(e.response), negatives[i] or [tokenizer.eos_token_id])
-            for i, (p, e) in enumerate(zip(prompts, examples))]
+    negatives = generate_ids(
+        fresh_model(tiny_model_dir),
+        tokenizer,
+        prompts,
+        max_new_tokens=12,
+        seed=seed,
+        show_progress=False,
+    )
+    return [
+        RewardPair(p, encoder.response_ids(e.response), negatives[i] or [tokenizer.eos_token_id])
+        for i, (p, e) in enumerate(zip(prompts, examples))
+    ]
 
 
-def test_reward_step_raises_the_margin_on_its_pairs_and_on_held_out_pairs(tiny_model_dir, tokenizer, tmp_path):
+def test_reward_step_raises_the_margin_on_its_pairs_and_on_held_out_pairs(
+    tiny_model_dir, tokenizer, tmp_path
+):
     config = rft_config(tiny_model_dir, tmp_path / "unused")
     trainer = reward_trainer(config, tokenizer, tmp_path)
     scorer = trainer.accelerator.unwrap_model(trainer.model)
     pad = tokenizer.pad_token_id
-    train_pairs, held = sort_pairs(tiny_model_dir, tokenizer, 24, seed=0), sort_pairs(tiny_model_dir, tokenizer, 16, seed=9)
+    train_pairs, held = (
+        sort_pairs(tiny_model_dir, tokenizer, 24, seed=0),
+        sort_pairs(tiny_model_dir, tokenizer, 16, seed=9),
+    )
     before = [evaluate_reward_pairs(scorer, p, pad, 16) for p in (train_pairs, held)]
     trainer.start_schedule(12)
     records = reward_step(trainer, train_pairs, [], 12, reward_loss_fn("logistic", pad), (0,), {})
@@ -86,8 +126,11 @@ def _flat_grad(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-def test_linear_reward_loss_gradient_is_the_contrastive_estimator(tiny_model_dir, tokenizer, tmp_path):
-    """SPEC §1: ∇ℓ = (1/β) E[∇r(x,y) − ∇r(x,ỹ)]. The linear loss −(r(y) − r(ỹ)), meaned over a batch,
+def test_linear_reward_loss_gradient_is_the_contrastive_estimator(
+    tiny_model_dir, tokenizer, tmp_path
+):
+    """docs/algorithms.md §1: ∇ℓ = (1/β) E[∇r(x,y) − ∇r(x,ỹ)]. The linear loss −(r(y) − r(ỹ)),
+    meaned over a batch,
     must have gradient −β ĝ, with ĝ computed here pair by pair from the model's own (unpadded)
     forward, which pools at the last token."""
     config = rft_config(tiny_model_dir, tmp_path / "unused")
@@ -95,7 +138,9 @@ def test_linear_reward_loss_gradient_is_the_contrastive_estimator(tiny_model_dir
     scorer = RewardScorer(model)
     pad, beta = tokenizer.pad_token_id, 0.1
     pairs = sort_pairs(tiny_model_dir, tokenizer, 6)
-    assert len({len(p.rejected_ids) for p in pairs} | {len(p.chosen_ids) for p in pairs}) > 1, "padding must matter"
+    assert len({len(p.rejected_ids) for p in pairs} | {len(p.chosen_ids) for p in pairs}) > 1, (
+        "padding must matter"
+    )
     losses, stats, _ = reward_loss_fn("linear", pad)(scorer, pairs)
     losses.mean().backward()
     ours = _flat_grad(model)
@@ -104,21 +149,29 @@ def test_linear_reward_loss_gradient_is_the_contrastive_estimator(tiny_model_dir
     def r(prompt, response):
         return model(input_ids=torch.tensor([prompt + response])).logits[0, 0]
 
-    estimator = sum(r(p.prompt_ids, p.chosen_ids) - r(p.prompt_ids, p.rejected_ids) for p in pairs) / (beta * len(pairs))
+    estimator = sum(
+        r(p.prompt_ids, p.chosen_ids) - r(p.prompt_ids, p.rejected_ids) for p in pairs
+    ) / (beta * len(pairs))
     estimator.backward()
     g_hat = _flat_grad(model)
     assert ours.abs().max() > 1e-4
     assert torch.allclose(ours, -beta * g_hat, atol=1e-6, rtol=1e-4)
     # The padded batch scores each sequence at its last real token, like the unpadded forward.
     with torch.no_grad():
-        margins = [float(r(p.prompt_ids, p.chosen_ids) - r(p.prompt_ids, p.rejected_ids)) for p in pairs]
+        margins = [
+            float(r(p.prompt_ids, p.chosen_ids) - r(p.prompt_ids, p.rejected_ids)) for p in pairs
+        ]
     assert torch.allclose(stats["demo_margin"], torch.tensor(margins), atol=1e-5)
     with torch.no_grad():
         logistic, _, _ = reward_loss_fn("logistic", pad)(scorer, pairs)
-    assert torch.allclose(logistic, -torch.nn.functional.logsigmoid(torch.tensor(margins)), atol=1e-5)
+    assert torch.allclose(
+        logistic, -torch.nn.functional.logsigmoid(torch.tensor(margins)), atol=1e-5
+    )
 
 
-def test_preference_pairs_with_weight_zero_change_nothing_and_enter_the_loss_otherwise(tiny_model_dir, tokenizer, tmp_path):
+def test_preference_pairs_with_weight_zero_change_nothing_and_enter_the_loss_otherwise(
+    tiny_model_dir, tokenizer, tmp_path
+):
     pad = tokenizer.pad_token_id
     demo = sort_pairs(tiny_model_dir, tokenizer, 8)
     encoder = Encoder(tokenizer, "plain", 48, 24)
@@ -130,17 +183,30 @@ def test_preference_pairs_with_weight_zero_change_nothing_and_enter_the_loss_oth
     def preference(weight):
         from demoalign.data import Example
 
-        return [RewardPair(encoder.prompt_ids(Example(p, g)), encoder.response_ids(g), encoder.response_ids(b),
-                           weight, "preference") for p, g, b in raw]
+        return [
+            RewardPair(
+                encoder.prompt_ids(Example(p, g)),
+                encoder.response_ids(g),
+                encoder.response_ids(b),
+                weight,
+                "preference",
+            )
+            for p, g, b in raw
+        ]
 
     config = rft_config(tiny_model_dir, tmp_path / "unused")
     runs = {}
     for name, prefs in (("none", []), ("w0", preference(0.0)), ("w2", preference(2.0))):
         trainer = reward_trainer(config, tokenizer, tmp_path)
         records = reward_step(trainer, demo, prefs, 3, reward_loss_fn("logistic", pad), (0,), {})
-        runs[name] = (records, torch.cat([p.detach().flatten() for p in trainer.unwrapped.parameters()]))
+        runs[name] = (
+            records,
+            torch.cat([p.detach().flatten() for p in trainer.unwrapped.parameters()]),
+        )
     none, w0, w2 = runs["none"], runs["w0"], runs["w2"]
-    assert torch.equal(none[1], w0[1]), "weight 0 must leave the reward model exactly as without preference pairs"
+    assert torch.equal(none[1], w0[1]), (
+        "weight 0 must leave the reward model exactly as without preference pairs"
+    )
     assert [r["loss"] for r in none[0]] == [r["loss"] for r in w0[0]]
     assert "preference_accuracy" in w0[0][0] and "preference_accuracy" not in none[0][0]
     assert not torch.equal(none[1], w2[1])
@@ -156,16 +222,35 @@ def test_preference_pairs_with_weight_zero_change_nothing_and_enter_the_loss_oth
     assert added > 0 and added == pytest.approx(2.0 * drawn_losses.mean().item(), rel=1e-4)
 
 
-def test_rloo_policy_step_converges_to_the_kl_regularised_optimum(tiny_model_dir, tokenizer, tmp_path):
+def test_rloo_policy_step_converges_to_the_kl_regularised_optimum(
+    tiny_model_dir, tokenizer, tmp_path
+):
     """One prompt, one-token responses: the whole response space is the vocabulary, so π(·|x) and
-    the optimum π_ref(y|x) exp(r(y)/β) / Z are computed exactly; RLOO must get within TV 0.02 of it (from 0.21)."""
+    the optimum π_ref(y|x) exp(r(y)/β) / Z are computed exactly; RLOO must get within TV 0.02 of it
+    (from 0.21)."""
     prompt = tokenizer("sort: 3 1 2\n")["input_ids"]
     tokens = [tokenizer.convert_tokens_to_ids(t) for t in ("1", "2", "3", "4")]
     assert len(set(tokens)) == 4 and tokenizer.unk_token_id not in tokens
-    # π_ref: the tiny model taught by SFT to answer with the four tokens at rates 0.4, 0.3, 0.2, 0.1.
-    config = rft_config(tiny_model_dir, tmp_path / "unused", learning_rate=1e-2, batch_size=10, rollouts=8,
-                        max_new_tokens=1, beta=1.0, generation_batch_size=80, lr_scheduler="constant", warmup_ratio=0.0)
-    trainer = Trainer(config, fresh_model(tiny_model_dir), make_accelerator(config), MetricsLog(tmp_path / "m", enabled=False))
+    # π_ref: the tiny model taught by SFT to answer with the four tokens at rates 0.4, 0.3, 0.2,
+    # 0.1.
+    config = rft_config(
+        tiny_model_dir,
+        tmp_path / "unused",
+        learning_rate=1e-2,
+        batch_size=10,
+        rollouts=8,
+        max_new_tokens=1,
+        beta=1.0,
+        generation_batch_size=80,
+        lr_scheduler="constant",
+        warmup_ratio=0.0,
+    )
+    trainer = Trainer(
+        config,
+        fresh_model(tiny_model_dir),
+        make_accelerator(config),
+        MetricsLog(tmp_path / "m", enabled=False),
+    )
     demos = [Tokenized(prompt, [t]) for t, n in zip(tokens, (4, 3, 2, 1)) for _ in range(n)]
     for _ in range(60):
         trainer.step(demos, sft_loss_fn(tokenizer.pad_token_id), float(len(demos)))
@@ -190,20 +275,33 @@ def test_rloo_policy_step_converges_to_the_kl_regularised_optimum(tiny_model_dir
     start = tv(p_ref)
     assert start > 0.15
     # A new optimiser for the policy step, as in a run (the SFT above only built π_ref).
-    trainer = Trainer(config, trainer.unwrapped, make_accelerator(config), MetricsLog(tmp_path / "m2", enabled=False))
+    trainer = Trainer(
+        config,
+        trainer.unwrapped,
+        make_accelerator(config),
+        MetricsLog(tmp_path / "m2", enabled=False),
+    )
     trainer.start_schedule(150)
     from collections import deque
 
     records = policy_step(
-        trainer, tokenizer, [prompt], 150,
+        trainer,
+        tokenizer,
+        [prompt],
+        150,
         reward_fn=lambda rows: [rewards[r.response_ids[0]].item() for r in rows],
         ref_logps_fn=lambda rows: sequence_logps_of(reference, rows, tokenizer.pad_token_id, 80),
-        config=config, seed_parts=(0,), context={}, window=deque(maxlen=10),
+        config=config,
+        seed_parts=(0,),
+        context={},
+        window=deque(maxlen=10),
     )
     final = tv(distribution(trainer.unwrapped))
     assert final < 0.02, (start, final)
     # The logged KL estimate approaches KL(π* ‖ π_ref) = E*[r]/β − log Z.
-    kl_star = (target * (rewards / config.beta)).sum() - torch.log((p_ref * torch.exp(rewards / config.beta)).sum())
+    kl_star = (target * (rewards / config.beta)).sum() - torch.log(
+        (p_ref * torch.exp(rewards / config.beta)).sum()
+    )
     assert records[-1]["kl_running_mean"] == pytest.approx(kl_star.item(), abs=0.05)
     assert records[-1]["reward_running_mean"] > records[0]["reward"]
 
@@ -211,14 +309,25 @@ def test_rloo_policy_step_converges_to_the_kl_regularised_optimum(tiny_model_dir
 def test_end_to_end_two_outer_iterations_write_every_output(tiny_model_dir, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    out = train(rft_config(tiny_model_dir, tmp_path / "run", preference_data="task:sort:5", preference_weight=0.5))
+    out = train(
+        rft_config(
+            tiny_model_dir, tmp_path / "run", preference_data="task:sort:5", preference_weight=0.5
+        )
+    )
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["method"] == "rft" and config["outer_iterations"] == 2
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     events = [m["event"] for m in metrics if "event" in m]
-    assert events.count("iteration_start") == 2 and events.count("reward_eval") == 2 and "memory" in events
+    assert (
+        events.count("iteration_start") == 2
+        and events.count("reward_eval") == 2
+        and "memory" in events
+    )
     memory = next(m for m in metrics if m.get("event") == "memory")
-    assert memory["reference_param_bytes"] == memory["policy_param_bytes"] > 0 and memory["reward_model_param_bytes"] > 0
+    assert (
+        memory["reference_param_bytes"] == memory["policy_param_bytes"] > 0
+        and memory["reward_model_param_bytes"] > 0
+    )
     policy = [m for m in metrics if m.get("phase") == "policy"]
     reward = [m for m in metrics if m.get("phase") == "reward"]
     assert len(policy) == 4 and len(reward) == 8
@@ -226,11 +335,15 @@ def test_end_to_end_two_outer_iterations_write_every_output(tiny_model_dir, toke
         assert all(key in m for m in policy), key
     for key in ("pair_accuracy", "pair_margin", "preference_accuracy"):
         assert all(key in m for m in reward), key
-    assert policy[0]["kl"] == pytest.approx(0, abs=1e-5), "the first policy step samples the reference itself"
+    assert policy[0]["kl"] == pytest.approx(0, abs=1e-5), (
+        "the first policy step samples the reference itself"
+    )
     # The reference stays the INITIAL policy: iteration 2 starts away from it.
     assert abs(policy[2]["kl"]) > 1e-6
     evals = [m for m in metrics if m.get("event") == "reward_eval"]
-    assert all(e["after_heldout_pairs"] >= 1 and "after_preference_heldout_accuracy" in e for e in evals)
+    assert all(
+        e["after_heldout_pairs"] >= 1 and "after_preference_heldout_accuracy" in e for e in evals
+    )
     assert metrics[-1]["event"] == "run_end" and metrics[-1]["reward_optimizer_steps"] == 8
 
     encoder = Encoder(tokenizer, "plain", 48, 24)
@@ -238,22 +351,32 @@ def test_end_to_end_two_outer_iterations_write_every_output(tiny_model_dir, toke
 
     for k in ("1", "2"):
         folder = out / "iterations" / k
-        records = [json.loads(line) for line in (folder / "negatives.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(line) for line in (folder / "negatives.jsonl").read_text().splitlines()
+        ]
         assert len(records) == 8 and sum(r["heldout"] for r in records) >= 1
         assert (folder / "policy" / "model.safetensors").exists()
         rm = AutoModelForSequenceClassification.from_pretrained(folder / "reward_model")
         # Scoring the saved reward model on the training rendering gives the logged reward.
         r = records[0]
-        ids = encoder.prompt_ids(Example(r["prompt"], r["demonstration"])) + encoder.response_ids(r["demonstration"])
+        ids = encoder.prompt_ids(Example(r["prompt"], r["demonstration"])) + encoder.response_ids(
+            r["demonstration"]
+        )
         with torch.no_grad():
             score = rm(input_ids=torch.tensor([ids])).logits[0, 0].item()
         assert score == pytest.approx(r["reward_demonstration"], abs=1e-4)
     model = AutoModelForCausalLM.from_pretrained(out / "final")
-    generated = model.generate(input_ids=torch.tensor([encoder.prompt_ids(Example("sort: 3 1", ""))]), max_new_tokens=4,
-                               do_sample=True, pad_token_id=tokenizer.pad_token_id)
+    generated = model.generate(
+        input_ids=torch.tensor([encoder.prompt_ids(Example("sort: 3 1", ""))]),
+        max_new_tokens=4,
+        do_sample=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     assert generated.shape[1] > 1
     start = fresh_model(tiny_model_dir).state_dict()
-    assert any(not torch.equal(v, start[k]) for k, v in model.state_dict().items()), "the policy never moved"
+    assert any(not torch.equal(v, start[k]) for k, v in model.state_dict().items()), (
+        "the policy never moved"
+    )
 
 
 def test_rft_config_is_checked(tiny_model_dir, tmp_path):
@@ -263,7 +386,6 @@ def test_rft_config_is_checked(tiny_model_dir, tmp_path):
         rft_config(tiny_model_dir, tmp_path, rollouts=1)
     with pytest.raises(ValueError, match="did you mean `preference_weight`"):
         rft_config(tiny_model_dir, tmp_path, preference_data_weight=1.0)
-
 
 
 def test_lora_policy_uses_the_base_as_reference_without_a_copy(tiny_model_dir, tmp_path):
@@ -283,5 +405,7 @@ def test_lora_policy_uses_the_base_as_reference_without_a_copy(tiny_model_dir, t
     final = load_file(str(out / "final" / "model.safetensors"))
     assert not any("lora" in key for key in final), "final/ must be merged"
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
-    assert any(not torch.equal(final[k], start[k]) for k in final if k in start), "merged weights must differ"
+    assert any(not torch.equal(final[k], start[k]) for k in final if k in start), (
+        "merged weights must differ"
+    )
     AutoModelForCausalLM.from_pretrained(out / "final")

@@ -8,7 +8,15 @@ from .preferences import load_preference_pairs, read_preference_pairs
 from .readers import FILE_FORMATS
 
 __all__ = [
-    "FILE_FORMATS", "RECORD_FORMATS", "DataError", "DataReport", "Example", "inspect_data",
-    "load_examples", "load_preference_pairs", "load_prompts", "parse_columns",
+    "FILE_FORMATS",
+    "RECORD_FORMATS",
+    "DataError",
+    "DataReport",
+    "Example",
+    "inspect_data",
+    "load_examples",
+    "load_preference_pairs",
+    "load_prompts",
+    "parse_columns",
     "read_preference_pairs",
 ]

@@ -62,9 +62,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError, _describe, _RecordError
-from .formats import _FORMAT_HELP, _NOTES, _PARSERS, Example, _check_columns, _detect_format, _pair_parser
+from .formats import (
+    _FORMAT_HELP,
+    _NOTES,
+    _PARSERS,
+    Example,
+    _check_columns,
+    _detect_format,
+    _pair_parser,
+)
 from .preferences import read_preference_pairs
 from .readers import checked_source, detect_file_format, iter_records
+
 
 @dataclass
 class DataReport:
@@ -118,8 +127,9 @@ def load_examples(
     for lineno, rec in iter_records(path, kind, limit):
         counts["records"] += 1
         if not isinstance(rec, dict):
-            raise DataError(path, f"record is not a JSON object (got {_describe(rec)})",
-                            line=lineno, unit=unit)
+            raise DataError(
+                path, f"record is not a JSON object (got {_describe(rec)})", line=lineno, unit=unit
+            )
         if parse is None:
             record_format, parse = _choose_parser(path, rec, columns, lineno, unit)
         example = _parse_one(path, rec, parse, record_format, lineno, unit)
@@ -140,9 +150,14 @@ def _choose_parser(path: Path, rec: dict, columns, lineno: int, unit: str):
     if columns is not None:
         for key in ("prompt", "response"):
             if columns[key] not in rec:
-                raise DataError(path, f"mapped {key} column {columns[key]!r} not found; "
-                                      f"available columns: {sorted(rec)}",
-                                line=lineno, field=columns[key], unit=unit)
+                raise DataError(
+                    path,
+                    f"mapped {key} column {columns[key]!r} not found; "
+                    f"available columns: {sorted(rec)}",
+                    line=lineno,
+                    field=columns[key],
+                    unit=unit,
+                )
         return "columns", _pair_parser(columns["prompt"], columns["response"])
     record_format = _detect_format(rec)
     if record_format is None:
@@ -151,7 +166,8 @@ def _choose_parser(path: Path, rec: dict, columns, lineno: int, unit: str):
             f"unrecognised record format; keys found: {sorted(rec)}. Accepted formats: "
             f"{_FORMAT_HELP}. Pass an explicit mapping columns={{'prompt': COL, 'response': COL}} "
             "(CLI: columns=prompt:COL,response:COL)",
-            line=lineno, unit=unit,
+            line=lineno,
+            unit=unit,
         )
     return record_format, _PARSERS[record_format]
 
@@ -160,8 +176,13 @@ def _parse_one(path: Path, rec: dict, parse, record_format: str, lineno: int, un
     try:
         prompt, response, history = parse(rec)
     except _RecordError as exc:
-        raise DataError(path, f"{exc.message} (record format {record_format})",
-                        line=lineno, field=exc.field, unit=unit) from None
+        raise DataError(
+            path,
+            f"{exc.message} (record format {record_format})",
+            line=lineno,
+            field=exc.field,
+            unit=unit,
+        ) from None
     return Example(prompt=prompt, response=response, history=history)
 
 
@@ -169,18 +190,27 @@ def _check_some_examples(path: Path, counts: dict, examples: list) -> None:
     if counts["records"] == 0:
         raise DataError(path, "no records found (empty file?)")
     if not examples:
-        raise DataError(path, f"no usable examples: all {counts['records']} records have an "
-                              "empty response")
+        raise DataError(
+            path, f"no usable examples: all {counts['records']} records have an empty response"
+        )
 
 
-def _report(path: Path, kind: str, record_format: str, counts: dict, kept: int, limit) -> DataReport:
+def _report(
+    path: Path, kind: str, record_format: str, counts: dict, kept: int, limit
+) -> DataReport:
     notes = [_NOTES[record_format]] if record_format in _NOTES else []
     if limit is not None and counts["records"] >= limit:
         notes.append(f"reading stopped at limit={limit} records")
     return DataReport(
-        path=str(path), file_format=kind, record_format=record_format,
-        n_records=counts["records"], n_examples=kept, n_empty_responses=counts["empty"],
-        n_duplicates=counts["duplicates"], n_multi_turn=counts["multi_turn"], notes=notes,
+        path=str(path),
+        file_format=kind,
+        record_format=record_format,
+        n_records=counts["records"],
+        n_examples=kept,
+        n_empty_responses=counts["empty"],
+        n_duplicates=counts["duplicates"],
+        n_multi_turn=counts["multi_turn"],
+        notes=notes,
     )
 
 
@@ -233,6 +263,9 @@ def _preference_summary(path: Path) -> list[str]:
     except DataError as exc:  # still fine as demonstrations, which is what inspect reports first
         return ["", f"as preference pairs: not loadable ({exc})"]
     usable = counts["records"] - counts["empty"] - counts["identical"]
-    return ["", f"as preference pairs: {usable} usable of {counts['records']} records; dropped "
-                f"{counts['empty']} with an empty side, {counts['identical']} with chosen "
-                "identical to rejected"]
+    return [
+        "",
+        f"as preference pairs: {usable} usable of {counts['records']} records; dropped "
+        f"{counts['empty']} with an empty side, {counts['identical']} with chosen "
+        "identical to rejected",
+    ]

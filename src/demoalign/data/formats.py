@@ -33,7 +33,6 @@ _FORMAT_HELP = (
 )
 
 
-
 @dataclass(frozen=True)
 class Example:
     """One demonstration: ``response`` is the demonstrated answer to ``prompt``.
@@ -51,7 +50,6 @@ class Example:
         msgs = [{"role": role, "content": content} for role, content in self.history]
         msgs.append({"role": "user", "content": self.prompt})
         return msgs
-
 
 
 def _get_str(rec: dict, key: str) -> str:
@@ -209,8 +207,10 @@ def _detect_format(rec: dict) -> str | None:
         return "prompt/response"
     if {"prompt", "completion"} <= keys:
         return "prompt/completion"
-    if {"prompt", "chosen"} <= keys and isinstance(rec["prompt"], str) and isinstance(
-        rec["chosen"], str
+    if (
+        {"prompt", "chosen"} <= keys
+        and isinstance(rec["prompt"], str)
+        and isinstance(rec["chosen"], str)
     ):
         return "prompt/chosen"
     if {"instruction", "output"} <= keys:

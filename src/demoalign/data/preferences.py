@@ -8,12 +8,16 @@ from .errors import DataError, _describe, _RecordError
 from .formats import Example, _get_str, _parse_hh_record
 from .readers import checked_source, iter_records
 
+
 def _parse_preference_record(rec: dict) -> tuple[Example, str]:
     """(Example(prompt, chosen, history), rejected) from one preference record."""
     for key in ("chosen", "rejected"):
         if key not in rec:
-            raise _RecordError(f"missing (keys found: {sorted(rec)}); preference pairs need "
-                               "prompt/chosen/rejected strings or HH chosen/rejected transcripts", key)
+            raise _RecordError(
+                f"missing (keys found: {sorted(rec)}); preference pairs need "
+                "prompt/chosen/rejected strings or HH chosen/rejected transcripts",
+                key,
+            )
     if isinstance(rec.get("prompt"), str) and isinstance(rec["chosen"], str):
         prompt = _get_str(rec, "prompt")
         return Example(prompt, _get_str(rec, "chosen")), _get_str(rec, "rejected")
@@ -21,10 +25,15 @@ def _parse_preference_record(rec: dict) -> tuple[Example, str]:
     try:
         other_prompt, rejected, other_history = _parse_hh_record({**rec, "chosen": rec["rejected"]})
     except _RecordError as exc:
-        raise _RecordError(exc.message, (exc.field or "").replace("chosen", "rejected") or "rejected") from None
+        raise _RecordError(
+            exc.message, (exc.field or "").replace("chosen", "rejected") or "rejected"
+        ) from None
     if (prompt, history) != (other_prompt, other_history):
-        raise _RecordError("chosen and rejected transcripts differ before their last Assistant turn "
-                           "(they must answer the same conversation)", "rejected")
+        raise _RecordError(
+            "chosen and rejected transcripts differ before their last Assistant turn "
+            "(they must answer the same conversation)",
+            "rejected",
+        )
     return Example(prompt, chosen, history), rejected
 
 
@@ -51,8 +60,9 @@ def read_preference_pairs(path: str | Path, limit: int | None = None):
     for lineno, rec in iter_records(path, file_format, limit):
         counts["records"] += 1
         if not isinstance(rec, dict):
-            raise DataError(path, f"record is not a JSON object (got {_describe(rec)})",
-                            line=lineno, unit=unit)
+            raise DataError(
+                path, f"record is not a JSON object (got {_describe(rec)})", line=lineno, unit=unit
+            )
         try:
             example, rejected = _parse_preference_record(rec)
         except _RecordError as exc:
@@ -66,7 +76,10 @@ def read_preference_pairs(path: str | Path, limit: int | None = None):
     if counts["records"] == 0:
         raise DataError(path, "no records found (empty file?)")
     if not pairs:
-        raise DataError(path, f"no usable preference pairs among {counts['records']} records "
-                              f"({counts['empty']} with an empty side, {counts['identical']} "
-                              "with chosen identical to rejected)")
+        raise DataError(
+            path,
+            f"no usable preference pairs among {counts['records']} records "
+            f"({counts['empty']} with an empty side, {counts['identical']} "
+            "with chosen identical to rejected)",
+        )
     return pairs, counts

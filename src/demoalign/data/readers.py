@@ -13,7 +13,6 @@ from .errors import DataError
 FILE_FORMATS = ("jsonl", "json", "parquet", "csv", "hf_dataset")
 
 
-
 def detect_file_format(path: Path) -> str:
     if path.is_dir():
         return "hf_dataset"
@@ -165,8 +164,11 @@ def iter_records(path: Path, file_format: str, limit: int | None) -> Iterator[tu
                 return
     except UnicodeDecodeError as exc:
         line = _first_non_utf8_line(path)
-        raise DataError(path, f"not valid UTF-8 text ({exc.reason}, byte "
-                              f"{exc.object[exc.start:exc.start + 1]!r})", line=line) from None
+        raise DataError(
+            path,
+            f"not valid UTF-8 text ({exc.reason}, byte {exc.object[exc.start : exc.start + 1]!r})",
+            line=line,
+        ) from None
     except (OSError, EOFError) as exc:  # e.g. gzip.BadGzipFile, truncated gzip
         raise DataError(path, f"cannot read file ({exc})") from None
     except csv.Error as exc:

@@ -29,7 +29,9 @@ def parse_task_spec(spec: str, default_seed: int):
     try:
         return get_task(name), int(seed or default_seed)
     except ValueError as exc:
-        raise ValueError(f"{spec}: expected task:NAME[:SEED] with an integer SEED ({exc})") from None
+        raise ValueError(
+            f"{spec}: expected task:NAME[:SEED] with an integer SEED ({exc})"
+        ) from None
 
 
 def demonstrations(spec: str, columns: str = "", limit: int = 0) -> tuple[list, str, dict]:
@@ -38,16 +40,22 @@ def demonstrations(spec: str, columns: str = "", limit: int = 0) -> tuple[list, 
     if parsed:
         task, seed = parsed
         examples = task_examples(task.name, limit or 1000, seed=seed)
-        return examples, (f"built-in task {task.name!r} (data seed {seed}): "
-                          f"{len(examples)} demonstrations"), {}
+        return (
+            examples,
+            (f"built-in task {task.name!r} (data seed {seed}): {len(examples)} demonstrations"),
+            {},
+        )
     examples, report = load_examples(spec, parse_columns(columns or None), limit or None)
-    counts = {"empty_responses_dropped": report.n_empty_responses,
-              "duplicates_dropped": report.n_duplicates}
+    counts = {
+        "empty_responses_dropped": report.n_empty_responses,
+        "duplicates_dropped": report.n_duplicates,
+    }
     return examples, report.summary(), counts
 
 
-def preference_pairs(spec: str, limit: int | None, default_seed: int,
-                     task_count: int) -> list[tuple[Example, str]]:
+def preference_pairs(
+    spec: str, limit: int | None, default_seed: int, task_count: int
+) -> list[tuple[Example, str]]:
     """(Example(prompt, chosen, history), rejected) from a file of pairs, or a task's
     (correct, plausible-wrong) pairs: `limit` or `task_count` of them."""
     parsed = parse_task_spec(spec, default_seed)
@@ -63,8 +71,10 @@ def data_root() -> Path:
     DEMOALIGN_DATA (`demoalign eval` also takes `leaderboard_data`). Nothing is downloaded."""
     value = os.environ.get(DATA_ENV)
     if not value:
-        raise ValueError(f"set {DATA_ENV} to the folder of local data (it holds arc/, gsm8k/, "
-                         "tokenizers/, ...), or pass leaderboard_data=FOLDER")
+        raise ValueError(
+            f"set {DATA_ENV} to the folder of local data (it holds arc/, gsm8k/, "
+            "tokenizers/, ...), or pass leaderboard_data=FOLDER"
+        )
     root = Path(value).expanduser()
     if not root.is_dir():
         raise ValueError(f"{DATA_ENV}={value}: no such folder")

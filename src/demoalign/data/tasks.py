@@ -12,7 +12,7 @@ from .formats import Example
 
 @dataclass(frozen=True)
 class SortTask:
-    """"sort: 3 9 1 4" → "1 3 4 9" (digits, with repeats)."""
+    """ "sort: 3 9 1 4" → "1 3 4 9" (digits, with repeats)."""
 
     min_len: int = 6
     max_len: int = 10
@@ -53,7 +53,7 @@ class SortTask:
 
 @dataclass(frozen=True)
 class AddTask:
-    """"add: 4821 + 377" → "5198"."""
+    """ "add: 4821 + 377" → "5198"."""
 
     max_digits: int = 4
     name: str = "add"
@@ -79,13 +79,17 @@ class AddTask:
         """The sum with one digit changed (a typical carry slip); never the right answer."""
         answer = self.solve(prompt)
         i = rng.randrange(len(answer))
-        choices = [d for d in "0123456789" if d != answer[i] and not (i == 0 and d == "0" and len(answer) > 1)]
+        choices = [
+            d
+            for d in "0123456789"
+            if d != answer[i] and not (i == 0 and d == "0" and len(answer) > 1)
+        ]
         return answer[:i] + rng.choice(choices) + answer[i + 1 :]
 
 
 @dataclass(frozen=True)
 class BracketTask:
-    """"close: ( [ {" → "} ] )": the closing sequence of a bracket prefix."""
+    """ "close: ( [ {" → "} ] )": the closing sequence of a bracket prefix."""
 
     min_len: int = 3
     max_len: int = 7
@@ -93,7 +97,9 @@ class BracketTask:
     pairs = {"(": ")", "[": "]", "{": "}", "<": ">"}
 
     def prompt(self, rng: random.Random) -> str:
-        return "close: " + " ".join(rng.choice("([{<") for _ in range(rng.randint(self.min_len, self.max_len)))
+        return "close: " + " ".join(
+            rng.choice("([{<") for _ in range(rng.randint(self.min_len, self.max_len))
+        )
 
     def solve(self, prompt: str) -> str:
         return " ".join(self.pairs[c] for c in reversed(prompt.split(":", 1)[1].split()))

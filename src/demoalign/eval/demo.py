@@ -15,8 +15,15 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ..config import (DemoConfig, IRFTConfig, RFTConfig, SFTConfig, SPINConfig, build_config,
-                      parse_arm)
+from ..config import (
+    DemoConfig,
+    IRFTConfig,
+    RFTConfig,
+    SFTConfig,
+    SPINConfig,
+    build_config,
+    parse_arm,
+)
 from ..data.sources import HELDOUT_SEED
 from ..data.tasks import get_task, task_examples, task_pairs, task_prompts
 from ..encoding import Encoder
@@ -28,36 +35,73 @@ from ..tiny import tiny_model, train_tokenizer
 from .metrics import generation_reward, pair_metrics, pair_sequence_logps
 from .stats import mean_std, paired_t_test, verdict
 
-SHORT = {"task_reward_sampled": "sampled", "task_reward_greedy": "greedy", "pair_win_rate": "pair win",
-         "logp_gap": "logp gap", "implicit_reward_accuracy": "implicit acc", "wall_time_s": "wall s"}
-METRICS = ("task_reward_sampled", "task_reward_greedy", "pair_win_rate", "logp_gap",
-           "implicit_reward_accuracy", "wall_time_s")
+SHORT = {
+    "task_reward_sampled": "sampled",
+    "task_reward_greedy": "greedy",
+    "pair_win_rate": "pair win",
+    "logp_gap": "logp gap",
+    "implicit_reward_accuracy": "implicit acc",
+    "wall_time_s": "wall s",
+}
+METRICS = (
+    "task_reward_sampled",
+    "task_reward_greedy",
+    "pair_win_rate",
+    "logp_gap",
+    "implicit_reward_accuracy",
+    "wall_time_s",
+)
 TEST_NAME = "paired t-test over seeds (two-sided)"
 
 
-
-
-
-
 def _arm_config(demo: DemoConfig, arm: str, start: Path, seed: int, out: Path):
-    common = dict(model=str(start), data=f"task:{demo.task}:1", max_examples=demo.train_examples,
-                  output_dir=str(out), template="plain", max_length=64, max_prompt_length=32,
-                  batch_size=demo.batch_size, seed=seed, cpu=True, show_progress=False, overwrite=True)
+    common = dict(
+        model=str(start),
+        data=f"task:{demo.task}:1",
+        max_examples=demo.train_examples,
+        output_dir=str(out),
+        template="plain",
+        max_length=64,
+        max_prompt_length=32,
+        batch_size=demo.batch_size,
+        seed=seed,
+        cpu=True,
+        show_progress=False,
+        overwrite=True,
+    )
     method, stages, weight = parse_arm(arm)
     if method == "sft":
-        return build_config(SFTConfig, {**common, "epochs": demo.epochs, "learning_rate": demo.sft_learning_rate})
+        return build_config(
+            SFTConfig, {**common, "epochs": demo.epochs, "learning_rate": demo.sft_learning_rate}
+        )
     if method == "rft":
         # Equal budget in policy optimiser steps: RFT's policy steps add up to SFT's steps.
         total_steps = demo.epochs * -(-demo.train_examples // demo.batch_size)
-        return build_config(RFTConfig, {
-            **common, "learning_rate": demo.learning_rate, "beta": demo.rft_beta,
-            "outer_iterations": demo.rft_outer_iterations,
-            "policy_steps": max(1, total_steps // demo.rft_outer_iterations),
-            "reward_steps": demo.rft_reward_steps, "reward_learning_rate": demo.rft_reward_learning_rate,
-            "rollouts": demo.rft_rollouts, "max_new_tokens": demo.max_new_tokens, "generation_batch_size": 64})
-    pairwise = {**common, "learning_rate": demo.learning_rate, "beta": demo.beta, "loss_type": demo.loss_type,
-                "sft_weight": demo.sft_weight if weight is None else weight, "epochs_per_stage": demo.epochs,
-                "max_new_tokens": demo.max_new_tokens, "generation_batch_size": 64}
+        return build_config(
+            RFTConfig,
+            {
+                **common,
+                "learning_rate": demo.learning_rate,
+                "beta": demo.rft_beta,
+                "outer_iterations": demo.rft_outer_iterations,
+                "policy_steps": max(1, total_steps // demo.rft_outer_iterations),
+                "reward_steps": demo.rft_reward_steps,
+                "reward_learning_rate": demo.rft_reward_learning_rate,
+                "rollouts": demo.rft_rollouts,
+                "max_new_tokens": demo.max_new_tokens,
+                "generation_batch_size": 64,
+            },
+        )
+    pairwise = {
+        **common,
+        "learning_rate": demo.learning_rate,
+        "beta": demo.beta,
+        "loss_type": demo.loss_type,
+        "sft_weight": demo.sft_weight if weight is None else weight,
+        "epochs_per_stage": demo.epochs,
+        "max_new_tokens": demo.max_new_tokens,
+        "generation_batch_size": 64,
+    }
     if method == "spin":
         return build_config(SPINConfig, pairwise)
     return build_config(IRFTConfig, {**pairwise, "stages": stages})
@@ -77,18 +121,35 @@ class Evaluator:
 
     def stage_point(self, model, n: int, seed: int) -> dict:
         """Sampled reward and held-out log-prob gap on the first n prompts/pairs."""
-        rewards = generation_reward(model, self.encoder, self.task, self.prompts[:n], greedy=False, seed=seed,
-                                    max_new_tokens=self.demo.max_new_tokens)
+        rewards = generation_reward(
+            model,
+            self.encoder,
+            self.task,
+            self.prompts[:n],
+            greedy=False,
+            seed=seed,
+            max_new_tokens=self.demo.max_new_tokens,
+        )
         good, bad = pair_sequence_logps(model, self.encoder, self.pairs[:n])
-        return {"task_reward_sampled": sum(rewards) / n, "logp_gap": sum(g - b for g, b in zip(good, bad)) / n}
+        return {
+            "task_reward_sampled": sum(rewards) / n,
+            "logp_gap": sum(g - b for g, b in zip(good, bad)) / n,
+        }
 
     def metrics(self, model, seed: int) -> dict:
         common = dict(max_new_tokens=self.demo.max_new_tokens)
-        sampled = generation_reward(model, self.encoder, self.task, self.prompts, greedy=False, seed=seed, **common)
-        greedy = generation_reward(model, self.encoder, self.task, self.prompts, greedy=True, seed=seed, **common)
+        sampled = generation_reward(
+            model, self.encoder, self.task, self.prompts, greedy=False, seed=seed, **common
+        )
+        greedy = generation_reward(
+            model, self.encoder, self.task, self.prompts, greedy=True, seed=seed, **common
+        )
         good, bad = pair_sequence_logps(model, self.encoder, self.pairs)
-        return {"task_reward_sampled": sum(sampled) / len(sampled), "task_reward_greedy": sum(greedy) / len(greedy),
-                **pair_metrics(good, bad, self.ref_good, self.ref_bad)}
+        return {
+            "task_reward_sampled": sum(sampled) / len(sampled),
+            "task_reward_greedy": sum(greedy) / len(greedy),
+            **pair_metrics(good, bad, self.ref_good, self.ref_bad),
+        }
 
 
 def _make_start_model(demo: DemoConfig, out: Path) -> Path:
@@ -96,12 +157,29 @@ def _make_start_model(demo: DemoConfig, out: Path) -> Path:
     texts = [f"{e.prompt}\n{e.response}" for e in task_examples(task.name, 500, seed=0)]
     tokenizer = train_tokenizer(texts, vocab_size=demo.vocab_size)
     init = out / "start_init"
-    tiny_model(tokenizer, hidden_size=demo.hidden_size, num_layers=demo.layers, seed=0).save_pretrained(init)
+    tiny_model(
+        tokenizer, hidden_size=demo.hidden_size, num_layers=demo.layers, seed=0
+    ).save_pretrained(init)
     tokenizer.save_pretrained(init)
-    config = build_config(SFTConfig, dict(
-        model=str(init), data=f"task:{demo.task}:0", max_examples=demo.start_examples, output_dir=str(out / "start"),
-        template="plain", max_length=64, max_prompt_length=32, batch_size=demo.batch_size, epochs=demo.start_epochs,
-        learning_rate=demo.start_learning_rate, seed=0, cpu=True, show_progress=False, overwrite=True))
+    config = build_config(
+        SFTConfig,
+        dict(
+            model=str(init),
+            data=f"task:{demo.task}:0",
+            max_examples=demo.start_examples,
+            output_dir=str(out / "start"),
+            template="plain",
+            max_length=64,
+            max_prompt_length=32,
+            batch_size=demo.batch_size,
+            epochs=demo.start_epochs,
+            learning_rate=demo.start_learning_rate,
+            seed=0,
+            cpu=True,
+            show_progress=False,
+            overwrite=True,
+        ),
+    )
     return train(config) / "final"
 
 
@@ -119,15 +197,22 @@ def _run_demo_in(out: Path, demo: DemoConfig) -> dict:
     atomic_write_text(out / "config.yaml", _yaml({"method": "demo", **asdict(demo)}))
     console = Console()
     started = time.perf_counter()
-    console.print(f"[bold]demoalign demo[/]: task {demo.task}, arms {demo.arms}, {demo.seeds} seeds -> {out}")
+    console.print(
+        f"[bold]demoalign demo[/]: task {demo.task}, arms {demo.arms}, {demo.seeds} seeds -> {out}"
+    )
     start = _make_start_model(demo, out)
     evaluator = Evaluator(demo, start)
     start_model, _ = load_model_and_tokenizer(str(start))
     start_metrics = evaluator.metrics(start_model, seed=0)
-    console.print(f"start model: sampled reward {start_metrics['task_reward_sampled']:.3f}, "
-                  f"greedy {start_metrics['task_reward_greedy']:.3f}")
+    console.print(
+        f"start model: sampled reward {start_metrics['task_reward_sampled']:.3f}, "
+        f"greedy {start_metrics['task_reward_greedy']:.3f}"
+    )
 
-    arms = {arm: {"seeds": [], "values": {m: [] for m in METRICS}, "stage_curves": []} for arm in demo.arm_list()}
+    arms = {
+        arm: {"seeds": [], "values": {m: [] for m in METRICS}, "stage_curves": []}
+        for arm in demo.arm_list()
+    }
     runs = [(seed, arm) for seed in range(demo.seeds) for arm in demo.arm_list()]
     with progress_bar("arms x seeds", total=len(runs)) as advance:
         for seed, arm in runs:
@@ -135,12 +220,19 @@ def _run_demo_in(out: Path, demo: DemoConfig) -> dict:
 
             def on_stage_end(model, stage, seed=seed, curve=curve, eval_time=eval_time):
                 t = time.perf_counter()
-                curve.append(evaluator.stage_point(model, demo.stage_eval_prompts, seed=1000 + seed))
+                curve.append(
+                    evaluator.stage_point(model, demo.stage_eval_prompts, seed=1000 + seed)
+                )
                 eval_time[0] += time.perf_counter() - t
 
             t0 = time.perf_counter()
-            run_dir = train(_arm_config(demo, arm, start, seed, out / "arms" / arm / f"seed{seed}"), on_stage_end)
-            wall = time.perf_counter() - t0 - eval_time[0]  # the over-stages evaluation is not training
+            run_dir = train(
+                _arm_config(demo, arm, start, seed, out / "arms" / arm / f"seed{seed}"),
+                on_stage_end,
+            )
+            wall = (
+                time.perf_counter() - t0 - eval_time[0]
+            )  # the over-stages evaluation is not training
             model, _ = load_model_and_tokenizer(str(run_dir / "final"))
             values = {**evaluator.metrics(model, seed=seed), "wall_time_s": wall}
             arms[arm]["seeds"].append(seed)
@@ -169,8 +261,15 @@ def _results(demo: DemoConfig, arms: dict, start_metrics: dict) -> dict:
             for m in METRICS:
                 _, p = paired_t_test(arm["values"][m], sft[m])
                 vs_sft[m] = {"test": TEST_NAME, "p_value": p}
-        out_arms.append({"name": name, "seeds": arm["seeds"], "metrics": metrics, "vs_sft": vs_sft,
-                         "over_stages": arm["stage_curves"]})
+        out_arms.append(
+            {
+                "name": name,
+                "seeds": arm["seeds"],
+                "metrics": metrics,
+                "vs_sft": vs_sft,
+                "over_stages": arm["stage_curves"],
+            }
+        )
     return {"settings": asdict(demo), "start_model": start_metrics, "arms": out_arms}
 
 
@@ -192,21 +291,39 @@ def _claims(results: dict) -> list[str]:
 
     def compare(a, b, metric):
         v, p = verdict(a["metrics"][metric]["values"], b["metrics"][metric]["values"])
-        return f"{a['name']} vs {b['name']}: **{v}** (mean {a['metrics'][metric]['mean']:.3f} vs {b['metrics'][metric]['mean']:.3f}, p = {p:.3g})"
+        mean_a, mean_b = a["metrics"][metric]["mean"], b["metrics"][metric]["mean"]
+        return (
+            f"{a['name']} vs {b['name']}: **{v}** (mean {mean_a:.3f} vs {mean_b:.3f}, p = {p:.3g})"
+        )
 
     if irft:
-        lines.append("(a) IRFT beats SFT at equal budget on the sampled task reward: "
-                     + "; ".join(compare(a, arms["sft"], "task_reward_sampled") for a in irft) + ".")
-        same_loss = [(a, arms[spin[parse_arm(a["name"])[2]]]) for a in irft
-                     if parse_arm(a["name"])[1] > 1 and parse_arm(a["name"])[2] in spin]
+        lines.append(
+            "(a) IRFT beats SFT at equal budget on the sampled task reward: "
+            + "; ".join(compare(a, arms["sft"], "task_reward_sampled") for a in irft)
+            + "."
+        )
+        same_loss = [
+            (a, arms[spin[parse_arm(a["name"])[2]]])
+            for a in irft
+            if parse_arm(a["name"])[1] > 1 and parse_arm(a["name"])[2] in spin
+        ]
         if same_loss:
-            lines.append("(b) IRFT with T > 1 beats T = 1 (SPIN, same loss) on the sampled task reward: "
-                         + "; ".join(compare(a, s, "task_reward_sampled") for a, s in same_loss) + ".")
-        lines.append("(c) After IRFT the correct response wins more held-out pairs than after SFT: "
-                     + "; ".join(compare(a, arms["sft"], "pair_win_rate") for a in irft) + ".")
+            lines.append(
+                "(b) IRFT with T > 1 beats T = 1 (SPIN, same loss) on the sampled task reward: "
+                + "; ".join(compare(a, s, "task_reward_sampled") for a, s in same_loss)
+                + "."
+            )
+        lines.append(
+            "(c) After IRFT the correct response wins more held-out pairs than after SFT: "
+            + "; ".join(compare(a, arms["sft"], "pair_win_rate") for a in irft)
+            + "."
+        )
     if "rft" in arms:
-        lines.append("(d) RFT beats SFT at equal policy steps on the sampled task reward: "
-                     + compare(arms["rft"], arms["sft"], "task_reward_sampled") + ".")
+        lines.append(
+            "(d) RFT beats SFT at equal policy steps on the sampled task reward: "
+            + compare(arms["rft"], arms["sft"], "task_reward_sampled")
+            + "."
+        )
     else:
         lines.append("(d) RFT beats SFT: **not tested** (no `rft` arm in this run).")
     return lines
@@ -226,22 +343,26 @@ def _write_report(out: Path, demo: DemoConfig, results: dict, wall: float) -> No
             cells.append(cell)
         rows += f"| {arm['name']} | " + " | ".join(cells) + " |\n"
     start = results["start_model"]
-    text = f"""# demoalign demo: task `{demo.task}`
+    text = (
+        f"""# demoalign demo: task `{demo.task}`
 
-Every arm starts from the same SFT start model (sampled reward {start['task_reward_sampled']:.3f},
-greedy {start['task_reward_greedy']:.3f}) and trains on the same {demo.train_examples} demonstrations
-for the same number of optimiser steps. Mean ± std over {demo.seeds} seeds; p-values: {TEST_NAME}
-against continued SFT. Metrics on {demo.eval_prompts} held-out prompts and (correct, plausible wrong) pairs;
-implicit-reward accuracy uses the start model as reference. With {demo.seeds} seeds the t-test has
-{demo.seeds - 1} degrees of freedom: only large, consistent differences reach p < 0.05, and a difference
-that is identical in every seed gives p = 0. Verdicts: yes = higher and p < 0.05; no = not higher;
-not significant = higher but p ≥ 0.05. `wall_time_s` is training time only (evaluation excluded).
+Every arm starts from the same SFT start model (sampled reward
+{start["task_reward_sampled"]:.3f}, greedy {start["task_reward_greedy"]:.3f}) and trains on the
+same {demo.train_examples} demonstrations for the same number of optimiser steps. Mean ± std over
+{demo.seeds} seeds; p-values: {TEST_NAME} against continued SFT. Metrics on {demo.eval_prompts}
+held-out prompts and (correct, plausible wrong) pairs; implicit-reward accuracy uses the start
+model as reference. With {demo.seeds} seeds the t-test has {demo.seeds - 1} degrees of freedom:
+only large, consistent differences reach p < 0.05, and a difference that is identical in every
+seed gives p = 0. Verdicts: yes = higher and p < 0.05; no = not higher; not significant = higher
+but p ≥ 0.05. `wall_time_s` is training time only (evaluation excluded).
 How the settings were chosen: docs/demo-findings.md. Total wall time {wall:.0f} s.
 
 {header}{rows}
 ## The paper's claims, re-tested
 
-""" + "\n".join(f"- {line}" for line in _claims(results)) + f"""
+"""
+        + "\n".join(f"- {line}" for line in _claims(results))
+        + f"""
 
 ![task reward per arm](task_reward.png)
 ![reward and log-prob gap over stages](over_stages.png)
@@ -249,10 +370,14 @@ How the settings were chosen: docs/demo-findings.md. Total wall time {wall:.0f} 
 ## Reproduce
 
 ```
-demoalign demo output_dir={demo.output_dir} overwrite=true """ + " ".join(
-        f"{k}={v}" for k, v in asdict(demo).items() if k not in ("output_dir", "overwrite")) + """
+demoalign demo output_dir={demo.output_dir} overwrite=true """
+        + " ".join(
+            f"{k}={v}" for k, v in asdict(demo).items() if k not in ("output_dir", "overwrite")
+        )
+        + """
 ```
 """
+    )
     atomic_write_text(out / "report.md", text)
 
 
@@ -266,11 +391,25 @@ def _plots(out: Path, results: dict) -> None:
     names = [a["name"] for a in arms]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.38
-    for k, (metric, label) in enumerate((("task_reward_sampled", "sampled"), ("task_reward_greedy", "greedy"))):
+    for k, (metric, label) in enumerate(
+        (("task_reward_sampled", "sampled"), ("task_reward_greedy", "greedy"))
+    ):
         xs = [i + (k - 0.5) * width for i in range(len(arms))]
-        ax.bar(xs, [a["metrics"][metric]["mean"] for a in arms], width,
-               yerr=[a["metrics"][metric]["std"] for a in arms], capsize=4, label=label)
-    ax.axhline(results["start_model"]["task_reward_sampled"], color="gray", ls="--", lw=1, label="start (sampled)")
+        ax.bar(
+            xs,
+            [a["metrics"][metric]["mean"] for a in arms],
+            width,
+            yerr=[a["metrics"][metric]["std"] for a in arms],
+            capsize=4,
+            label=label,
+        )
+    ax.axhline(
+        results["start_model"]["task_reward_sampled"],
+        color="gray",
+        ls="--",
+        lw=1,
+        label="start (sampled)",
+    )
     ax.set_xticks(range(len(arms)), names)
     ax.set_ylabel("task reward (mean ± std over seeds)")
     ax.legend()
@@ -279,8 +418,10 @@ def _plots(out: Path, results: dict) -> None:
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, label in ((axes[0], "task_reward_sampled", "sampled task reward"),
-                              (axes[1], "logp_gap", "held-out log-prob gap (correct − wrong)")):
+    for ax, metric, label in (
+        (axes[0], "task_reward_sampled", "sampled task reward"),
+        (axes[1], "logp_gap", "held-out log-prob gap (correct − wrong)"),
+    ):
         for arm in arms:
             curves = [c for c in arm["over_stages"] if c]
             if not curves:

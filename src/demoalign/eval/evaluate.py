@@ -24,15 +24,15 @@ from ..models import check_reward_model, load_model_and_tokenizer, load_reward_m
 from ..runio import atomic_write_jsonl, atomic_write_text, atomic_write_yaml
 from ..templates import resolve_template
 from .leaderboard import import_lm_eval, parse_tasks, run_leaderboard
-from .metrics import (DEFINITIONS, generation_reward, pair_sequence_logps, pair_values,
-                      win_values)
+from .metrics import DEFINITIONS, generation_reward, pair_sequence_logps, pair_values, win_values
 from .report import write_report
 from .reward_scoring import reward_scores, reward_text
 from .stats import summarize
 
 
 def model_names(paths: list[str]) -> list[str]:
-    """The shortest path endings that tell the models apart (runs/a/final, runs/b/final → a/final, b/final)."""
+    """The shortest path endings that tell the models apart (runs/a/final, runs/b/final → a/final,
+    b/final)."""
     parts = [Path(p).resolve().parts for p in paths]
     for k in range(1, max(len(p) for p in parts) + 1):
         names = ["/".join(p[-k:]) for p in parts]
@@ -41,26 +41,47 @@ def model_names(paths: list[str]) -> list[str]:
     raise ValueError(f"models are listed twice: {paths}")
 
 
-
 def load_pairs(spec: str, limit: int | None = None) -> list[tuple[Example, str]]:
     """Preference pairs from a file, or `task:NAME[:SEED]` (200 held-out pairs by default)."""
     return preference_pairs(spec, limit, HELDOUT_SEED, task_count=200)
 
 
-def generate_responses(model, tokenizer, encoder: Encoder, prompts: list[Example], config: EvalConfig) -> list[dict]:
+def generate_responses(
+    model, tokenizer, encoder: Encoder, prompts: list[Example], config: EvalConfig
+) -> list[dict]:
     ids = [encoder.prompt_ids(p) for p in prompts]
-    out = generate_ids(model, tokenizer, ids, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                       top_p=config.top_p, greedy=config.greedy, batch_size=config.batch_size, seed=config.seed,
-                       show_progress=False)
-    return [{"prompt": p.prompt, "history": [list(t) for t in p.history],
-             "response": tokenizer.decode(out[i], skip_special_tokens=True), "tokens": len(out[i]),
-             "finished": bool(out[i]) and out[i][-1] == tokenizer.eos_token_id} for i, p in enumerate(prompts)]
+    out = generate_ids(
+        model,
+        tokenizer,
+        ids,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        greedy=config.greedy,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        show_progress=False,
+    )
+    return [
+        {
+            "prompt": p.prompt,
+            "history": [list(t) for t in p.history],
+            "response": tokenizer.decode(out[i], skip_special_tokens=True),
+            "tokens": len(out[i]),
+            "finished": bool(out[i]) and out[i][-1] == tokenizer.eos_token_id,
+        }
+        for i, p in enumerate(prompts)
+    ]
 
 
 def read_generations(path: Path, prompts: list[Example]) -> list[dict]:
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
     if [r.get("prompt") for r in records] != [p.prompt for p in prompts]:
-        raise ValueError(f"{path} holds generations for other prompts than prompts=…; pass regenerate=true")
+        raise ValueError(
+            f"{path} holds generations for other prompts than prompts=…; pass regenerate=true"
+        )
     return records
 
 
@@ -78,20 +99,27 @@ def stage_gaps(run_dir: str, config: EvalConfig) -> list[dict]:
         files = sorted(root.glob("iterations/*/negatives.jsonl"), key=lambda p: int(p.parent.name))
         keys = ("policy_logp_demonstration", "policy_logp_negative")
     if not files:
-        raise ValueError(f"run_dir={run_dir}: no stages/<k>/negatives.jsonl or iterations/<k>/negatives.jsonl")
+        raise ValueError(
+            f"run_dir={run_dir}: no stages/<k>/negatives.jsonl or iterations/<k>/negatives.jsonl"
+        )
     out = []
     for f in files:
-        recs = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+        recs = [
+            json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
         gaps = [r[keys[0]] - r[keys[1]] for r in recs]
         if gaps:
-            out.append({"stage": int(f.parent.name),
-                        **summarize(gaps, config.bootstrap_resamples, config.seed, config.confidence)})
+            out.append(
+                {
+                    "stage": int(f.parent.name),
+                    **summarize(gaps, config.bootstrap_resamples, config.seed, config.confidence),
+                }
+            )
     return out
 
 
 def _device(config: EvalConfig):
     return torch.device("cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
-
 
 
 @dataclass
@@ -142,8 +170,9 @@ def _reference_logps(config: EvalConfig, inputs: _Inputs, device):
     if not (inputs.triples and config.reference):
         return None, None
     ref, ref_tok = load_model_and_tokenizer(config.reference)
-    return pair_sequence_logps(ref.to(device), _encoder_for(ref_tok, config), inputs.triples,
-                               config.batch_size, fit=True)
+    return pair_sequence_logps(
+        ref.to(device), _encoder_for(ref_tok, config), inputs.triples, config.batch_size, fit=True
+    )
 
 
 def _model_metrics(model, tokenizer, config, inputs: _Inputs, refs, device, stats) -> dict:
@@ -157,24 +186,40 @@ def _model_metrics(model, tokenizer, config, inputs: _Inputs, refs, device, stat
         entry["pairs_truncated"] = encoder.counts.responses_cut
     if inputs.task is not None:
         for mode in ("sampled", "greedy"):
-            rewards = generation_reward(model, encoder, inputs.task, inputs.task_prompts,
-                                        greedy=mode == "greedy", seed=config.seed,
-                                        max_new_tokens=config.max_new_tokens,
-                                        batch_size=config.batch_size)
+            rewards = generation_reward(
+                model,
+                encoder,
+                inputs.task,
+                inputs.task_prompts,
+                greedy=mode == "greedy",
+                seed=config.seed,
+                max_new_tokens=config.max_new_tokens,
+                batch_size=config.batch_size,
+            )
             entry["metrics"][f"task_exact_match_{mode}"] = summarize(rewards, **stats)
     if inputs.leaderboard:
-        board = run_leaderboard(model, tokenizer, inputs.leaderboard,
-                                root=Path(config.leaderboard_data or data_root()),
-                                limit=config.leaderboard_limit or None,
-                                mmlu_shots=config.mmlu_shots, batch_size=config.batch_size,
-                                seed=config.seed, device=device)
+        board = run_leaderboard(
+            model,
+            tokenizer,
+            inputs.leaderboard,
+            root=Path(config.leaderboard_data or data_root()),
+            limit=config.leaderboard_limit or None,
+            mmlu_shots=config.mmlu_shots,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            device=device,
+        )
         for task_name, r in board.items():
-            entry["metrics"][task_name] = {**summarize(r["values"], **stats),
-                                           "task": r["lm_eval_task"], "metric": r["metric"],
-                                           "num_fewshot": r["num_fewshot"]}
+            entry["metrics"][task_name] = {
+                **summarize(r["values"], **stats),
+                "task": r["lm_eval_task"],
+                "metric": r["metric"],
+                "num_fewshot": r["num_fewshot"],
+            }
             entry.setdefault("definitions", {})[task_name] = (
                 f"lm-evaluation-harness {r['lm_eval_task']}: {r['metric']}, "
-                f"{r['num_fewshot']}-shot, local files")
+                f"{r['num_fewshot']}-shot, local files"
+            )
     return entry
 
 
@@ -182,14 +227,16 @@ def _generations(model, tokenizer, name: str, config: EvalConfig, inputs: _Input
     file = generation_file(out, name)
     if not config.regenerate and file.exists():
         return read_generations(file, inputs.prompts)
-    records = generate_responses(model, tokenizer, _encoder_for(tokenizer, config),
-                                 inputs.prompts, config)
+    records = generate_responses(
+        model, tokenizer, _encoder_for(tokenizer, config), inputs.prompts, config
+    )
     atomic_write_jsonl(file, records)
     return records
 
 
-def _score_generations(config: EvalConfig, results: dict, generations: dict, out: Path,
-                       device, stats) -> None:
+def _score_generations(
+    config: EvalConfig, results: dict, generations: dict, out: Path, device, stats
+) -> None:
     rm, rm_tok = load_reward_model(config.reward_model)
     rm = rm.to(device).eval()
     scores = {}
@@ -213,17 +260,24 @@ def evaluate(config: EvalConfig | None = None, **values) -> dict:
     config.validate()
     out = Path(config.output_dir)
     if (out / "results.json").exists() and not config.overwrite:
-        raise FileExistsError(f"{out} holds an earlier evaluation; pass overwrite=true to "
-                              "replace its results")
+        raise FileExistsError(
+            f"{out} holds an earlier evaluation; pass overwrite=true to replace its results"
+        )
     inputs = _load_inputs(config)
     device = _device(config)
-    stats = dict(n_resamples=config.bootstrap_resamples, seed=config.seed,
-                 confidence=config.confidence)
+    stats = dict(
+        n_resamples=config.bootstrap_resamples, seed=config.seed, confidence=config.confidence
+    )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_yaml(out / "config.yaml", config_to_dict(config))
     refs = _reference_logps(config, inputs, device)
-    results = {"models": [], "baseline": inputs.baseline, "reference": config.reference or None,
-               "definitions": {}, "settings": asdict(config)}
+    results = {
+        "models": [],
+        "baseline": inputs.baseline,
+        "reference": config.reference or None,
+        "definitions": {},
+        "settings": asdict(config),
+    }
     generations: dict[str, list[dict]] = {}
     for name, path in zip(inputs.names, inputs.paths):
         model, tokenizer = load_model_and_tokenizer(path)
@@ -237,8 +291,10 @@ def evaluate(config: EvalConfig | None = None, **values) -> dict:
     if inputs.prompts:
         _score_generations(config, results, generations, out, device, stats)
     used = {m for e in results["models"] for m in e["metrics"]}
-    results["definitions"] = {**{k: v for k, v in DEFINITIONS.items() if k in used},
-                              **results["definitions"]}
+    results["definitions"] = {
+        **{k: v for k, v in DEFINITIONS.items() if k in used},
+        **results["definitions"],
+    }
     if config.run_dir:
         results["run_stages"] = stage_gaps(config.run_dir, config)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))

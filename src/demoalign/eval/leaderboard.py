@@ -2,18 +2,22 @@
 `pip install 'demoalign[eval]'`, lm-eval 0.4.13), read from LOCAL files only.
 
 Each task is lm-eval's own registered config (prompt, choices, metric, filters) with the data
-source replaced by the local copy under $DEMOALIGN_DATA (or `leaderboard_data`), mapped to the schema
+source replaced by the local copy under $DEMOALIGN_DATA (or `leaderboard_data`), mapped to the
+schema
 the config expects. Nothing is downloaded. Per-item scores come back from lm-eval's logged samples
 and get the same bootstrap interval as every other figure of `demoalign eval`.
 
-| task | lm-eval config | metric | shots | local data (few-shot pool) |
-|---|---|---|---|---|
-| arc_challenge | arc_challenge | acc_norm | 25 | arc/arc_challenge.jsonl (pool: arc/arc_easy.jsonl; ARC's train split is not local) |
-| truthfulqa_mc2 | truthfulqa_mc2 | acc (mc2) | 0 | truthfulqa/mc_task.json |
-| winogrande | winogrande | acc | 5 | winogrande/winogrande.jsonl, xl validation (pool: the same file, the item itself excluded) |
-| gsm8k | gsm8k | exact_match, strict-match | 5 | gsm8k/test.jsonl (pool: gsm8k/train.jsonl) |
-| hellaswag | hellaswag | acc_norm | 10 | hellaswag/hellaswag_val_full.txt.bz2, validation (pool: the same file, the item excluded) |
-| mmlu | mmlu_<subject> ×57 | acc (pooled over items) | `mmlu_shots` (≤ 4) | mmlu/mmlu_dev_dataset, 5 dev questions per subject (pool: the subject's other dev questions, first n) |
+Task (lm-eval config): metric, shots; local data (few-shot pool):
+- arc_challenge: acc_norm, 25; arc/arc_challenge.jsonl (pool: arc/arc_easy.jsonl; ARC's train
+  split is not local)
+- truthfulqa_mc2: acc (mc2), 0; truthfulqa/mc_task.json
+- winogrande: acc, 5; winogrande/winogrande.jsonl, xl validation (pool: the same file, the item
+  itself excluded)
+- gsm8k: exact_match strict-match, 5; gsm8k/test.jsonl (pool: gsm8k/train.jsonl)
+- hellaswag: acc_norm, 10; hellaswag/hellaswag_val_full.txt.bz2, validation (pool: the same
+  file, the item excluded)
+- mmlu (mmlu_<subject> ×57): acc pooled over items, `mmlu_shots` (≤ 4); mmlu/mmlu_dev_dataset,
+  5 dev questions per subject (pool: the subject's other dev questions, first n)
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import bz2
 import json
 from functools import lru_cache
 from pathlib import Path
-
 
 TASKS = {  # name: (metric key in lm-eval's samples, filter, default shots)
     "arc_challenge": ("acc_norm", "none", 25),
@@ -44,15 +47,22 @@ def import_lm_eval():
         import lm_eval  # noqa: F401
         from lm_eval.models.huggingface import HFLM  # noqa: F401
     except ImportError as exc:
-        raise MissingExtra(f"the leaderboard tasks need lm-evaluation-harness, an optional extra: {INSTALL_HINT} ({exc})") from None
+        raise MissingExtra(
+            f"the leaderboard tasks need lm-evaluation-harness, an optional extra: {INSTALL_HINT} "
+            f"({exc})"
+        ) from None
     return lm_eval
 
 
 def parse_tasks(spec: str) -> list[str]:
-    names = list(TASKS) if spec.strip() == "all" else [t.strip() for t in spec.split(",") if t.strip()]
+    names = (
+        list(TASKS) if spec.strip() == "all" else [t.strip() for t in spec.split(",") if t.strip()]
+    )
     unknown = [t for t in names if t not in TASKS]
     if unknown:
-        raise ValueError(f"unknown leaderboard task(s) {unknown}; choose from {', '.join(TASKS)} or `all`")
+        raise ValueError(
+            f"unknown leaderboard task(s) {unknown}; choose from {', '.join(TASKS)} or `all`"
+        )
     return names
 
 
@@ -61,14 +71,22 @@ def parse_tasks(spec: str) -> list[str]:
 
 def _jsonl(path: Path) -> list[dict]:
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found (set leaderboard_data to the folder holding arc/, gsm8k/, …)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise FileNotFoundError(
+            f"{path} not found (set leaderboard_data to the folder holding arc/, gsm8k/, …)"
+        )
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
 def _arc(rec: dict) -> dict:
     labels = [chr(ord("A") + i) for i in range(len(rec["choices"]))]
     question = rec["query"].removeprefix("Question:").strip()
-    return {"question": question, "choices": {"text": rec["choices"], "label": labels}, "answerKey": labels[rec["gold"]]}
+    return {
+        "question": question,
+        "choices": {"text": rec["choices"], "label": labels},
+        "answerKey": labels[rec["gold"]],
+    }
 
 
 def _hellaswag(path: Path) -> list[dict]:
@@ -79,7 +97,9 @@ def _hellaswag(path: Path) -> list[dict]:
     lines = bz2.open(path, "rt", encoding="utf-8").read().split("\n")
     out = []
     for i in range(0, len(lines) - 5, 6):
-        out.append({"query": lines[i], "label": lines[i + 1].strip(), "choices": lines[i + 2 : i + 6]})
+        out.append(
+            {"query": lines[i], "label": lines[i + 1].strip(), "choices": lines[i + 2 : i + 6]}
+        )
     return out
 
 
@@ -91,14 +111,22 @@ def _mmlu(root: str) -> dict[str, list[dict]]:
     by_subject: dict[str, list[dict]] = {}
     for rec in ds:
         by_subject.setdefault(rec["subject"], []).append(
-            {"question": rec["question"], "subject": rec["subject"], "choices": rec["choices"], "answer": int(rec["answer"])})
+            {
+                "question": rec["question"],
+                "subject": rec["subject"],
+                "choices": rec["choices"],
+                "answer": int(rec["answer"]),
+            }
+        )
     return by_subject
 
 
 def _splits(**splits):
     import datasets
 
-    return lambda **_: datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
+    return lambda **_: datasets.DatasetDict(
+        {k: datasets.Dataset.from_list(v) for k, v in splits.items()}
+    )
 
 
 @lru_cache(maxsize=1)
@@ -108,52 +136,113 @@ def _manager():
     return TaskManager()  # indexes lm-eval's task folder: a few seconds, so once per process
 
 
+_DATA_KEYS = (
+    "tag",
+    "group",
+    "dataset_path",
+    "dataset_name",
+    "dataset_kwargs",
+    "training_split",
+    "validation_split",
+    "test_split",
+    "fewshot_split",
+)  # replaced by local splits
+
+
+def _official(task: str, shots: int) -> dict:
+    manager = _manager()
+    cfg = dict(manager._factory._load_full_config(manager._entry(task), None))
+    for key in _DATA_KEYS:
+        cfg.pop(key, None)
+    cfg["num_fewshot"] = shots
+    return cfg
+
+
+def _local(task: str, shots: int, test_split: str, fewshot_split: str | None, **splits) -> dict:
+    """lm-eval's config of `task` reading `splits` (name: records) instead of its hub data."""
+    cfg = {**_official(task, shots), "custom_dataset": _splits(**splits), "test_split": test_split}
+    if fewshot_split:
+        cfg["fewshot_split"] = fewshot_split
+    return cfg
+
+
+def _arc_challenge(root: Path, shots: int) -> list[dict]:
+    test = [_arc(r) for r in _jsonl(root / "arc" / "arc_challenge.jsonl")]
+    pool = [_arc(r) for r in _jsonl(root / "arc" / "arc_easy.jsonl")]
+    return [_local("arc_challenge", shots, "test", "train", test=test, train=pool)]
+
+
+def _truthfulqa_mc2(root: Path, shots: int) -> list[dict]:
+    raw = json.loads((root / "truthfulqa" / "mc_task.json").read_text(encoding="utf-8"))
+    docs = [
+        {
+            "question": r["question"],
+            "mc2_targets": {
+                "choices": list(r["mc2_targets"]),
+                "labels": list(r["mc2_targets"].values()),
+            },
+        }
+        for r in raw
+    ]
+    cfg = _local("truthfulqa_mc2", shots, "validation", None, validation=docs)
+    cfg["validation_split"] = cfg.pop("test_split")
+    return [cfg]
+
+
+def _winogrande(root: Path, shots: int) -> list[dict]:
+    docs = [
+        {
+            "context_options": r["context_options"],
+            "continuation": r["continuation"],
+            "gold": int(r["gold"]),
+        }
+        for r in _jsonl(root / "winogrande" / "winogrande.jsonl")
+    ]
+    # test_split = fewshot_split makes lm-eval exclude the item itself from its examples.
+    cfg = _local("winogrande", shots, "validation", "validation", validation=docs)
+    cfg.update(doc_to_text=_wg_text, doc_to_choice=_wg_choice, doc_to_target=_wg_target)
+    return [cfg]
+
+
+def _gsm8k(root: Path, shots: int) -> list[dict]:
+    test, train = _jsonl(root / "gsm8k" / "test.jsonl"), _jsonl(root / "gsm8k" / "train.jsonl")
+    return [_local("gsm8k", shots, "test", "train", test=test, train=train)]
+
+
+def _hellaswag_configs(root: Path, shots: int) -> list[dict]:
+    docs = _hellaswag(root / "hellaswag" / "hellaswag_val_full.txt.bz2")
+    cfg = _local("hellaswag", shots, "validation", "validation", validation=docs)
+    cfg.pop("process_docs", None)  # the local text is already processed
+    return [cfg]
+
+
+def _mmlu_configs(root: Path, shots: int) -> list[dict]:
+    if shots > 4:
+        raise ValueError(
+            "mmlu_shots must be <= 4: only MMLU's dev split (5 questions per "
+            "subject) is local, and the question being asked is never its own example"
+        )
+    return [
+        _local(f"mmlu_{subject}", shots, "dev", "dev", dev=docs)
+        for subject, docs in sorted(_mmlu(str(root)).items())
+    ]
+
+
+_BUILDERS = {
+    "arc_challenge": _arc_challenge,
+    "truthfulqa_mc2": _truthfulqa_mc2,
+    "winogrande": _winogrande,
+    "gsm8k": _gsm8k,
+    "hellaswag": _hellaswag_configs,
+    "mmlu": _mmlu_configs,
+}
+
+
 def task_configs(name: str, root: Path, shots: int) -> list[dict]:
     """lm-eval's registered config(s) for `name` with the data source replaced by local files."""
-    manager = _manager()
-
-    def official(task: str) -> dict:
-        cfg = dict(manager._factory._load_full_config(manager._entry(task), None))
-        for key in ("tag", "group", "dataset_path", "dataset_name", "dataset_kwargs", "training_split",
-                    "validation_split", "test_split", "fewshot_split"):
-            cfg.pop(key, None)
-        cfg["num_fewshot"] = shots
-        return cfg
-
-    if name == "arc_challenge":
-        test = [_arc(r) for r in _jsonl(root / "arc" / "arc_challenge.jsonl")]
-        pool = [_arc(r) for r in _jsonl(root / "arc" / "arc_easy.jsonl")]
-        return [{**official(name), "custom_dataset": _splits(test=test, train=pool), "test_split": "test", "fewshot_split": "train"}]
-    if name == "truthfulqa_mc2":
-        raw = json.loads((root / "truthfulqa" / "mc_task.json").read_text(encoding="utf-8"))
-        docs = [{"question": r["question"], "mc2_targets": {"choices": list(r["mc2_targets"]), "labels": list(r["mc2_targets"].values())}}
-                for r in raw]
-        return [{**official(name), "custom_dataset": _splits(validation=docs), "validation_split": "validation"}]
-    if name == "winogrande":
-        docs = [{"context_options": r["context_options"], "continuation": r["continuation"], "gold": int(r["gold"])}
-                for r in _jsonl(root / "winogrande" / "winogrande.jsonl")]
-        # test_split = fewshot_split makes lm-eval exclude the item itself from its few-shot examples.
-        return [{**official(name), "custom_dataset": _splits(validation=docs), "test_split": "validation",
-                 "fewshot_split": "validation", "doc_to_text": _wg_text, "doc_to_choice": _wg_choice, "doc_to_target": _wg_target}]
-    if name == "gsm8k":
-        test, train = _jsonl(root / "gsm8k" / "test.jsonl"), _jsonl(root / "gsm8k" / "train.jsonl")
-        return [{**official(name), "custom_dataset": _splits(test=test, train=train), "test_split": "test", "fewshot_split": "train"}]
-    if name == "hellaswag":
-        docs = _hellaswag(root / "hellaswag" / "hellaswag_val_full.txt.bz2")
-        cfg = {**official(name), "custom_dataset": _splits(validation=docs), "test_split": "validation",
-               "fewshot_split": "validation"}
-        cfg.pop("process_docs", None)  # the local text is already processed
-        return [cfg]
-    if name == "mmlu":
-        if shots > 4:
-            raise ValueError("mmlu_shots must be <= 4: only MMLU's dev split (5 questions per subject) is local, "
-                             "and the question being asked is never its own example")
-        out = []
-        for subject, docs in sorted(_mmlu(str(root)).items()):
-            cfg = official(f"mmlu_{subject}")
-            out.append({**cfg, "custom_dataset": _splits(dev=docs), "test_split": "dev", "fewshot_split": "dev"})
-        return out
-    raise ValueError(f"unknown leaderboard task {name!r}")
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown leaderboard task {name!r}; choose from {', '.join(_BUILDERS)}")
+    return _BUILDERS[name](root, shots)
 
 
 def _wg_text(doc):
@@ -171,8 +260,18 @@ def _wg_target(doc):
 # ---------------------------------------------------------------- running
 
 
-def run_leaderboard(model, tokenizer, names: list[str], *, root: Path, limit: int | None, mmlu_shots: int,
-                    batch_size: int, seed: int, device) -> dict[str, dict]:
+def run_leaderboard(
+    model,
+    tokenizer,
+    names: list[str],
+    *,
+    root: Path,
+    limit: int | None,
+    mmlu_shots: int,
+    batch_size: int,
+    seed: int,
+    device,
+) -> dict[str, dict]:
     """{task: {"values": per-item scores, "metric", "filter", "num_fewshot", "lm_eval_task"}}."""
     import_lm_eval()
     from lm_eval import simple_evaluate
@@ -181,14 +280,31 @@ def run_leaderboard(model, tokenizer, names: list[str], *, root: Path, limit: in
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
     shots = {name: mmlu_shots if name == "mmlu" else TASKS[name][2] for name in names}
     configs = {name: task_configs(name, Path(root), shots[name]) for name in names}
-    res = simple_evaluate(model=lm, tasks=[c for name in names for c in configs[name]], limit=limit, log_samples=True,
-                          bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                          fewshot_random_seed=seed, verbosity="ERROR")
+    res = simple_evaluate(
+        model=lm,
+        tasks=[c for name in names for c in configs[name]],
+        limit=limit,
+        log_samples=True,
+        bootstrap_iters=0,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        verbosity="ERROR",
+    )
     out = {}
     for name in names:
         metric, filt, _ = TASKS[name]
-        values = [float(sample[metric]) for cfg in configs[name] for sample in res["samples"][cfg["task"]]
-                  if sample.get("filter", "none") == filt]
-        out[name] = {"values": values, "metric": metric if filt == "none" else f"{metric},{filt}",
-                     "num_fewshot": shots[name], "lm_eval_task": name if name != "mmlu" else "mmlu_<subject>"}
+        values = [
+            float(sample[metric])
+            for cfg in configs[name]
+            for sample in res["samples"][cfg["task"]]
+            if sample.get("filter", "none") == filt
+        ]
+        out[name] = {
+            "values": values,
+            "metric": metric if filt == "none" else f"{metric},{filt}",
+            "num_fewshot": shots[name],
+            "lm_eval_task": name if name != "mmlu" else "mmlu_<subject>",
+        }
     return out

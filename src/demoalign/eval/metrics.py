@@ -20,14 +20,19 @@ from ..pairs import Pair, pair_logps
 
 DEFINITIONS = {
     "logp_gap": "mean of log π(chosen|x) − log π(rejected|x)",
-    "pair_win_rate": "share of pairs with log π(chosen|x) > log π(rejected|x) (reference-free; ties ½)",
-    "implicit_reward_accuracy": "share of pairs with log π/π_ref(chosen) > log π/π_ref(rejected) (ties ½)",
-    "task_exact_match_sampled": "share of held-out task prompts answered exactly right, sampled (temperature 1)",
+    "pair_win_rate": (
+        "share of pairs with log π(chosen|x) > log π(rejected|x) (reference-free; ties ½)"
+    ),
+    "implicit_reward_accuracy": (
+        "share of pairs with log π/π_ref(chosen) > log π/π_ref(rejected) (ties ½)"
+    ),
+    "task_exact_match_sampled": (
+        "share of held-out task prompts answered exactly right, sampled (temperature 1)"
+    ),
     "task_exact_match_greedy": "share of held-out task prompts answered exactly right, greedy",
     "reward_score": "mean reward-model score of one generation per prompt",
     "win_rate_vs_baseline": "share of prompts where R(x, y_model) > R(x, y_baseline) (ties ½)",
 }
-
 
 
 def win(x: float, y: float) -> float:
@@ -37,11 +42,14 @@ def win(x: float, y: float) -> float:
 
 def pair_values(good: list[float], bad: list[float], ref_good=None, ref_bad=None) -> dict:
     """Per-pair values of the pair metrics (the implicit-reward accuracy only with a reference)."""
-    out = {"logp_gap": [g - b for g, b in zip(good, bad)],
-           "pair_win_rate": [win(g, b) for g, b in zip(good, bad)]}
+    out = {
+        "logp_gap": [g - b for g, b in zip(good, bad)],
+        "pair_win_rate": [win(g, b) for g, b in zip(good, bad)],
+    }
     if ref_good is not None:
-        out["implicit_reward_accuracy"] = [win(g - rg, b - rb) for g, b, rg, rb
-                                           in zip(good, bad, ref_good, ref_bad)]
+        out["implicit_reward_accuracy"] = [
+            win(g - rg, b - rb) for g, b, rg, rb in zip(good, bad, ref_good, ref_bad)
+        ]
     return out
 
 
@@ -57,26 +65,47 @@ def win_values(scores: list[float], baseline_scores: list[float]) -> list[float]
     return [win(a, b) for a, b in zip(scores, baseline_scores)]
 
 
-def generation_reward(model, encoder: Encoder, task, prompts: list[str], *, greedy: bool, seed: int,
-                      max_new_tokens: int, batch_size: int = 64) -> list[float]:
+def generation_reward(
+    model,
+    encoder: Encoder,
+    task,
+    prompts: list[str],
+    *,
+    greedy: bool,
+    seed: int,
+    max_new_tokens: int,
+    batch_size: int = 64,
+) -> list[float]:
     tok = encoder.tokenizer
     ids = [encoder.prompt_ids(Example(p, "")) for p in prompts]
-    out = generate_ids(model, tok, ids, max_new_tokens=max_new_tokens, greedy=greedy, seed=seed,
-                       batch_size=batch_size, show_progress=False)
-    return [task.reward(p, tok.decode(out[i], skip_special_tokens=True)) for i, p in enumerate(prompts)]
-
+    out = generate_ids(
+        model,
+        tok,
+        ids,
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        seed=seed,
+        batch_size=batch_size,
+        show_progress=False,
+    )
+    return [
+        task.reward(p, tok.decode(out[i], skip_special_tokens=True)) for i, p in enumerate(prompts)
+    ]
 
 
 @torch.no_grad()
-def pair_sequence_logps(model, encoder: Encoder, pairs: list[tuple], batch_size: int = 64,
-                        fit: bool = False):
+def pair_sequence_logps(
+    model, encoder: Encoder, pairs: list[tuple], batch_size: int = 64, fit: bool = False
+):
     """(log π(correct|x), log π(wrong|x)) per pair, with the training code's own scoring.
 
     A pair is (prompt, correct, wrong); the prompt is a string or an Example (which carries the
     earlier turns). fit=True cuts responses to the encoder's max_length as training does."""
     items = []
     for i, (prompt, good, bad) in enumerate(pairs):
-        prompt_ids = encoder.prompt_ids(prompt if isinstance(prompt, Example) else Example(prompt, good))
+        prompt_ids = encoder.prompt_ids(
+            prompt if isinstance(prompt, Example) else Example(prompt, good)
+        )
         good_ids, bad_ids = encoder.response_ids(good), encoder.response_ids(bad)
         if fit:
             good_ids = encoder.fit(prompt_ids, good_ids).response_ids

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import torch
 
+
 def reward_text(template: str, prompt: str, response: str) -> str:
-    """`template` with {prompt} and {response} filled in (braces inside the texts are left alone)."""
+    """`template` with {prompt} and {response} filled in (braces inside the texts are left
+    alone)."""
     before, after = template.split("{response}")
     return before.replace("{prompt}", prompt) + response + after.replace("{prompt}", prompt)
 
 
 @torch.no_grad()
-def reward_scores(model, tokenizer, texts: list[str], batch_size: int = 16, max_length: int = 1024) -> list[float]:
+def reward_scores(
+    model, tokenizer, texts: list[str], batch_size: int = 16, max_length: int = 1024
+) -> list[float]:
     """One score per text, from an EXTERNAL reward model given by path (its own text format via
     `reward_template`). Rows are right-padded and transformers pools at each row's last non-pad
     token, so a text that itself ends in the pad id (pad = EOS tokenizers) is pooled one token

@@ -44,8 +44,9 @@ def verdict(a: list[float], b: list[float], alpha: float = 0.05) -> tuple[str, f
     return "not significant", p
 
 
-def bootstrap_interval(values: list[float], n_resamples: int = 1000, seed: int = 0,
-                       confidence: float = 0.95) -> tuple[float, float]:
+def bootstrap_interval(
+    values: list[float], n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float]:
     """Percentile-bootstrap interval of the mean of `values` (resampling items with replacement)."""
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
@@ -61,7 +62,9 @@ def bootstrap_interval(values: list[float], n_resamples: int = 1000, seed: int =
     return float(low), float(high)
 
 
-def summarize(values: list[float], n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict:
+def summarize(
+    values: list[float], n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> dict:
     """{value: mean, low, high: bootstrap interval, n}."""
     low, high = bootstrap_interval(values, n_resamples, seed, confidence)
     return {"value": sum(values) / len(values), "low": low, "high": high, "n": len(values)}

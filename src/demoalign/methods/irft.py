@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 from ..encoding import Encoder
-from ..generation import generate_ids
 from ..losses import implicit_rewards, nll, pairwise_loss
-from ..pairs import Pair, fill_reference_logps, pair_logps
+from ..pairs import Pair, pair_logps
 from ..runio import atomic_write_jsonl
 from ..trainer import Trainer, seeded_permutation, steps_per_epoch
+from .negatives import make_negatives, negative_records, negative_stats
 
 
 def irft_loss_fn(beta: float, loss_type: str, sft_weight: float, pad_id: int):
@@ -32,7 +32,8 @@ def irft_loss_fn(beta: float, loss_type: str, sft_weight: float, pad_id: int):
             "reward_demo": reward_demo,
             "reward_negative": reward_neg,
             "margin": reward_demo - reward_neg,
-            "pair_accuracy": (reward_demo > reward_neg).float() + 0.5 * (reward_demo == reward_neg).float(),
+            "pair_accuracy": (reward_demo > reward_neg).float()
+            + 0.5 * (reward_demo == reward_neg).float(),
             "logp_demo": demo.detach(),
             "logp_negative": neg.detach(),
         }
@@ -51,106 +52,98 @@ def stage_chunks(n: int, stages: int, seed: int, iteration: int) -> list[list[in
     return [order[t * n // stages : (t + 1) * n // stages] for t in range(stages)]
 
 
-def make_negatives(config, trainer: Trainer, encoder: Encoder, chunk: list, stage_id: int) -> list[Pair]:
-    """Sample one negative per prompt with the current model, then its reference log-probs with the
-    SAME weights; each process does its share, and everyone gets all pairs."""
-    acc = trainer.accelerator
-    model = trainer.unwrapped
-    tok = encoder.tokenizer
-    prompts = [encoder.prompt_ids(e) for e in chunk]
-    # Each negative is then cut to its own room by `encoder.fit`, like its demonstration.
-    room = config.max_length - min(len(p) for p in prompts)
-    with acc.autocast():
-        generated = generate_ids(
-            model, tok, prompts,
-            max_new_tokens=max(1, min(config.max_new_tokens, room)),
-            temperature=config.temperature, top_p=config.top_p, greedy=config.greedy,
-            batch_size=config.generation_batch_size, seed=config.seed * 7919 + stage_id,
-            process_index=acc.process_index, num_processes=acc.num_processes,
-            desc=f"stage {stage_id}: negatives", show_progress=config.show_progress and acc.is_main_process,
-        )
-    mine = []
-    for i, neg_ids in sorted(generated.items()):
-        demo_ids = encoder.response_ids(chunk[i].response)
-        neg_ids = neg_ids or [tok.eos_token_id]
-        demo = encoder.fit(prompts[i], demo_ids)
-        neg = encoder.fit(prompts[i], neg_ids)
-        mine.append(Pair(i, demo.prompt_ids, demo.response_ids, neg.response_ids,
-                         demo_truncated=len(demo.response_ids) < len(demo_ids),
-                         negative_truncated=len(neg.response_ids) < len(neg_ids)))
-    fill_reference_logps(model, mine, tok.pad_token_id, config.generation_batch_size, acc.autocast)
-    if acc.num_processes == 1:
-        return mine
-    from accelerate.utils import gather_object
-
-    return sorted(gather_object(mine), key=lambda p: p.index)
-
-
-def negative_records(pairs: list[Pair], chunk: list, tokenizer) -> list[dict]:
-    records = []
-    for p in pairs:
-        example = chunk[p.index]
-        records.append({
-            "prompt": example.prompt,
-            "history": [list(turn) for turn in example.history],
-            "demonstration": example.response,
-            "negative": tokenizer.decode(p.negative_ids, skip_special_tokens=True),
-            "ref_logp_demonstration": p.ref_demo,
-            "ref_logp_negative": p.ref_negative,
-            "negative_tokens": len(p.negative_ids),
-            "negative_finished": bool(p.negative_ids) and p.negative_ids[-1] == tokenizer.eos_token_id,
-        })
-    return records
-
-
-def run_irft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir: Path, on_stage_end=None) -> dict:
-    """All stages of all iterations; returns the truncation counts of the run."""
-    acc = trainer.accelerator
-    chunks_per_iteration = [stage_chunks(len(examples), config.stages, config.seed, it) for it in range(config.iterations)]
+def _stage_plan(config, n_examples: int, global_batch: int):
+    """(chunks of every iteration, optimiser steps of every stage)."""
+    chunks_per_iteration = [
+        stage_chunks(n_examples, config.stages, config.seed, it) for it in range(config.iterations)
+    ]
     if min(len(c) for chunks in chunks_per_iteration for c in chunks) == 0:
-        raise ValueError(f"{len(examples)} examples cannot fill {config.stages} stages; lower `stages`")
-    steps = [config.epochs_per_stage * steps_per_epoch(len(c), trainer.global_batch)
-             for chunks in chunks_per_iteration for c in chunks]
+        raise ValueError(
+            f"{n_examples} examples cannot fill {config.stages} stages; lower `stages`"
+        )
+    steps = [
+        config.epochs_per_stage * steps_per_epoch(len(c), global_batch)
+        for chunks in chunks_per_iteration
+        for c in chunks
+    ]
+    return chunks_per_iteration, steps
+
+
+def _sample_stage(
+    config, trainer: Trainer, encoder: Encoder, chunk: list, stage_id: int, out_dir: Path
+):
+    """The stage's pairs (negatives and reference log-probs), its truncation counts and the
+    seconds it took; the negatives are written to stages/<k>/negatives.jsonl."""
+    started = time.perf_counter()
+    prompts_cut_before = encoder.counts.prompts_cut  # every process renders every prompt
+    pairs = make_negatives(config, trainer, encoder, chunk, stage_id)
+    gen_time = time.perf_counter() - started
+    cuts = {
+        "prompts_truncated": encoder.counts.prompts_cut - prompts_cut_before,
+        "demonstrations_truncated": sum(p.demo_truncated for p in pairs),
+        "negatives_truncated": sum(p.negative_truncated for p in pairs),
+        "pairs": len(pairs),
+    }
+    if trainer.accelerator.is_main_process:
+        atomic_write_jsonl(
+            out_dir / "stages" / str(stage_id) / "negatives.jsonl",
+            negative_records(pairs, chunk, encoder.tokenizer),
+        )
+    return pairs, cuts, gen_time
+
+
+def _stage_start_record(pairs: list[Pair], gen_time: float, cuts: dict, **where) -> dict:
+    n = len(pairs)
+    return {
+        "event": "stage_start",
+        **where,
+        "pairs": n,
+        "generation_s": gen_time,
+        **negative_stats(pairs),
+        "ref_logp_demo_mean": sum(p.ref_demo for p in pairs) / n,
+        "ref_logp_negative_mean": sum(p.ref_negative for p in pairs) / n,
+        **cuts,
+    }
+
+
+def run_irft(
+    config, trainer: Trainer, encoder: Encoder, examples: list, out_dir: Path, on_stage_end=None
+) -> dict:
+    """All stages of all iterations; returns the truncation counts of the run."""
+    chunks_per_iteration, steps = _stage_plan(config, len(examples), trainer.global_batch)
     if config.schedule_scope == "run":
         trainer.start_schedule(sum(steps))
-    loss_fn = irft_loss_fn(config.beta, config.loss_type, config.sft_weight, encoder.tokenizer.pad_token_id)
+    pad = encoder.tokenizer.pad_token_id
+    loss_fn = irft_loss_fn(config.beta, config.loss_type, config.sft_weight, pad)
+    totals = dict.fromkeys(
+        ("prompts_truncated", "demonstrations_truncated", "negatives_truncated", "pairs"), 0
+    )
     stage_id = 0
-    totals = {"prompts_truncated": 0, "demonstrations_truncated": 0, "negatives_truncated": 0, "pairs": 0}
     for iteration, chunks in enumerate(chunks_per_iteration):
         for t, chunk_idx in enumerate(chunks):
             stage_id += 1
             chunk = [examples[i] for i in chunk_idx]
-            started = time.perf_counter()
-            prompts_cut_before = encoder.counts.prompts_cut  # every process renders every prompt
-            pairs = make_negatives(config, trainer, encoder, chunk, stage_id)
-            gen_time = time.perf_counter() - started
-            cuts = {
-                "prompts_truncated": encoder.counts.prompts_cut - prompts_cut_before,
-                "demonstrations_truncated": sum(p.demo_truncated for p in pairs),
-                "negatives_truncated": sum(p.negative_truncated for p in pairs),
-                "pairs": len(pairs),
-            }
+            pairs, cuts, gen_time = _sample_stage(
+                config, trainer, encoder, chunk, stage_id, out_dir
+            )
             totals = {k: totals[k] + v for k, v in cuts.items()}
-            if acc.is_main_process:
-                atomic_write_jsonl(out_dir / "stages" / str(stage_id) / "negatives.jsonl",
-                                   negative_records(pairs, chunk, encoder.tokenizer))
-            trainer.log.write({
-                "event": "stage_start", "stage": stage_id, "iteration": iteration, "stage_in_iteration": t,
-                "pairs": len(pairs), "generation_s": gen_time,
-                "negative_tokens_mean": sum(len(p.negative_ids) for p in pairs) / len(pairs),
-                # A negative identical to its demonstration gives no gradient (u ≡ 0 for that pair).
-                "negatives_equal_demo": sum(p.negative_ids == p.demo_ids for p in pairs) / len(pairs),
-                "ref_logp_demo_mean": sum(p.ref_demo for p in pairs) / len(pairs),
-                "ref_logp_negative_mean": sum(p.ref_negative for p in pairs) / len(pairs),
-                **cuts,
-            })
+            trainer.log.write(
+                _stage_start_record(
+                    pairs, gen_time, cuts, stage=stage_id, iteration=iteration, stage_in_iteration=t
+                )
+            )
             if config.schedule_scope == "stage":
                 trainer.start_schedule(steps[stage_id - 1])
+            context = {"method": config.method, "stage": stage_id, "iteration": iteration}
             trainer.fit(
-                pairs, loss_fn, count_pairs, config.epochs_per_stage,
-                seed_parts=(config.seed, stage_id), context={"method": config.method, "stage": stage_id, "iteration": iteration},
+                pairs,
+                loss_fn,
+                count_pairs,
+                config.epochs_per_stage,
+                seed_parts=(config.seed, stage_id),
+                context=context,
                 desc=f"stage {stage_id}: training",
             )
-            if on_stage_end is not None and acc.is_main_process:
+            if on_stage_end is not None and trainer.accelerator.is_main_process:
                 on_stage_end(trainer.unwrapped, stage_id)
     return totals

@@ -24,12 +24,16 @@ class RewardScorer(torch.nn.Module):
         super().__init__()
         self.lm = model
         if not isinstance(getattr(model, "score", None), torch.nn.Linear):
-            raise ValueError(f"{type(model).__name__} has no `score` head; the reward model must be an "
-                             "AutoModelForSequenceClassification with num_labels=1")
+            raise ValueError(
+                f"{type(model).__name__} has no `score` head; the reward model must be an "
+                "AutoModelForSequenceClassification with num_labels=1"
+            )
 
     def forward(self, input_ids, attention_mask, labels=None) -> torch.Tensor:
         trunk = getattr(self.lm, self.lm.base_model_prefix)
-        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = trunk(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
         last = attention_mask.sum(-1) - 1
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.lm.score(pooled).squeeze(-1).float()
@@ -49,10 +53,12 @@ class RewardPair:
 
 def _scores(model, pairs: list[RewardPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     device = next(model.parameters()).device
-    rows = [Tokenized(p.prompt_ids, p.chosen_ids) for p in pairs] + [Tokenized(p.prompt_ids, p.rejected_ids) for p in pairs]
+    rows = [Tokenized(p.prompt_ids, p.chosen_ids) for p in pairs] + [
+        Tokenized(p.prompt_ids, p.rejected_ids) for p in pairs
+    ]
     batch = collate(rows, pad_id)
     scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-    return scores[: len(pairs)], scores[len(pairs):]
+    return scores[: len(pairs)], scores[len(pairs) :]
 
 
 def reward_loss_fn(loss_type: str, pad_id: int):
@@ -64,28 +70,43 @@ def reward_loss_fn(loss_type: str, pad_id: int):
         margin = chosen - rejected
         per_pair = reward_pair_loss(margin, loss_type)
         weights = torch.tensor([p.weight for p in pairs], device=margin.device)
-        is_demo = torch.tensor([p.kind == "demo" for p in pairs], device=margin.device, dtype=torch.float32)
+        is_demo = torch.tensor(
+            [p.kind == "demo" for p in pairs], device=margin.device, dtype=torch.float32
+        )
         m = margin.detach()
         correct = (m > 0).float() + 0.5 * (m == 0).float()
         stats = {
-            "demo_n": is_demo, "demo_correct": correct * is_demo, "demo_margin": m * is_demo,
-            "demo_reward": chosen.detach() * is_demo, "negative_reward": rejected.detach() * is_demo,
-            "pref_n": 1 - is_demo, "pref_correct": correct * (1 - is_demo), "pref_margin": m * (1 - is_demo),
+            "demo_n": is_demo,
+            "demo_correct": correct * is_demo,
+            "demo_margin": m * is_demo,
+            "demo_reward": chosen.detach() * is_demo,
+            "negative_reward": rejected.detach() * is_demo,
+            "pref_n": 1 - is_demo,
+            "pref_correct": correct * (1 - is_demo),
+            "pref_margin": m * (1 - is_demo),
         }
-        return per_pair * weights, stats, torch.tensor(float(sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)))
+        return (
+            per_pair * weights,
+            stats,
+            torch.tensor(float(sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs))),
+        )
 
     return loss_fn
 
 
 def _finish_reward_record(record: dict) -> dict:
     """Turn the per-kind sums of `reward_loss_fn` into means over their own kind."""
-    out = {k: v for k, v in record.items() if not k.startswith(("demo_", "pref_", "negative_reward"))}
+    out = {
+        k: v for k, v in record.items() if not k.startswith(("demo_", "pref_", "negative_reward"))
+    }
     for kind, keys in (("demo", ("correct", "margin", "reward")), ("pref", ("correct", "margin"))):
         n = record.get(f"{kind}_n", 0)
         if n > 0:
             for key in keys:
                 name = {"correct": "accuracy"}.get(key, key)
-                out[f"{'pair' if kind == 'demo' else 'preference'}_{name}"] = record[f"{kind}_{key}"] / n
+                out[f"{'pair' if kind == 'demo' else 'preference'}_{name}"] = (
+                    record[f"{kind}_{key}"] / n
+                )
     if record.get("demo_n", 0) > 0:
         out["pair_reward_demo"] = out.pop("pair_reward")
         out["pair_reward_negative"] = record["negative_reward"] / record["demo_n"]
@@ -102,22 +123,36 @@ def evaluate_reward_pairs(scorer, pairs: list[RewardPair], pad_id: int, batch_si
         for start in range(0, len(pairs), batch_size):
             chosen, rejected = _scores(scorer, pairs[start : start + batch_size], pad_id)
             margins += (chosen - rejected).tolist()
-    return {"accuracy": sum((m > 0) + 0.5 * (m == 0) for m in margins) / len(margins),
-            "margin": sum(margins) / len(margins), "pairs": len(margins)}
+    return {
+        "accuracy": sum((m > 0) + 0.5 * (m == 0) for m in margins) / len(margins),
+        "margin": sum(margins) / len(margins),
+        "pairs": len(margins),
+    }
 
 
 def score_rows(scorer, rows: list[Tokenized], pad_id: int, batch_size: int) -> list[float]:
-    return in_eval_batches(scorer, rows, pad_id, batch_size,
-                            lambda m, b: m(b["input_ids"], b["attention_mask"]))
+    return in_eval_batches(
+        scorer, rows, pad_id, batch_size, lambda m, b: m(b["input_ids"], b["attention_mask"])
+    )
 
 
-def reward_step(trainer: Trainer, pairs: list[RewardPair], preference: list[RewardPair], steps: int, loss_fn,
-                seed_parts: tuple[int, ...], context: dict) -> list[dict]:
+def reward_step(
+    trainer: Trainer,
+    pairs: list[RewardPair],
+    preference: list[RewardPair],
+    steps: int,
+    loss_fn,
+    seed_parts: tuple[int, ...],
+    context: dict,
+) -> list[dict]:
     """`steps` optimiser steps of the reward model, each on `global_batch` demonstration pairs plus
     as many preference pairs (when given). The loss is normalised by the demonstration pairs, so
-    it is mean demo loss + w × mean preference loss; with w = 0 the preference pairs add exactly 0."""
+    it is mean demo loss + w × mean preference loss; with w = 0 the preference pairs add exactly
+    0."""
     demo_batches = cyclic_batches(pairs, trainer.global_batch, *seed_parts, 0)
-    pref_batches = cyclic_batches(preference, trainer.global_batch, *seed_parts, 1) if preference else None
+    pref_batches = (
+        cyclic_batches(preference, trainer.global_batch, *seed_parts, 1) if preference else None
+    )
     records = []
     for _ in range(steps):
         demo = next(demo_batches)
@@ -143,3 +178,40 @@ def encode_preference_pairs(raw: list, encoder, config) -> tuple[list, list]:
         pair = RewardPair(prompt, chosen, worse, config.preference_weight, "preference")
         (held if rank < n_eval else train).append(pair)
     return train, held
+
+
+class HeldOutDemonstrations:
+    """Demonstrations whose pairs evaluate the reward model and never train it, chosen once for
+    the run by example: chunks may wrap around the data, and a demonstration trained on in one
+    iteration is never held out in another."""
+
+    def __init__(self, n_examples: int, fraction: float, seed: int):
+        n_held = round(fraction * n_examples) if fraction > 0 else 0
+        self.ids = set(seeded_permutation(n_examples, seed, 2)[:n_held])
+        self.trained: set[int] = set()
+
+    def split(self, k: int, reward_pairs: list, example_ids: list[int]) -> tuple[list, list]:
+        """(train pairs, held-out pairs) of iteration k; each iteration holds out at least one
+        never-trained example, so every iteration is evaluated."""
+        if self.ids and not self.ids.intersection(example_ids):
+            fresh = [e for e in example_ids if e not in self.trained]
+            if fresh:
+                self.ids.add(fresh[-1])
+        is_held = [e in self.ids for e in example_ids]
+        self.trained.update(e for e, h in zip(example_ids, is_held) if not h)
+        held = [rp for rp, h in zip(reward_pairs, is_held) if h]
+        train = [rp for rp, h in zip(reward_pairs, is_held) if not h]
+        if not train:
+            raise ValueError(
+                f"iteration {k}: every demonstration is held out; lower heldout_fraction"
+            )
+        return train, held
+
+
+def evaluate_subsets(scorer, subsets: dict, pad_id: int, batch_size: int, prefix: str) -> dict:
+    """`evaluate_reward_pairs` on each named subset: {prefix_subset_metric: value}."""
+    return {
+        f"{prefix}_{name}_{key}": value
+        for name, subset in subsets.items()
+        for key, value in evaluate_reward_pairs(scorer, subset, pad_id, batch_size).items()
+    }

@@ -29,7 +29,8 @@ class RolloutGroup:
 
 
 def rloo_loss_fn(beta: float, pad_id: int):
-    """RLOO with the KL in the reward. Per group of k samples: R_i = r_i − β (log π(y_i) − log π_ref(y_i)),
+    """RLOO with the KL in the reward. Per group of k samples: R_i = r_i − β (log π(y_i) − log
+    π_ref(y_i)),
     A_i = R_i − mean_{j≠i} R_j, loss = −(1/k) Σ_i A_i log π(y_i). On-policy (the samples come from
     the weights being updated), its expected gradient is ∇ of E_π[r] − β KL(π ‖ π_ref)."""
 
@@ -46,33 +47,82 @@ def rloo_loss_fn(beta: float, pad_id: int):
         shaped = rewards - beta * kl
         advantage = rloo_advantages(shaped)
         losses = -(advantage * logp).sum(1) / k
-        stats = {"reward": rewards.mean(1), "kl": kl.mean(1), "shaped_reward": shaped.mean(1),
-                 "response_tokens": n_tokens.view(len(groups), k).float().mean(1)}
+        stats = {
+            "reward": rewards.mean(1),
+            "kl": kl.mean(1),
+            "shaped_reward": shaped.mean(1),
+            "response_tokens": n_tokens.view(len(groups), k).float().mean(1),
+        }
         return losses, stats, n_tokens.sum()
 
     return loss_fn
 
 
 def sequence_logps_of(model, rows: list[Tokenized], pad_id: int, batch_size: int) -> list[float]:
-    return in_eval_batches(model, rows, pad_id, batch_size, lambda m, b: model_sequence_logps(m, b)[0])
+    return in_eval_batches(
+        model, rows, pad_id, batch_size, lambda m, b: model_sequence_logps(m, b)[0]
+    )
 
 
-def make_rollouts(policy, tokenizer, prompts: list[list[int]], k: int, reward_fn, ref_logps_fn, *, max_length: int,
-                  max_new_tokens: int, temperature: float, top_p: float, batch_size: int, seed: int) -> list[RolloutGroup]:
-    """k samples per prompt from `policy`; `reward_fn(rows)` and `ref_logps_fn(rows)` give one float per
+def make_rollouts(
+    policy,
+    tokenizer,
+    prompts: list[list[int]],
+    k: int,
+    reward_fn,
+    ref_logps_fn,
+    *,
+    max_length: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    seed: int,
+) -> list[RolloutGroup]:
+    """k samples per prompt from `policy`; `reward_fn(rows)` and `ref_logps_fn(rows)` give one
+    float per
     Tokenized row (prompt ids + response ids, the response's EOS included when it was generated)."""
     repeated = [p for p in prompts for _ in range(k)]
     room = max_length - max(len(p) for p in prompts)
-    generated = generate_ids(policy, tokenizer, repeated, max_new_tokens=max(1, min(max_new_tokens, room)),
-                             temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed, show_progress=False)
-    rows = [Tokenized(repeated[i], generated[i] or [tokenizer.eos_token_id]) for i in range(len(repeated))]
+    generated = generate_ids(
+        policy,
+        tokenizer,
+        repeated,
+        max_new_tokens=max(1, min(max_new_tokens, room)),
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        seed=seed,
+        show_progress=False,
+    )
+    rows = [
+        Tokenized(repeated[i], generated[i] or [tokenizer.eos_token_id])
+        for i in range(len(repeated))
+    ]
     rewards, refs = reward_fn(rows), ref_logps_fn(rows)
-    return [RolloutGroup(prompts[g], [rows[g * k + j].response_ids for j in range(k)],
-                         rewards[g * k : (g + 1) * k], refs[g * k : (g + 1) * k]) for g in range(len(prompts))]
+    return [
+        RolloutGroup(
+            prompts[g],
+            [rows[g * k + j].response_ids for j in range(k)],
+            rewards[g * k : (g + 1) * k],
+            refs[g * k : (g + 1) * k],
+        )
+        for g in range(len(prompts))
+    ]
 
 
-def policy_step(trainer: Trainer, tokenizer, prompts: list[list[int]], steps: int, reward_fn, ref_logps_fn, config,
-                seed_parts: tuple[int, ...], context: dict, window: deque) -> list[dict]:
+def policy_step(
+    trainer: Trainer,
+    tokenizer,
+    prompts: list[list[int]],
+    steps: int,
+    reward_fn,
+    ref_logps_fn,
+    config,
+    seed_parts: tuple[int, ...],
+    context: dict,
+    window: deque,
+) -> list[dict]:
     """`steps` RLOO steps; each samples `rollouts` responses for each of `global_batch` prompts
     with the current weights, then takes one optimiser step on them (strictly on-policy)."""
     loss_fn = rloo_loss_fn(config.beta, tokenizer.pad_token_id)
@@ -81,17 +131,28 @@ def policy_step(trainer: Trainer, tokenizer, prompts: list[list[int]], steps: in
     for _ in range(steps):
         started = time.perf_counter()
         groups = make_rollouts(
-            trainer.unwrapped, tokenizer, next(batches), config.rollouts, reward_fn, ref_logps_fn,
-            max_length=config.max_length, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-            top_p=config.top_p, batch_size=config.generation_batch_size,
+            trainer.unwrapped,
+            tokenizer,
+            next(batches),
+            config.rollouts,
+            reward_fn,
+            ref_logps_fn,
+            max_length=config.max_length,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            batch_size=config.generation_batch_size,
             seed=config.seed * 7919 + 1_000_000 + trainer.global_step,
         )
         rollout_s = time.perf_counter() - started
         record = trainer.step(groups, loss_fn, float(len(groups)))
         window.append((record["kl"], record["reward"]))
-        record.update(context, rollout_s=rollout_s,
-                      kl_running_mean=sum(w[0] for w in window) / len(window),
-                      reward_running_mean=sum(w[1] for w in window) / len(window))
+        record.update(
+            context,
+            rollout_s=rollout_s,
+            kl_running_mean=sum(w[0] for w in window) / len(window),
+            reward_running_mean=sum(w[1] for w in window) / len(window),
+        )
         trainer.log.write(record)
         records.append(record)
     return records

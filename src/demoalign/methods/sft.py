@@ -1,4 +1,5 @@
-"""SFT: the token-mean negative log-likelihood of the demonstrated responses (docs/algorithms.md)."""
+"""SFT: the token-mean negative log-likelihood of the demonstrated responses
+(docs/algorithms.md)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,12 @@ def run_sft(config, trainer: Trainer, encoder: Encoder, examples: list) -> dict:
     total = config.epochs * steps_per_epoch(len(items), trainer.global_batch)
     trainer.start_schedule(total)
     trainer.fit(
-        items, sft_loss_fn(encoder.tokenizer.pad_token_id), response_tokens, config.epochs,
-        seed_parts=(config.seed, 0), context={"method": "sft"}, desc="sft",
+        items,
+        sft_loss_fn(encoder.tokenizer.pad_token_id),
+        response_tokens,
+        config.epochs,
+        seed_parts=(config.seed, 0),
+        context={"method": "sft"},
+        desc="sft",
     )
     return counts

@@ -1,0 +1,91 @@
+"""Negatives: one sample per prompt from the current weights, then the reference log-probs of
+(demonstration, negative) with those same weights (docs/algorithms.md §2). IRFT/SPIN stages and
+RFT iterations both start here; each process samples its share and everyone gets all pairs."""
+
+from __future__ import annotations
+
+from ..encoding import Encoder
+from ..generation import generate_ids
+from ..pairs import Pair, fill_reference_logps
+from ..trainer import Trainer
+
+
+def make_negatives(
+    config, trainer: Trainer, encoder: Encoder, chunk: list, stage_id: int
+) -> list[Pair]:
+    """Sample one negative per prompt with the current model, then its reference log-probs with the
+    SAME weights; each process does its share, and everyone gets all pairs."""
+    acc = trainer.accelerator
+    model = trainer.unwrapped
+    tok = encoder.tokenizer
+    prompts = [encoder.prompt_ids(e) for e in chunk]
+    # Each negative is then cut to its own room by `encoder.fit`, like its demonstration.
+    room = config.max_length - min(len(p) for p in prompts)
+    with acc.autocast():
+        generated = generate_ids(
+            model,
+            tok,
+            prompts,
+            max_new_tokens=max(1, min(config.max_new_tokens, room)),
+            temperature=config.temperature,
+            top_p=config.top_p,
+            greedy=config.greedy,
+            batch_size=config.generation_batch_size,
+            seed=config.seed * 7919 + stage_id,
+            process_index=acc.process_index,
+            num_processes=acc.num_processes,
+            desc=f"stage {stage_id}: negatives",
+            show_progress=config.show_progress and acc.is_main_process,
+        )
+    mine = []
+    for i, neg_ids in sorted(generated.items()):
+        demo_ids = encoder.response_ids(chunk[i].response)
+        neg_ids = neg_ids or [tok.eos_token_id]
+        demo = encoder.fit(prompts[i], demo_ids)
+        neg = encoder.fit(prompts[i], neg_ids)
+        mine.append(
+            Pair(
+                i,
+                demo.prompt_ids,
+                demo.response_ids,
+                neg.response_ids,
+                demo_truncated=len(demo.response_ids) < len(demo_ids),
+                negative_truncated=len(neg.response_ids) < len(neg_ids),
+            )
+        )
+    fill_reference_logps(model, mine, tok.pad_token_id, config.generation_batch_size, acc.autocast)
+    if acc.num_processes == 1:
+        return mine
+    from accelerate.utils import gather_object
+
+    return sorted(gather_object(mine), key=lambda p: p.index)
+
+
+def negative_records(pairs: list[Pair], chunk: list, tokenizer) -> list[dict]:
+    records = []
+    for p in pairs:
+        example = chunk[p.index]
+        records.append(
+            {
+                "prompt": example.prompt,
+                "history": [list(turn) for turn in example.history],
+                "demonstration": example.response,
+                "negative": tokenizer.decode(p.negative_ids, skip_special_tokens=True),
+                "ref_logp_demonstration": p.ref_demo,
+                "ref_logp_negative": p.ref_negative,
+                "negative_tokens": len(p.negative_ids),
+                "negative_finished": bool(p.negative_ids)
+                and p.negative_ids[-1] == tokenizer.eos_token_id,
+            }
+        )
+    return records
+
+
+def negative_stats(pairs: list[Pair]) -> dict:
+    """Mean negative length, and the share of negatives identical to their demonstration (such
+    a pair gives no gradient: u ≡ 0)."""
+    n = len(pairs)
+    return {
+        "negative_tokens_mean": sum(len(p.negative_ids) for p in pairs) / n,
+        "negatives_equal_demo": sum(p.negative_ids == p.demo_ids for p in pairs) / n,
+    }
