@@ -71,3 +71,212 @@ def test_the_models_own_generation_config_does_not_leak_into_sampling(tiny_model
         plain, tokenizer, ids, **common
     )
     assert tweaked.generation_config.repetition_penalty == 5.0, "the model's own config is restored"
+
+
+# ---------------------------------------------------------------- engines: hf and static
+
+import math  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import pytest  # noqa: E402
+
+from demoalign.generation import auto_batch_size, parse_batch_size  # noqa: E402
+from demoalign.logprobs import token_logps  # noqa: E402
+
+ENGINES = ("hf", "static")
+
+
+def _mixed_prompts(tokenizer):
+    long = "### Instruction: " + "explain the quick brown fox and the lazy dog " * 6
+    return _prompt_ids(tokenizer) + [tokenizer(long)["input_ids"], tokenizer("Hi")["input_ids"]]
+
+
+def test_static_engine_greedy_equals_hf_on_mixed_lengths(tiny_model_dir, tokenizer):
+    model = fresh_model(tiny_model_dir)
+    ids = _mixed_prompts(tokenizer)
+    assert len({len(p) for p in ids}) == len(ids) and max(map(len, ids)) > 4 * min(map(len, ids))
+    for batch_size in (2, 64):  # several batches; one batch larger than the prompts
+        common = dict(max_new_tokens=10, greedy=True, batch_size=batch_size, show_progress=False)
+        hf = generate_ids(model, tokenizer, ids, backend="hf", **common)
+        static = generate_ids(model, tokenizer, ids, backend="static", **common)
+        assert static == hf and sorted(hf) == list(range(len(ids)))
+        assert all(len(v) == 10 for v in hf.values())
+
+
+def test_eos_at_the_first_step_ends_that_row_in_both_engines(tiny_model_dir, tokenizer):
+    model = fresh_model(tiny_model_dir)
+    ids = _mixed_prompts(tokenizer)
+    with torch.no_grad():
+        first = model(torch.tensor([ids[0]])).logits[0, -1].argmax().item()
+    # The greedy first token of prompt 0 is made the EOS: that row must be exactly [EOS].
+    tok = SimpleNamespace(eos_token_id=first, pad_token_id=tokenizer.pad_token_id)
+    common = dict(max_new_tokens=8, greedy=True, batch_size=3, show_progress=False)
+    hf = generate_ids(model, tok, ids, backend="hf", **common)
+    static = generate_ids(model, tok, ids, backend="static", **common)
+    assert hf[0] == [first]
+    assert static == hf
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_same_seed_same_samples_and_logps_do_not_change_them(tiny_model_dir, tokenizer, backend):
+    model = fresh_model(tiny_model_dir)
+    ids = _mixed_prompts(tokenizer)
+    common = dict(
+        max_new_tokens=12,
+        batch_size=2,
+        temperature=0.8,
+        top_p=0.9,
+        show_progress=False,
+        backend=backend,
+    )
+    a = generate_ids(model, tokenizer, ids, seed=4, **common)
+    again, logps = generate_ids(model, tokenizer, ids, seed=4, return_logps=True, **common)
+    other = generate_ids(model, tokenizer, ids, seed=5, **common)
+    assert a == again
+    assert a != other
+    assert {i: len(v) for i, v in logps.items()} == {i: len(v) for i, v in a.items()}
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_decode_logps_equal_forward_logps_in_fp32(tiny_model_dir, tokenizer, backend):
+    """Sampled at T=0.7, top-p 0.9: the recorded log-probs are still the model's own (T=1)."""
+    model = fresh_model(tiny_model_dir)
+    ids = _mixed_prompts(tokenizer)
+    out, logps = generate_ids(
+        model,
+        tokenizer,
+        ids,
+        max_new_tokens=12,
+        temperature=0.7,
+        top_p=0.9,
+        seed=1,
+        batch_size=2,
+        show_progress=False,
+        backend=backend,
+        return_logps=True,
+    )
+    for i, prompt in enumerate(ids):
+        seq = torch.tensor([prompt + out[i]])
+        labels = seq.clone()
+        labels[0, : len(prompt)] = -100
+        with torch.no_grad():
+            forward = token_logps(model(seq).logits, labels)[0, len(prompt) - 1 :]
+        assert forward.shape[0] == len(logps[i]) > 0
+        assert torch.allclose(forward, torch.tensor(logps[i]), atol=1e-4), (i, forward, logps[i])
+
+
+def _chi_square_rejects(counts: torch.Tensor, probs: torch.Tensor) -> bool:
+    """Pearson's test at p = 1e-3, cells with an expected count under 5 pooled. The quantile is
+    Wilson-Hilferty's approximation (no scipy at run time)."""
+    n = counts.sum().item()
+    expected = probs.double() * n
+    small = expected < 5
+    if (counts[expected == 0] > 0).any():
+        return True
+    obs = torch.cat([counts[~small].double(), counts[small].double().sum().view(1)])
+    exp = torch.cat([expected[~small], expected[small].sum().view(1)])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum().item()
+    dof = int(keep.sum().item()) - 1
+    z = 3.09  # one-sided 0.999 normal quantile
+    critical = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    return stat > critical
+
+
+@pytest.fixture(scope="module")
+def peaked_model():
+    """A one-layer model over 96 tokens whose next-token logits spread over several nats, so that
+    a wrong temperature or a top-50 cut moves the distribution visibly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        eos_token_id=0,
+        pad_token_id=1,
+        bos_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    prompt = [5, 17, 33, 2]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1]
+        model.lm_head.weight.mul_(2.5 / logits.std())
+        logits = model(torch.tensor([prompt])).logits[0, -1]
+    return model, prompt, logits
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_sample_frequencies_match_softmax_over_temperature(peaked_model, backend):
+    model, prompt, logits = peaked_model
+    tok = SimpleNamespace(eos_token_id=0, pad_token_id=1)
+    temperature, n = 0.8, 6000
+    out = generate_ids(
+        model,
+        tok,
+        [prompt] * n,
+        max_new_tokens=1,
+        temperature=temperature,
+        seed=11,
+        batch_size=1500,
+        show_progress=False,
+        backend=backend,
+    )
+    counts = torch.bincount(torch.tensor([out[i][0] for i in range(n)]), minlength=96)
+    probs = torch.softmax(logits / temperature, -1)
+    assert not _chi_square_rejects(counts, probs), "samples do not follow softmax(logits / T)"
+    # The test has power: the same samples reject a 25% wrong temperature and a top-50 leak.
+    assert _chi_square_rejects(counts, torch.softmax(logits / (temperature * 1.25), -1))
+    assert _chi_square_rejects(counts, torch.softmax(logits / (temperature / 1.25), -1))
+    top50 = (logits / temperature).masked_fill(logits < logits.topk(50).values[-1], float("-inf"))
+    assert _chi_square_rejects(counts, torch.softmax(top50, -1))
+
+
+def test_batch_size_settings():
+    assert parse_batch_size("auto") is None
+    assert parse_batch_size(8) == 8 and parse_batch_size("32") == 32
+    for bad in (0, "0", "-3", "x", "1.5", True):
+        with pytest.raises(ValueError):
+            parse_batch_size(bad)
+    model = torch.nn.Linear(2, 2)  # off CUDA, `auto` is the CPU default, capped by the prompts
+    assert auto_batch_size(model, 100, 10, 10) == 16 and auto_batch_size(model, 3, 10, 10) == 3
+
+
+def test_the_half_copy_is_refreshed_in_place_and_freed_between_calls(tiny_model_dir, tokenizer):
+    """What CUDA does by default, forced on CPU: generation runs on a bf16 copy whose tensors
+    (so a compiled graph's inputs) stay the same objects while their storage is released after
+    every call and refilled from the current training weights at the next."""
+    import copy
+
+    from demoalign import generation
+
+    model = fresh_model(tiny_model_dir)
+    engine = generation._ENGINES[model] = generation.StaticEngine(model, half=True)
+    tensors = list(engine.model.parameters())
+    assert {p.dtype for p in tensors} == {torch.bfloat16}
+    assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight, "ties kept"
+    ids = _mixed_prompts(tokenizer)
+    common = dict(max_new_tokens=6, greedy=True, batch_size=2, show_progress=False)
+    generate_ids(model, tokenizer, ids, backend="static", **common)
+    assert engine.released and all(p.untyped_storage().nbytes() == 0 for p in tensors)
+    with torch.no_grad():  # a training step
+        for p in model.parameters():
+            p.mul_(0.5)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    expected = generate_ids(half, tokenizer, ids, backend="hf", **common)
+    assert generate_ids(model, tokenizer, ids, backend="static", **common) == expected
+    engine.refresh()
+    assert list(engine.model.parameters()) == tensors and all(
+        a is b for a, b in zip(engine.model.parameters(), tensors)
+    )
+    for dst, src in zip(tensors, model.parameters()):
+        assert torch.equal(dst, src.detach().to(torch.bfloat16))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}, (
+        "the training weights stay fp32"
+    )

@@ -27,3 +27,48 @@ def test_irft_on_gpu_in_bf16(tiny_model_dir, tmp_path):
         assert abs(first["margin"]) < 1e-3, first
     assert all(m["loss"] == m["loss"] for m in steps), "NaN loss"
     AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+def test_static_engine_on_gpu_compiles_once_and_frees_its_copy(tiny_model_dir):
+    """The fast engine on CUDA: a bf16 copy refreshed from the fp32 weights at every call and
+    freed after it, decode-time log-probs close to a bf16 forward, and no second compile."""
+    from transformers import AutoTokenizer
+
+    from conftest import fresh_model
+    from demoalign.generation import generate_ids, static_engine
+    from demoalign.logprobs import token_logps
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = fresh_model(tiny_model_dir).cuda()
+    texts = ("Hello", "### Instruction: sort 3 1 2\n\n### Response: ")
+    prompts = [tokenizer(p)["input_ids"] for p in texts]
+    common = dict(max_new_tokens=16, batch_size=4, seed=0, show_progress=False, backend="static")
+    out, logps = generate_ids(model, tokenizer, prompts, return_logps=True, **common)
+    engine = static_engine(model)
+    assert engine.half, "no bf16 copy"
+    assert engine.released, "the copy was not freed"
+    assert engine.compile, "compile failed (see the message above)"
+    assert hasattr(engine.model, "_compiled_call"), "transformers did not take its compiled path"
+    assert all(p.untyped_storage().nbytes() == 0 for p in engine.model.parameters())
+    copy = engine.model
+    for i, prompt in enumerate(prompts):
+        seq = torch.tensor([prompt + out[i]], device="cuda")
+        labels = seq.clone()
+        labels[0, : len(prompt)] = -100
+        engine.refresh()
+        with torch.no_grad():
+            forward = token_logps(copy(seq).logits, labels)[0, len(prompt) - 1 :].cpu()
+        assert (forward - torch.tensor(logps[i])).abs().max() < 0.1
+    engine.release()
+
+    # A "training step" changes the weights: the next call must see them, without recompiling.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    generate_ids(model, tokenizer, prompts, **common)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "recompiled"
+    engine.refresh()
+    for dst, src in zip(engine.model.parameters(), model.parameters()):
+        assert torch.equal(dst, src.detach().to(dst.dtype))
+    engine.release()

@@ -126,6 +126,7 @@ def run_generate(config: GenerateConfig) -> None:
         greedy=config.greedy,
         batch_size=config.batch_size,
         seed=config.seed,
+        backend=config.generation_backend,
     )
     records = [
         {

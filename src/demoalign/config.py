@@ -154,6 +154,40 @@ class SFTConfig(TrainConfig):
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
 
 
+GENERATION_BACKEND_HELP = (
+    "Generation engine: auto (static on CUDA, hf on CPU), hf (transformers generate with a "
+    "dynamic cache, the training weights under autocast) or static (transformers static KV "
+    "cache; on CUDA a compiled decode step on a bf16 copy of the weights, refreshed in place at "
+    "every stage and freed during training)."
+)
+
+
+def _check_backend(backend: str) -> None:
+    from .generation import BACKENDS  # here: generation imports torch, `--help` should not
+
+    if backend not in BACKENDS:
+        raise ValueError(f"generation_backend={backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def _batch_size_text(value):
+    """generation_batch_size is `auto` or an integer; an int given from Python is kept as text."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def validate_generation(config) -> None:
+    """generation_backend and generation_batch_size (an int, or `auto`) of a generating config."""
+    from .generation import parse_batch_size
+
+    _check_backend(config.generation_backend)
+    try:
+        parse_batch_size(config.generation_batch_size)
+    except ValueError:
+        raise ValueError(
+            f"generation_batch_size={config.generation_batch_size!r}: "
+            "expected an integer >= 1 or auto"
+        ) from None
+
+
 @dataclass
 class IRFTConfig(TrainConfig):
     """IRFT (docs/algorithms.md §2): T stages per pass, each regenerating negatives with the
@@ -180,19 +214,31 @@ class IRFTConfig(TrainConfig):
     greedy: bool = opt(
         False, "Greedy negatives instead of sampled ones (not the paper's method; off by default)."
     )
-    generation_batch_size: int = opt(16, "Prompts per generate() call.")
-    generation_backend: str = opt(
-        "hf", "hf: transformers generate, batched and left-padded (the only backend so far)."
+    generation_batch_size: str = opt(
+        "auto",
+        "Prompts per generate() call: an integer, or auto (the largest batch that fits in free GPU "
+        "memory; 16 on CPU). Also the batch of the reference forward (16 with auto).",
+    )
+    generation_backend: str = opt("auto", GENERATION_BACKEND_HELP)
+    reference_logps: str = opt(
+        "forward",
+        "Reference log-probs of the negatives: forward (a forward pass over them after "
+        "generation) or decode (taken from the logits they were sampled from: no forward over the "
+        "negatives; equal in fp32, within about 0.1 nats per sequence in bf16).",
     )
     method = "irft"
+
+    def __post_init__(self):
+        self.generation_batch_size = _batch_size_text(self.generation_batch_size)
 
     def validate(self) -> None:
         super().validate()
         from .losses import LOSS_TYPES
 
-        if self.generation_backend != "hf":
+        validate_generation(self)
+        if self.reference_logps not in ("forward", "decode"):
             raise ValueError(
-                f"generation_backend={self.generation_backend!r}: only `hf` exists so far"
+                f"reference_logps={self.reference_logps!r}: choose one of forward, decode"
             )
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
@@ -206,13 +252,7 @@ class IRFTConfig(TrainConfig):
             )
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
-        for key in (
-            "stages",
-            "epochs_per_stage",
-            "iterations",
-            "max_new_tokens",
-            "generation_batch_size",
-        ):
+        for key in ("stages", "epochs_per_stage", "iterations", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")
 
@@ -290,9 +330,13 @@ class RFTConfig(TrainConfig):
     max_new_tokens: int = opt(256, "Tokens generated per negative and per rollout.")
     temperature: float = opt(1.0, "Sampling temperature of negatives and rollouts.")
     top_p: float = opt(1.0, "Nucleus sampling of negatives and rollouts (1 = off).")
-    generation_batch_size: int = opt(
-        16, "Prompts per generate() call (negatives) and sequences per scoring batch."
+    generation_batch_size: str = opt(
+        "auto",
+        "Prompts per generate() call (negatives, rollouts): an integer, or auto (the largest "
+        "batch that fits in free GPU memory; 16 on CPU); also sequences per scoring "
+        "batch (16 with auto).",
     )
+    generation_backend: str = opt("auto", GENERATION_BACKEND_HELP)
     lora_r: int = opt(
         0,
         "LoRA rank of the policy (peft); 0 = full fine-tuning. With LoRA the KL reference is the "
@@ -304,6 +348,10 @@ class RFTConfig(TrainConfig):
         "Modules that get adapters: all-linear, or comma-separated names (e.g. q_proj,v_proj).",
     )
     method = "rft"
+
+    def __post_init__(self):
+        self.generation_batch_size = _batch_size_text(self.generation_batch_size)
+
     # Not an option: negatives and rollouts are always sampled (negatives.make_negatives reads it).
     greedy = False
 
@@ -331,7 +379,8 @@ class RFTConfig(TrainConfig):
             )
         if self.lora_r < 0 or (self.lora_r and self.lora_alpha <= 0):
             raise ValueError("lora_r must be >= 0 and lora_alpha > 0")
-        for key in ("outer_iterations", "max_new_tokens", "generation_batch_size"):
+        validate_generation(self)
+        for key in ("outer_iterations", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")
         for key in ("reward_steps", "policy_steps", "prompts_per_iteration"):
@@ -451,6 +500,7 @@ class GenerateConfig:
     top_p: float = opt(1.0, "Nucleus sampling (1 = off).")
     greedy: bool = opt(False, "Greedy decoding instead of sampling.")
     batch_size: int = opt(16, "Prompts per generate() call.")
+    generation_backend: str = opt("auto", GENERATION_BACKEND_HELP)
     seed: int = opt(0, "Sampling seed.")
     cpu: bool = opt(False, "Use the CPU even when a GPU is present.")
     method = "generate"
@@ -459,6 +509,7 @@ class GenerateConfig:
         check_types_and_finite(self)
         if not self.model or not self.data:
             raise ValueError("generate needs model=PATH and data=FILE")
+        _check_backend(self.generation_backend)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -559,6 +610,7 @@ class EvalConfig:
         False, "Greedy generations for reward-model scoring instead of sampled ones."
     )
     batch_size: int = opt(16, "Sequences per forward / prompts per generate() call.")
+    generation_backend: str = opt("auto", GENERATION_BACKEND_HELP)
     seed: int = opt(0, "Seed of sampling and of the bootstrap.")
     bootstrap_resamples: int = opt(1000, "Bootstrap resamples of each interval.")
     confidence: float = opt(0.95, "Coverage of the bootstrap percentile intervals.")
@@ -572,6 +624,7 @@ class EvalConfig:
         check_types_and_finite(self)
         if not self.model_list():
             raise ValueError("eval needs models=PATH[,PATH...]")
+        _check_backend(self.generation_backend)
         if not (self.pairs or self.task or self.prompts or self.leaderboard):
             raise ValueError(
                 "nothing to evaluate: give pairs=FILE, task=NAME, prompts=FILE reward_model=PATH "

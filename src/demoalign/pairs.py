@@ -42,15 +42,26 @@ def pair_logps(
 
 
 @torch.no_grad()
-def fill_reference_logps(model, pairs: list[Pair], pad_id: int, batch_size: int, autocast) -> None:
-    """Reference log-probs by the CURRENT weights (the stage-start model), in place."""
+def fill_reference_logps(
+    model, pairs: list[Pair], pad_id: int, batch_size: int, autocast, negatives: bool = True
+) -> None:
+    """Reference log-probs by the CURRENT weights (the stage-start model), in place. With
+    negatives=False only the demonstrations' (the negatives' came from generation)."""
+    device = next(model.parameters()).device
     with eval_mode(model):
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             with autocast():
-                demo, neg, _, _ = pair_logps(model, chunk, pad_id)
-            for pair, d, g in zip(chunk, demo.tolist(), neg.tolist()):
-                pair.ref_demo, pair.ref_negative = d, g
+                if negatives:
+                    demo, neg, _, _ = pair_logps(model, chunk, pad_id)
+                else:
+                    rows = [Tokenized(p.prompt_ids, p.demo_ids) for p in chunk]
+                    batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+                    demo, neg = model_sequence_logps(model, batch)[0], None
+            for n, (pair, d) in enumerate(zip(chunk, demo.tolist())):
+                pair.ref_demo = d
+                if neg is not None:
+                    pair.ref_negative = neg[n].item()
 
 
 @torch.no_grad()

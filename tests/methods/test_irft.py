@@ -248,3 +248,42 @@ def test_stage_chunks_are_disjoint_cover_the_data_and_reshuffle_per_iteration():
     assert [len(c) for c in chunks] == [25, 26, 26, 26]
     assert stage_chunks(103, 4, seed=3, iteration=1) != chunks
     assert stage_chunks(103, 4, seed=3, iteration=0) == chunks
+
+
+def test_static_engine_and_decode_reference_logps_give_the_hf_forward_stage(
+    tiny_model_dir, tmp_path
+):
+    """Greedy negatives of the static engine equal hf's, with prompts that leave less room than
+    max_new_tokens (negatives cut to fit); decode-time reference log-probs of the kept tokens equal
+    the reference forward's in fp32, and the demonstrations' come from the forward as before."""
+    stages = {}
+    for name, extra in {
+        "hf": dict(generation_backend="hf"),
+        "static": dict(
+            generation_backend="static", reference_logps="decode", generation_batch_size="auto"
+        ),
+    }.items():
+        config = small_run_config(
+            IRFTConfig,
+            tiny_model_dir,
+            tmp_path / name,
+            greedy=True,
+            data="task:sort",
+            max_length=40,
+            max_prompt_length=32,
+            max_new_tokens=30,
+            stages=1,
+            **extra,
+        )
+        out = train(config)
+        negatives = out / "stages" / "1" / "negatives.jsonl"
+        stages[name] = [json.loads(line) for line in negatives.open()]
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+        start = [m for m in metrics if m.get("event") == "stage_start"][0]
+        assert start["negatives_truncated"] > 0, "no prompt left less room than max_new_tokens"
+    hf, static = stages["hf"], stages["static"]
+    assert [r["negative"] for r in static] == [r["negative"] for r in hf]
+    for a, b in zip(hf, static):
+        assert b["ref_logp_demonstration"] == pytest.approx(a["ref_logp_demonstration"], abs=1e-5)
+        tolerance = 1e-4 * b["negative_tokens"]
+        assert b["ref_logp_negative"] == pytest.approx(a["ref_logp_negative"], abs=tolerance)

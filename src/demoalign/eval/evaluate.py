@@ -61,6 +61,7 @@ def generate_responses(
         batch_size=config.batch_size,
         seed=config.seed,
         show_progress=False,
+        backend=config.generation_backend,
     )
     return [
         {
@@ -195,6 +196,7 @@ def _model_metrics(model, tokenizer, config, inputs: _Inputs, refs, device, stat
                 seed=config.seed,
                 max_new_tokens=config.max_new_tokens,
                 batch_size=config.batch_size,
+                backend=config.generation_backend,
             )
             entry["metrics"][f"task_exact_match_{mode}"] = summarize(rewards, **stats)
     if inputs.leaderboard:

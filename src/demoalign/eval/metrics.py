@@ -75,6 +75,7 @@ def generation_reward(
     seed: int,
     max_new_tokens: int,
     batch_size: int = 64,
+    backend: str = "auto",
 ) -> list[float]:
     tok = encoder.tokenizer
     ids = [encoder.prompt_ids(Example(p, "")) for p in prompts]
@@ -87,6 +88,7 @@ def generation_reward(
         seed=seed,
         batch_size=batch_size,
         show_progress=False,
+        backend=backend,
     )
     return [
         task.reward(p, tok.decode(out[i], skip_special_tokens=True)) for i, p in enumerate(prompts)

@@ -5,26 +5,20 @@ RFT iterations both start here; each process samples its share and everyone gets
 from __future__ import annotations
 
 from ..encoding import Encoder
-from ..generation import generate_ids
+from ..generation import forward_batch_size, generate_ids
 from ..pairs import Pair, fill_reference_logps
 from ..trainer import Trainer
 
 
-def make_negatives(
-    config, trainer: Trainer, encoder: Encoder, chunk: list, stage_id: int
-) -> list[Pair]:
-    """Sample one negative per prompt with the current model, then its reference log-probs with the
-    SAME weights; each process does its share, and everyone gets all pairs."""
+def _sample(config, trainer: Trainer, encoder: Encoder, prompts: list, stage_id: int, decode: bool):
+    """{index: negative ids} of this process's share, and (with decode) their token log-probs."""
     acc = trainer.accelerator
-    model = trainer.unwrapped
-    tok = encoder.tokenizer
-    prompts = [encoder.prompt_ids(e) for e in chunk]
     # Each negative is then cut to its own room by `encoder.fit`, like its demonstration.
     room = config.max_length - min(len(p) for p in prompts)
     with acc.autocast():
         generated = generate_ids(
-            model,
-            tok,
+            trainer.unwrapped,
+            encoder.tokenizer,
             prompts,
             max_new_tokens=max(1, min(config.max_new_tokens, room)),
             temperature=config.temperature,
@@ -36,24 +30,52 @@ def make_negatives(
             num_processes=acc.num_processes,
             desc=f"stage {stage_id}: negatives",
             show_progress=config.show_progress and acc.is_main_process,
+            backend=config.generation_backend,
+            return_logps=decode,
         )
-    mine = []
+    return generated if decode else (generated, {})
+
+
+def _pair(i: int, prompt_ids, example, neg_ids: list[int], encoder: Encoder) -> Pair:
+    demo_ids = encoder.response_ids(example.response)
+    demo, neg = encoder.fit(prompt_ids, demo_ids), encoder.fit(prompt_ids, neg_ids)
+    return Pair(
+        i,
+        demo.prompt_ids,
+        demo.response_ids,
+        neg.response_ids,
+        demo_truncated=len(demo.response_ids) < len(demo_ids),
+        negative_truncated=len(neg.response_ids) < len(neg_ids),
+    )
+
+
+def make_negatives(
+    config, trainer: Trainer, encoder: Encoder, chunk: list, stage_id: int
+) -> list[Pair]:
+    """Sample one negative per prompt with the current model, then its reference log-probs with the
+    SAME weights; each process does its share, and everyone gets all pairs. With
+    reference_logps=decode the negatives' come from the logits they were sampled from."""
+    acc, model, tok = trainer.accelerator, trainer.unwrapped, encoder.tokenizer
+    prompts = [encoder.prompt_ids(e) for e in chunk]
+    # RFT's negatives train a reward model: no reference log-probs of theirs are used.
+    decode = getattr(config, "reference_logps", "forward") == "decode"
+    generated, decoded = _sample(config, trainer, encoder, prompts, stage_id, decode)
+    mine, forward = [], []
     for i, neg_ids in sorted(generated.items()):
-        demo_ids = encoder.response_ids(chunk[i].response)
-        neg_ids = neg_ids or [tok.eos_token_id]
-        demo = encoder.fit(prompts[i], demo_ids)
-        neg = encoder.fit(prompts[i], neg_ids)
-        mine.append(
-            Pair(
-                i,
-                demo.prompt_ids,
-                demo.response_ids,
-                neg.response_ids,
-                demo_truncated=len(demo.response_ids) < len(demo_ids),
-                negative_truncated=len(neg.response_ids) < len(neg_ids),
-            )
+        pair = _pair(i, prompts[i], chunk[i], neg_ids or [tok.eos_token_id], encoder)
+        token_logps = decoded.get(i, [])
+        if decode and neg_ids and len(token_logps) >= len(pair.negative_ids):
+            pair.ref_negative = sum(token_logps[: len(pair.negative_ids)])  # the kept tokens only
+        else:
+            forward.append(pair)  # an empty generation became a bare EOS: nothing decoded it
+        mine.append(pair)
+    batch = forward_batch_size(config.generation_batch_size)
+    if decode:
+        decoded_pairs = [p for p in mine if all(p is not f for f in forward)]
+        fill_reference_logps(
+            model, decoded_pairs, tok.pad_token_id, batch, acc.autocast, negatives=False
         )
-    fill_reference_logps(model, mine, tok.pad_token_id, config.generation_batch_size, acc.autocast)
+    fill_reference_logps(model, forward if decode else mine, tok.pad_token_id, batch, acc.autocast)
     if acc.num_processes == 1:
         return mine
     from accelerate.utils import gather_object

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..data.sources import TRAIN_SEED, preference_pairs
 from ..encoding import Encoder, Tokenized
+from ..generation import forward_batch_size
 from ..models import load_reward_model
 from ..runio import atomic_write_jsonl, save_pretrained_atomic
 from ..trainer import Trainer, iteration_chunks
@@ -57,15 +58,20 @@ class _Run:
     last_generation_s: float = 0.0
 
     @property
+    def batch(self) -> int:
+        """Sequences per scoring forward."""
+        return forward_batch_size(self.config.generation_batch_size)
+
+    @property
     def scorer(self):
         return self.trainer.accelerator.unwrap_model(self.reward_trainer.model)
 
     def rewards(self, rows: list[Tokenized]) -> list[float]:
         pad = self.encoder.tokenizer.pad_token_id
-        return score_rows(self.scorer, rows, pad, self.config.generation_batch_size)
+        return score_rows(self.scorer, rows, pad, self.batch)
 
     def reference_logps(self, rows: list[Tokenized]) -> list[float]:
-        pad, batch = self.encoder.tokenizer.pad_token_id, self.config.generation_batch_size
+        pad, batch = self.encoder.tokenizer.pad_token_id, self.batch
         if self.reference is None:
             policy = self.trainer.unwrapped
             with policy.disable_adapter():
@@ -140,7 +146,7 @@ def _reward_phase(run: _Run, k: int, pairs: list, chunk: list, chunk_idx: list[i
     reward_pairs = [RewardPair(p.prompt_ids, p.demo_ids, p.negative_ids) for p in pairs]
     train, held = run.heldout.split(k, reward_pairs, [chunk_idx[p.index] for p in pairs])
     subsets = {"train": train, "heldout": held, "preference_heldout": run.preference_eval}
-    evaluation = (run.scorer, subsets, tok.pad_token_id, config.generation_batch_size)
+    evaluation = (run.scorer, subsets, tok.pad_token_id, run.batch)
     before = evaluate_subsets(*evaluation, prefix="before")
     run.trainer.log.write(
         {

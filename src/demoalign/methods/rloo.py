@@ -76,12 +76,13 @@ def make_rollouts(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
-    batch_size: int,
+    batch_size: int | str,
     seed: int,
+    backend: str = "hf",
 ) -> list[RolloutGroup]:
     """k samples per prompt from `policy`; `reward_fn(rows)` and `ref_logps_fn(rows)` give one
-    float per
-    Tokenized row (prompt ids + response ids, the response's EOS included when it was generated)."""
+    float per Tokenized row (prompt ids + response ids, the response's EOS included when it was
+    generated)."""
     repeated = [p for p in prompts for _ in range(k)]
     room = max_length - max(len(p) for p in prompts)
     generated = generate_ids(
@@ -94,6 +95,7 @@ def make_rollouts(
         batch_size=batch_size,
         seed=seed,
         show_progress=False,
+        backend=backend,
     )
     rows = [
         Tokenized(repeated[i], generated[i] or [tokenizer.eos_token_id])
@@ -143,6 +145,7 @@ def policy_step(
             top_p=config.top_p,
             batch_size=config.generation_batch_size,
             seed=config.seed * 7919 + 1_000_000 + trainer.global_step,
+            backend=config.generation_backend,
         )
         rollout_s = time.perf_counter() - started
         record = trainer.step(groups, loss_fn, float(len(groups)))

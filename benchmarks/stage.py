@@ -1,0 +1,433 @@
+"""One IRFT stage, three generation engines, one run: where a stage's time goes.
+
+A stage is: generate one negative per prompt, reference log-probs of (demonstration, negative),
+one epoch of pairwise training. The stage goes through the package's own code (`make_negatives`,
+`Trainer.fit`); the generation and reference phases are timed by wrapping the functions
+`make_negatives` calls. Engines:
+
+- `hf-b16-fp32`: the old default: `hf` backend, batch 16, fp32 master weights under bf16 autocast.
+  On a GPU it is measured on `--old-prompts` prompts (it is slow) and its time is scaled to all.
+- `hf-bf16-b256`: `hf` backend on a bf16 copy of the weights, batch 256 (fp32, no copy, on CPU).
+- `static`: the new engine as a stage runs it (`generation_backend=static`,
+  `generation_batch_size=auto`). Stage 1 pays the compile; stage 2 (after training changed the
+  weights) is the warm figure reported. Stage 2 takes its reference log-probs at decode time and
+  compares them with a forward pass over the same negatives.
+
+Default shape on a GPU: the pythia-1.4b shape as a Llama (hidden 2048, 24 layers, 16 heads, vocab
+50304, untied embeddings), random weights, 256 prompts, 256 sampled new tokens. `--model PATH`
+takes any causal LM instead. `--device cpu` uses a tiny model and small sizes (under 2 minutes on
+2 cores). The last line is `ratio generation=<static / hf-bf16-b256> stage_share=<static's
+generation share of the stage>`.
+
+    python benchmarks/stage.py --device cpu
+    python benchmarks/stage.py --device cuda --tokenizer /path/to/20B_tokenizer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+WORDS = (
+    "mix flour water salt yeast knead dough rise shape bake degrees minutes quick brown fox jumps "
+    "over lazy dog journey thousand miles begins with one step please explain what neural network "
+    "simple words student new topic question capital france paris sorry cannot help request "
+    "anything else today sort digits add the a of and to in is it for on"
+).split()
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--model",
+        default="",
+        help="a causal LM folder (default: a random model of the shape below)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=os.environ.get("DEMOALIGN_TOKENIZER", ""),
+        help="tokenizer.json file or tokenizer folder (default $DEMOALIGN_TOKENIZER; on CPU a "
+        "small BPE trained in-process)",
+    )
+    p.add_argument(
+        "--prompts", type=int, default=None, help="prompts in the stage (cuda 256, cpu 48)"
+    )
+    p.add_argument("--new-tokens", type=int, default=None, help="max new tokens (cuda 256, cpu 24)")
+    p.add_argument(
+        "--prompt-tokens", type=int, default=None, help="longest prompt (cuda 128, cpu 48)"
+    )
+    p.add_argument(
+        "--old-prompts",
+        type=int,
+        default=None,
+        help="prompts the old default is measured on, then scaled (cuda 32, cpu all)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="training pairs per step")
+    p.add_argument("--hidden-size", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--intermediate-size", type=int, default=None)
+    p.add_argument("--vocab-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    defaults = dict(
+        prompts=256 if gpu else 48,
+        new_tokens=256 if gpu else 24,
+        prompt_tokens=128 if gpu else 48,
+        hidden_size=2048 if gpu else 64,
+        layers=24 if gpu else 2,
+        heads=16 if gpu else 4,
+        intermediate_size=5504 if gpu else 128,
+        vocab_size=50304 if gpu else 512,
+    )
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.old_prompts is None:
+        args.old_prompts = 32 if gpu else args.prompts
+    args.old_prompts = min(args.old_prompts, args.prompts)
+    return args
+
+
+def load_tokenizer(args):
+    from demoalign.tiny import SPECIAL_PAD, _wrap, train_tokenizer
+
+    if args.model:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.model)
+    elif args.tokenizer:
+        path = Path(args.tokenizer)
+        if path.is_dir():
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(path)
+        else:
+            from tokenizers import Tokenizer
+
+            raw = Tokenizer.from_file(str(path))
+            raw.add_special_tokens([SPECIAL_PAD])
+            tok = _wrap(raw)
+    elif args.device == "cpu":
+        tok = train_tokenizer(vocab_size=args.vocab_size)
+    else:
+        sys.exit(
+            "--tokenizer (or $DEMOALIGN_TOKENIZER) is needed on a GPU: the GPT-NeoX tokenizer.json"
+        )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def build_model(tok, args, device):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if args.model:
+        return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
+    config = LlamaConfig(
+        vocab_size=max(args.vocab_size, len(tok)),
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=max(1024, args.prompt_tokens + 2 * args.new_tokens),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(args.seed)
+    with torch.device(device):  # random init on the GPU: seconds instead of a minute on CPU
+        return LlamaForCausalLM(config)
+
+
+def build_examples(tok, args):
+    from demoalign.data import Example
+
+    rng = random.Random(args.seed)
+
+    def words(n_tokens: int) -> str:
+        text = ""
+        while len(tok(text)["input_ids"]) < n_tokens:
+            text += " ".join(rng.choice(WORDS) for _ in range(8)) + " "
+        return text.strip()
+
+    # Prompt lengths spread over [prompt_tokens / 4, prompt_tokens] (the template adds a few).
+    return [
+        Example(
+            words(rng.randint(args.prompt_tokens // 4, args.prompt_tokens - 16)),
+            words(rng.randint(args.new_tokens // 2, args.new_tokens)),
+        )
+        for _ in range(args.prompts)
+    ]
+
+
+class Clock:
+    """Wall time and peak memory of one phase (CUDA: max allocated; CPU: not measured)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch, self.cuda = torch, device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.peak = self.torch.cuda.max_memory_allocated() / 2**30
+        else:
+            self.peak = None
+        self.seconds = time.perf_counter() - self.start
+        return False
+
+
+def gib(value) -> str:
+    return "n/a" if value is None else f"{value:.1f} GiB"
+
+
+def new_tokens(generated: dict) -> int:
+    return sum(len(v) for v in generated.values())
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    import torch
+    import torch._dynamo.utils  # the compile counters, read after each stage
+
+    from demoalign.config import IRFTConfig
+    from demoalign.encoding import Encoder
+    from demoalign.generation import _half_copy, generate_ids, static_engine
+    from demoalign.methods import irft, negatives
+    from demoalign.runio import MetricsLog
+    from demoalign.trainer import Trainer, make_accelerator
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda but no CUDA device")
+    device = torch.device(args.device)
+    tok = load_tokenizer(args)
+    model = build_model(tok, args, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    examples = build_examples(tok, args)
+    max_length = args.prompt_tokens + args.new_tokens
+    encoder = Encoder(tok, "instruction", max_length, args.prompt_tokens)
+    prompts = [encoder.prompt_ids(e) for e in examples]
+    name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    log(
+        f"device {name}; model {n_params / 1e6:.1f}M parameters, vocab {model.config.vocab_size}; "
+        f"{len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
+        f"{args.new_tokens} new tokens, sampled; setup {time.perf_counter() - started:.0f} s"
+    )
+    common = dict(
+        max_new_tokens=args.new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        seed=args.seed,
+        show_progress=False,
+    )
+    rows = {}
+
+    # ---- the old default: hf, batch 16, fp32 weights under autocast
+    subset = random.Random(args.seed + 1).sample(range(len(prompts)), args.old_prompts)
+    log(f"[hf-b16-fp32] generating {len(subset)} prompts ...")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with Clock(device) as clock, autocast:
+        out = generate_ids(
+            model, tok, [prompts[i] for i in subset], batch_size=16, backend="hf", **common
+        )
+    rows["hf-b16-fp32"] = dict(
+        rate=new_tokens(out) / clock.seconds,
+        seconds=clock.seconds * len(prompts) / len(subset),
+        peak=clock.peak,
+        note=f"measured on {len(subset)} prompts, time scaled",
+    )
+    log(f"[hf-b16-fp32] {rows['hf-b16-fp32']['rate']:.0f} new tok/s ({clock.seconds:.1f} s)")
+
+    # ---- hf on half-precision weights, batch 256
+    log("[hf-bf16-b256] generating ...")
+    half = _half_copy(model, torch.bfloat16) if device.type == "cuda" else model
+    with Clock(device) as clock:
+        out = generate_ids(half, tok, prompts, batch_size=256, backend="hf", **common)
+    rows["hf-bf16-b256"] = dict(
+        rate=new_tokens(out) / clock.seconds,
+        seconds=clock.seconds,
+        peak=clock.peak,
+        note="bf16 copy" if half is not model else "fp32 (CPU)",
+    )
+    del half, out
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    log(f"[hf-bf16-b256] {rows['hf-bf16-b256']['rate']:.0f} new tok/s ({clock.seconds:.1f} s)")
+
+    # ---- the new engine, as a stage runs it: two stages on the package's own code
+    config = IRFTConfig(
+        model="-",
+        data="-",
+        max_length=max_length,
+        max_prompt_length=args.prompt_tokens,
+        max_new_tokens=args.new_tokens,
+        batch_size=args.batch_size,
+        learning_rate=1e-6,
+        stages=1,
+        generation_backend="static",
+        generation_batch_size="auto",
+        cpu=device.type == "cpu",
+        seed=args.seed,
+        show_progress=False,
+    )
+    config.validate()
+    accelerator = make_accelerator(config)
+    trainer = Trainer(config, model, accelerator, MetricsLog(os.devnull, enabled=False))
+    trainer.start_schedule(4 * len(prompts))
+    loss_fn = irft.irft_loss_fn(config.beta, config.loss_type, 0.0, tok.pad_token_id)
+    phases = {}
+    real_generate, real_reference = negatives.generate_ids, negatives.fill_reference_logps
+
+    def timed(key, fn):
+        def wrapper(*a, **k):
+            with Clock(device) as c:
+                result = fn(*a, **k)
+            phases[key] = phases.get(key, 0.0) + c.seconds
+            if c.peak is not None:
+                phases[key + "_peak"] = max(phases.get(key + "_peak", 0.0), c.peak)
+            if key == "generation":
+                got = result[0] if isinstance(result, tuple) else result
+                phases["new_tokens"] = new_tokens(got)
+            return result
+
+        return wrapper
+
+    negatives.generate_ids = timed("generation", real_generate)
+    negatives.fill_reference_logps = timed("reference", real_reference)
+    stages = []
+    try:
+        for stage in (1, 2):
+            phases.clear()
+            config.reference_logps = "decode" if stage == 2 else "forward"
+            log(f"[static] stage {stage}: negatives{' (first call: compile)' * (stage == 1)} ...")
+            pairs = negatives.make_negatives(config, trainer, encoder, examples, stage)
+            log(
+                f"[static] stage {stage}: generation {phases['generation']:.1f} s "
+                f"({phases['new_tokens'] / phases['generation']:.0f} new tok/s), "
+                f"reference {phases['reference']:.1f} s"
+            )
+            if stage == 2:
+                decoded = [p.ref_negative for p in pairs]
+                check = [copy.copy(p) for p in pairs]
+                with Clock(device) as ref_clock:
+                    real_reference(
+                        trainer.unwrapped, check, tok.pad_token_id, 16, accelerator.autocast
+                    )
+                phases["reference_forward"] = ref_clock.seconds
+                diffs = [abs(a - p.ref_negative) for a, p in zip(decoded, check)]
+                phases["decode_diff"] = (
+                    sum(diffs) / len(diffs),
+                    max(diffs),
+                    sum(len(p.negative_ids) for p in pairs) / len(pairs),
+                )
+            tokens = sum(
+                2 * len(p.prompt_ids) + len(p.demo_ids) + len(p.negative_ids) for p in pairs
+            )
+            log(f"[static] stage {stage}: training {len(pairs)} pairs ...")
+            with Clock(device) as clock:
+                trainer.fit(
+                    pairs,
+                    loss_fn,
+                    irft.count_pairs,
+                    1,
+                    seed_parts=(args.seed, stage),
+                    context={"method": "irft", "stage": stage},
+                    desc="training",
+                )
+            phases.update(train_s=clock.seconds, train_tokens=tokens, train_peak=clock.peak)
+            log(
+                f"[static] stage {stage}: training {clock.seconds:.1f} s "
+                f"({tokens / clock.seconds:.0f} tok/s)"
+            )
+            phases["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            stages.append(dict(phases))
+    finally:
+        negatives.generate_ids, negatives.fill_reference_logps = real_generate, real_reference
+
+    first, warm = stages
+    log(
+        f"compiled graphs after stage 1: {first['graphs']}, after stage 2: {warm['graphs']} "
+        f"({'no recompile' if first['graphs'] == warm['graphs'] else 'RECOMPILED'})"
+    )
+    engine = static_engine(trainer.unwrapped)
+    state = ("compiled" if engine.compile else "uncompiled") + (
+        ", bf16 copy" if engine.half else ", fp32"
+    )
+    rows["static"] = dict(
+        rate=warm["new_tokens"] / warm["generation"],
+        seconds=warm["generation"],
+        peak=warm.get("generation_peak"),
+        note=f"{state}, batch {engine.auto_size}; stage 2 (warm); stage 1 generation "
+        f"{first['generation']:.1f} s incl. compile",
+    )
+    train_s = warm["train_s"]
+    train_rate = warm["train_tokens"] / train_s
+    reference_s = first["reference"]  # a forward over demonstrations and negatives
+    peak_flops = (
+        next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        if device.type == "cuda"
+        else None
+    )
+    mfu = f"{6 * n_params * train_rate / peak_flops:.1%}" if peak_flops else "n/a"
+    log("")
+    log(
+        f"training (stage 2): {train_rate:.0f} tok/s, MFU {mfu} (6N FLOPs/token), {train_s:.1f} s, "
+        f"peak {gib(warm['train_peak'])}; reference forward {reference_s:.1f} s, "
+        f"peak {gib(first.get('reference_peak'))}"
+    )
+    mean, worst, tokens = warm["decode_diff"]
+    log(
+        f"reference_logps=decode vs forward (negatives of {tokens:.0f} tokens on average): "
+        f"mean |diff| {mean:.4f} nats, max {worst:.4f} nats per sequence; decode stage reference "
+        f"{warm['reference']:.1f} s vs forward {reference_s:.1f} s"
+    )
+    shares = {}
+    for key, row in rows.items():
+        stage_s = row["seconds"] + reference_s + train_s
+        shares[key] = row["seconds"] / stage_s
+        log(
+            f"engine {key}: generation {row['rate']:.0f} new tok/s, {row['seconds']:.1f} s for "
+            f"{len(prompts)} "
+            f"prompts; training {train_rate:.0f} tok/s, MFU {mfu}; generation share of the stage "
+            f"{shares[key]:.1%}; peak memory generation {gib(row['peak'])}, training "
+            f"{gib(warm['train_peak'])} ({row['note']})"
+        )
+    log(f"total wall time {time.perf_counter() - started:.0f} s")
+    ratio = rows["static"]["rate"] / rows["hf-bf16-b256"]["rate"]
+    print(f"ratio generation={ratio:.3f} stage_share={shares['static']:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
