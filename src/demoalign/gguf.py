@@ -47,18 +47,18 @@ def require_gguf_package() -> None:
 
 
 def _clear_quantization_marker(model) -> None:
-    """Make the dequantised model an ordinary float model.
+    """Make a dequantised GGUF model an ordinary float model.
 
-    transformers 5 loads a GGUF through its GGUF quantizer and keeps it attached
-    (`model.hf_quantizer`, `config.quantization_config`) even though every weight is already a
-    dense float tensor. The quantizer declares itself not serializable and not trainable, so
-    `save_pretrained` refuses the model and a saved config would claim a quantisation it no
-    longer has. The quantizer's own `remove_quantization_config` is the supported way to drop it.
+    transformers 5 loads a GGUF through its GGUF quantizer. Unless dequantisation is asked for
+    explicitly, the quantizer stays attached (`model.hf_quantizer`, `config.quantization_config`)
+    even when every weight is already a dense float tensor (llama goes through the legacy loader,
+    which always dequantises). That quantizer declares itself neither serializable nor trainable:
+    `save_pretrained` refuses the model, and a saved config would claim a quantisation the weights
+    no longer have. Its own `remove_quantization_config` is the supported way to drop it.
     """
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)
-    # Older transformers (4.x) attached no quantizer; nothing else to clear there.
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
 
@@ -70,16 +70,20 @@ def load_gguf(path: str | Path):
         raise ValueError(f"{path} is neither a .gguf file nor a folder holding exactly one")
     require_gguf_package()
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # transformers releases before the GGUF quantizer always dequantise
+        extra = {}
+    else:
+        # Dense float32 weights, as training needs, even for architectures whose blocks
+        # transformers would otherwise keep packed; with this, transformers also drops the
+        # quantizer itself once the weights are in.
+        extra = {"quantization_config": GgufConfig(dequantize=True)}
     folder, name = str(file.parent), file.name
-    # dequantize=True: the dense float32 weights that training needs, whatever transformers
-    # would otherwise do (it keeps blocks packed for some architectures when kernels exist).
     model = AutoModelForCausalLM.from_pretrained(
-        folder,
-        gguf_file=name,
-        dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True),
+        folder, gguf_file=name, dtype=torch.float32, **extra
     )
     _clear_quantization_marker(model)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
