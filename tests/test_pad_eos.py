@@ -31,10 +31,14 @@ def assert_every_response_ends_in_a_learnt_eos(tok, items):
     eos = tok.eos_token_id
     batch = collate(items, tok.pad_token_id)
     lengths = [len(t.prompt_ids) + len(t.response_ids) for t in items]
-    assert min(lengths) < max(lengths), "the batch must contain padding for this test to mean anything"
+    assert min(lengths) < max(lengths), (
+        "the batch must contain padding for this test to mean anything"
+    )
     for row, (t, n) in enumerate(zip(items, lengths)):
         assert t.response_ids[-1] == eos
-        assert batch["labels"][row, n - 1].item() == eos, "the closing EOS must be a label, not masked"
+        assert batch["labels"][row, n - 1].item() == eos, (
+            "the closing EOS must be a label, not masked"
+        )
         start = len(t.prompt_ids)
         assert batch["labels"][row, start:n].tolist() == t.response_ids
         # Padding after the EOS carries the same id but is masked: position decides, not the id.
@@ -57,7 +61,9 @@ def test_the_eos_token_counts_in_the_sequence_log_prob():
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logps, n_tokens = sequence_logps(logits, batch["labels"])
-    assert n_tokens.tolist() == [len(t.response_ids) for t in items], "EOS is one of the scored tokens"
+    assert n_tokens.tolist() == [len(t.response_ids) for t in items], (
+        "EOS is one of the scored tokens"
+    )
     per_token = token_logps(logits, batch["labels"])
     for row, t in enumerate(items):
         n = len(t.prompt_ids) + len(t.response_ids)
