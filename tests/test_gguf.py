@@ -171,6 +171,8 @@ def logits_of(model, ids: list[int]) -> torch.Tensor:
 
 def test_find_gguf(tmp_path):
     assert find_gguf(tmp_path / "missing") is None
+    with pytest.raises(FileNotFoundError):
+        find_gguf(tmp_path / "missing.gguf")
     assert find_gguf("HuggingFaceTB/SmolLM2-135M-Instruct") is None
     assert find_gguf(tmp_path) is None, "an empty folder holds no .gguf"
     one = tmp_path / "one"

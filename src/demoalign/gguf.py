@@ -21,11 +21,15 @@ GGUF_SUFFIX = ".gguf"
 def find_gguf(path: str | Path) -> Path | None:
     """The `.gguf` file that `path` names: the file itself, or the only one in a folder.
 
-    None when `path` is anything else (a Hugging Face folder, a hub id, a missing path). A folder
-    with a `config.json` is a Hugging Face checkpoint even if a `.gguf` lies beside it: the
-    explicit config wins. A folder with several `.gguf` files is an error, not a guess.
+    None when `path` is anything else (a Hugging Face folder, a hub id, a missing folder); a
+    missing `.gguf` file is an error. A folder with a `config.json` is a Hugging Face checkpoint
+    even if a `.gguf` lies beside it: the explicit config wins. A folder with several `.gguf`
+    files is an error, not a guess.
     """
     p = Path(path)
+    if p.suffix.lower() == GGUF_SUFFIX and not p.exists():
+        # Clearer than the hub lookup `from_pretrained` would otherwise attempt with the name.
+        raise FileNotFoundError(f"{p} not found")
     if p.is_file():
         return p if p.suffix.lower() == GGUF_SUFFIX else None
     if not p.is_dir() or (p / "config.json").exists():
