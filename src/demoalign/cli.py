@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from pathlib import Path
 
 from .config import CONFIGS, DemoConfig, EvalConfig, GenerateConfig, load_config, option_docs
 
@@ -79,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--hidden-size", type=int, default=64)
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--seed", type=int, default=0)
+    convert = sub.add_parser(
+        "convert", help="Write a .gguf model as a Hugging Face folder (weights dequantised)."
+    )
+    convert.add_argument("src", help="a .gguf file, or a folder holding exactly one")
+    convert.add_argument("out_dir", help="the Hugging Face folder to write (must not exist)")
     data = sub.add_parser("data", help="Data utilities.")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     inspect = data_sub.add_parser(
@@ -189,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
             )
             print(f"tiny model written to {out}")
+        elif args.command == "convert":
+            from .gguf import convert_gguf
+
+            if Path(args.out_dir).exists():
+                raise FileExistsError(f"{args.out_dir} exists; choose a new folder")
+            print(f"wrote {convert_gguf(args.src, args.out_dir)}")
         elif args.command == "data":
             from .data import inspect_data, parse_columns
 

@@ -13,6 +13,8 @@ from transformers import (
     AutoTokenizer,
 )
 
+from .gguf import find_gguf, load_gguf
+
 
 @contextmanager
 def eval_mode(model):
@@ -34,7 +36,10 @@ def _looks_local(path: str) -> bool:
 
 
 def check_model_path(path: str, what: str = "model") -> None:
-    """A clear error for a model that cannot be a model folder, before anything is created."""
+    """A clear error for a model that cannot be a model folder or a .gguf file, before anything
+    is created."""
+    if find_gguf(path) is not None:
+        return
     local = Path(path).expanduser()
     if local.is_file():
         raise ValueError(
@@ -47,14 +52,25 @@ def check_model_path(path: str, what: str = "model") -> None:
         raise ValueError(f"{what}={path}: no such model folder")
 
 
-def load_model_and_tokenizer(path: str):
-    check_model_path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+def prepare_tokenizer(tokenizer, path: str | Path):
+    """EOS required; no pad token means pad = EOS (labels come from lengths, not from pad ids,
+    so EOS is still learnt)."""
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer of {path} has no EOS token; responses must end with one")
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # labels come from lengths, not from pad ids
+        tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # not saved by transformers 5; generation pads left by hand
+    return tokenizer
+
+
+def load_model_and_tokenizer(path: str):
+    """(model, tokenizer) from a Hugging Face folder (or hub id), or a `.gguf` file or a folder
+    holding one (dequantised; needs the `gguf` extra)."""
+    if find_gguf(path) is not None:
+        model, tokenizer = load_gguf(path)
+        return model, prepare_tokenizer(tokenizer, path)
+    check_model_path(path)
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path), path)
     # fp32 master weights whatever the checkpoint's dtype (transformers 5 defaults to "auto"):
     # bf16 weights would lose updates at the paper's lr 5e-7; autocast does the bf16 compute.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
