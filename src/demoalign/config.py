@@ -563,8 +563,9 @@ class EvalConfig:
     )
     baseline: str = opt(
         "",
-        "Model folder (one of `models`, or another) whose generations the win rate is taken "
-        "against.",
+        "Model folder (one of `models`, or another) that every model is compared with: for every "
+        "metric the difference over the same items with a paired bootstrap interval, and, with "
+        "prompts= and reward_model=, the win rate of each model's generations against its.",
     )
     leaderboard: str = opt(
         "",
@@ -649,11 +650,6 @@ class EvalConfig:
             )
         if self.reward_template.count("{response}") != 1:
             raise ValueError("reward_template must contain {response} exactly once")
-        if self.baseline and not self.prompts:
-            raise ValueError(
-                "baseline=PATH is the win-rate baseline: it needs prompts=FILE and "
-                "reward_model=PATH"
-            )
         if not self.greedy and self.temperature <= 0:
             raise ValueError(
                 "temperature must be > 0 when sampling (set greedy=true for greedy generations)"

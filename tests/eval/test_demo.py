@@ -1,7 +1,11 @@
 import json
+import math
+
+import pytest
 
 from demoalign.config import DemoConfig, load_config
 from demoalign.eval.demo import METRICS, run_demo
+from demoalign.eval.stats import paired_t_test
 
 
 def test_short_demo_writes_every_field(tmp_path):
@@ -26,15 +30,22 @@ def test_short_demo_writes_every_field(tmp_path):
     assert results["settings"]["train_examples"] == 32
     names = [a["name"] for a in results["arms"]]
     assert names == ["sft", "spin", "irft_T2", "rft"]
+    sft = results["arms"][0]["metrics"]
     for arm in results["arms"]:
         assert arm["seeds"] == [0, 1]
         for metric in METRICS:
             entry = arm["metrics"][metric]
-            assert len(entry["values"]) == 2 and {"mean", "std"} <= set(entry)
-            assert min(entry["values"]) <= entry["mean"] <= max(entry["values"])
+            values = entry["values"]
+            assert len(values) == 2
+            assert entry["mean"] == pytest.approx(sum(values) / 2)
+            assert entry["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
             if arm["name"] != "sft":
-                assert arm["vs_sft"][metric]["test"].startswith("paired t-test")
-                assert 0.0 <= arm["vs_sft"][metric]["p_value"] <= 1.0
+                paired = arm["vs_sft"][metric]
+                assert paired["test"].startswith("paired t-test")
+                assert paired["p_value"] == paired_t_test(values, sft[metric]["values"])[1]
+                diffs = [a - b for a, b in zip(values, sft[metric]["values"])]
+                assert paired["difference"] == pytest.approx(sum(diffs) / 2)
+                assert paired["low"] <= paired["difference"] <= paired["high"]
         for metric in (
             "task_reward_sampled",
             "task_reward_greedy",
@@ -64,3 +75,4 @@ def test_short_demo_writes_every_field(tmp_path):
     steps["rft"] = len(rft_policy)
     assert len(set(steps.values())) == 1, steps
     assert "(d) RFT beats SFT at equal policy steps" in report
+    assert "## Paired differences to SFT over seeds" in report

@@ -400,8 +400,17 @@ def test_cli_end_to_end(
     base, other = res["models"]
     assert base["metrics"]["implicit_reward_accuracy"]["value"] == 0.5
     assert base["metrics"]["win_rate_vs_baseline"]["value"] == 0.5
+    # Paired differences to the baseline: the mean difference equals the difference of the means
+    # (same items), every per-item metric is compared, and the baseline has none of its own.
+    assert "vs_baseline" not in base
+    assert set(other["vs_baseline"]) == expected - {"win_rate_vs_baseline"}
+    for metric, d in other["vs_baseline"].items():
+        gap = other["metrics"][metric]["value"] - base["metrics"][metric]["value"]
+        assert d["value"] == pytest.approx(gap, abs=1e-9), metric
+        assert d["n"] == other["metrics"][metric]["n"] and d["low"] <= d["value"] <= d["high"]
     report = (out / "report.md").read_text()
     assert "| model |" in report and names[1] in report and "![metrics.png](metrics.png)" in report
+    assert f"## Paired differences to `{names[0]}`" in report
     assert (out / "metrics.png").stat().st_size > 1000
     gens = {
         n: [

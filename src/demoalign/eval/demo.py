@@ -33,7 +33,7 @@ from ..run import train
 from ..runio import atomic_write_text, claim_output_dir, release_lock
 from ..tiny import tiny_model, train_tokenizer
 from .metrics import generation_reward, pair_metrics, pair_sequence_logps
-from .stats import mean_std, paired_t_test, verdict
+from .stats import mean_std, paired_t_interval, paired_t_test, verdict
 
 SHORT = {
     "task_reward_sampled": "sampled",
@@ -260,7 +260,8 @@ def _results(demo: DemoConfig, arms: dict, start_metrics: dict) -> dict:
         if name != "sft":
             for m in METRICS:
                 _, p = paired_t_test(arm["values"][m], sft[m])
-                vs_sft[m] = {"test": TEST_NAME, "p_value": p}
+                interval = paired_t_interval(arm["values"][m], sft[m])
+                vs_sft[m] = {"test": TEST_NAME, "p_value": p, **interval}
         out_arms.append(
             {
                 "name": name,
@@ -329,6 +330,24 @@ def _claims(results: dict) -> list[str]:
     return lines
 
 
+def _paired_table(results: dict) -> str:
+    """Arm − SFT per metric over matched seeds, with the 95% t-interval of the paired test."""
+    arms = [a for a in results["arms"] if a["vs_sft"]]
+    lines = [
+        "## Paired differences to SFT over seeds (arm − sft, 95% t-interval)",
+        "",
+        "| arm | " + " | ".join(METRICS) + " |",
+        "|---|" + "---|" * len(METRICS),
+    ]
+    for arm in arms:
+        cells = [
+            f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+            for d in (arm["vs_sft"][m] for m in METRICS)
+        ]
+        lines.append(f"| {arm['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _write_report(out: Path, demo: DemoConfig, results: dict, wall: float) -> None:
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     _plots(out, results)
@@ -358,6 +377,7 @@ but p ≥ 0.05. `wall_time_s` is training time only (evaluation excluded).
 How the settings were chosen: docs/demo-findings.md. Total wall time {wall:.0f} s.
 
 {header}{rows}
+{_paired_table(results)}
 ## The paper's claims, re-tested
 
 """

@@ -27,7 +27,7 @@ from .leaderboard import import_lm_eval, parse_tasks, run_leaderboard
 from .metrics import DEFINITIONS, generation_reward, pair_sequence_logps, pair_values, win_values
 from .report import write_report
 from .reward_scoring import reward_scores, reward_text
-from .stats import summarize
+from .stats import paired_deltas, summarize
 
 
 def model_names(paths: list[str]) -> list[str]:
@@ -179,11 +179,12 @@ def _reference_logps(config: EvalConfig, inputs: _Inputs, device):
 def _model_metrics(model, tokenizer, config, inputs: _Inputs, refs, device, stats) -> dict:
     """One model's entry: pair and task metrics, and its leaderboard results."""
     encoder = _encoder_for(tokenizer, config)
-    entry = {"metrics": {}}
+    entry = {"metrics": {}, "items": {}}  # items: per-item values, for paired differences
     if inputs.triples:
         good, bad = pair_sequence_logps(model, encoder, inputs.triples, config.batch_size, fit=True)
         for metric, vals in pair_values(good, bad, *refs).items():
             entry["metrics"][metric] = summarize(vals, **stats)
+            entry["items"][metric] = vals
         entry["pairs_truncated"] = encoder.counts.responses_cut
     if inputs.task is not None:
         for mode in ("sampled", "greedy"):
@@ -199,6 +200,7 @@ def _model_metrics(model, tokenizer, config, inputs: _Inputs, refs, device, stat
                 backend=config.generation_backend,
             )
             entry["metrics"][f"task_exact_match_{mode}"] = summarize(rewards, **stats)
+            entry["items"][f"task_exact_match_{mode}"] = rewards
     if inputs.leaderboard:
         board = run_leaderboard(
             model,
@@ -212,6 +214,7 @@ def _model_metrics(model, tokenizer, config, inputs: _Inputs, refs, device, stat
             device=device,
         )
         for task_name, r in board.items():
+            entry["items"][task_name] = r["values"]
             entry["metrics"][task_name] = {
                 **summarize(r["values"], **stats),
                 "task": r["lm_eval_task"],
@@ -237,7 +240,7 @@ def _generations(model, tokenizer, name: str, config: EvalConfig, inputs: _Input
 
 
 def _score_generations(
-    config: EvalConfig, results: dict, generations: dict, out: Path, device, stats
+    config: EvalConfig, results: dict, generations: dict, items: dict, out: Path, device, stats
 ) -> None:
     rm, rm_tok = load_reward_model(config.reward_model)
     rm = rm.to(device).eval()
@@ -250,9 +253,25 @@ def _score_generations(
         atomic_write_jsonl(generation_file(out, name), records)
     for entry in results["models"]:
         entry["metrics"]["reward_score"] = summarize(scores[entry["name"]], **stats)
+        items[entry["name"]]["reward_score"] = scores[entry["name"]]
         if results["baseline"]:
             wins = win_values(scores[entry["name"]], scores[results["baseline"]])
             entry["metrics"]["win_rate_vs_baseline"] = summarize(wins, **stats)
+
+
+def _paired_differences(results: dict, items: dict, baseline: str, stats: dict) -> None:
+    """Per model and metric: the mean over the same items of (model − baseline), with a paired
+    bootstrap interval (items resampled jointly for both models)."""
+    base = items[baseline]
+    for entry in results["models"]:
+        if entry["name"] == baseline:
+            continue
+        mine = items[entry["name"]]
+        entry["vs_baseline"] = {
+            metric: summarize(paired_deltas(mine[metric], base[metric]), **stats)
+            for metric in mine
+            if metric in base
+        }
 
 
 def evaluate(config: EvalConfig | None = None, **values) -> dict:
@@ -281,17 +300,21 @@ def evaluate(config: EvalConfig | None = None, **values) -> dict:
         "settings": asdict(config),
     }
     generations: dict[str, list[dict]] = {}
+    items: dict[str, dict[str, list[float]]] = {}
     for name, path in zip(inputs.names, inputs.paths):
         model, tokenizer = load_model_and_tokenizer(path)
         model.to(device)
         entry = _model_metrics(model, tokenizer, config, inputs, refs, device, stats)
         results["definitions"].update(entry.pop("definitions", {}))
+        items[name] = entry.pop("items")
         results["models"].append({"name": name, "path": path, **entry})
         if inputs.prompts:
             generations[name] = _generations(model, tokenizer, name, config, inputs, out)
         del model
     if inputs.prompts:
-        _score_generations(config, results, generations, out, device, stats)
+        _score_generations(config, results, generations, items, out, device, stats)
+    if inputs.baseline:
+        _paired_differences(results, items, inputs.baseline, stats)
     used = {m for e in results["models"] for m in e["metrics"]}
     results["definitions"] = {
         **{k: v for k, v in DEFINITIONS.items() if k in used},

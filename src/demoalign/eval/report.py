@@ -13,6 +13,28 @@ def _cell(m: dict) -> str:
     return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
 
 
+def _paired_lines(results: dict, metrics: list[str], config: EvalConfig) -> list[str]:
+    """The table of (model − baseline) over the same items, with paired bootstrap intervals."""
+    others = [e for e in results["models"] if e.get("vs_baseline")]
+    shown = [m for m in metrics if any(m in e["vs_baseline"] for e in others)]
+    if not shown:
+        return []
+    lines = [
+        f"## Paired differences to `{results['baseline']}`",
+        "",
+        f"Mean of (model − baseline) over the same items [{config.confidence:.0%} paired "
+        "bootstrap interval: items resampled jointly]. An interval that excludes 0 is a "
+        "difference at that level.",
+        "",
+        "| model | " + " | ".join(shown) + " |",
+        "|---|" + "---|" * len(shown),
+    ]
+    for e in others:
+        cells = [_cell(e["vs_baseline"][m]) if m in e["vs_baseline"] else "" for m in shown]
+        lines.append(f"| {e['name']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_report(out: Path, results: dict, config: EvalConfig) -> None:
     metrics = [m for m in DEFINITIONS if m in results["definitions"]]
     metrics += [m for m in results["definitions"] if m not in DEFINITIONS]
@@ -51,6 +73,7 @@ def write_report(out: Path, results: dict, config: EvalConfig) -> None:
             "computed; only the reference-free form is reported.",
             "",
         ]
+    lines += _paired_lines(results, metrics, config)
     lines += ["## Definitions", ""] + [f"- `{k}`: {v}" for k, v in results["definitions"].items()]
     if results.get("reference"):
         lines.append(f"- reference model of the implicit reward: `{results['reference']}`")

@@ -68,3 +68,25 @@ def summarize(
     """{value: mean, low, high: bootstrap interval, n}."""
     low, high = bootstrap_interval(values, n_resamples, seed, confidence)
     return {"value": sum(values) / len(values), "low": low, "high": high, "n": len(values)}
+
+
+def paired_deltas(values: list[float], baseline: list[float]) -> list[float]:
+    """Per-item differences of two models scored on the SAME items, in the same order: their
+    bootstrap is the paired bootstrap (an item's two values are resampled together)."""
+    if len(values) != len(baseline):
+        raise ValueError(
+            f"paired comparison needs the same items: {len(values)} values against "
+            f"{len(baseline)} of the baseline"
+        )
+    return [a - b for a, b in zip(values, baseline)]
+
+
+def paired_t_interval(a: list[float], b: list[float], confidence: float = 0.95) -> dict:
+    """Mean of (a − b) over matched pairs (seeds) with its Student-t interval: what the paired
+    t-test tests, as a size. With zero spread the interval is the point itself."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError("a paired interval needs two equal-length samples of at least 2")
+    diffs = [x - y for x, y in zip(a, b)]
+    mean, sd = mean_std(diffs)
+    half = student_t.ppf((1 + confidence) / 2, df=len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    return {"difference": mean, "low": mean - half, "high": mean + half, "n": len(diffs)}
