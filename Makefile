@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Local public data (tokenizers, data sets, leaderboard tasks): the one setting DEMOALIGN_DATA.
 export DEMOALIGN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup demo test bench docs clean smollm2
+.PHONY: setup demo test fuzz bench docs clean smollm2
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,11 @@ test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check src tests benchmarks experiments
 	$(VENV)/bin/ruff format --check src tests benchmarks experiments
 	$(PY) -m pytest -q
+
+# Property-based fuzzing of the data readers and config parsing, at length (make test runs a
+# few hundred cases of the same tests).
+fuzz: $(VENV)/.installed-test
+	DEMOALIGN_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/data/test_fuzz.py
 
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/train_step.py

@@ -413,7 +413,10 @@ def _coerce(value, f):
                 f"config key `{f.name}` expects {target.__name__}, got {value!r}"
             ) from None
     elif isinstance(value, str) and target is bool:
-        value = yaml.safe_load(value)
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"config key `{f.name}` expects bool, got {value!r}") from None
     if target is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if target is str and value is not None and not isinstance(value, str):
