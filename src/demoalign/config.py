@@ -103,6 +103,19 @@ class TrainConfig:
     )
     cpu: bool = opt(False, "Run on the CPU even when a GPU is present.")
     show_progress: bool = opt(True, "Progress bars on the main process.")
+    save_steps: int = opt(
+        0,
+        "Also checkpoint every N optimiser steps (0 = only at stage boundaries: IRFT/SPIN "
+        "stages, RFT outer iterations, SFT epochs). Checkpoints go to checkpoints/<step>/.",
+    )
+    keep_checkpoints: int = opt(2, "Keep the last N complete checkpoints (older ones are deleted).")
+    resume: bool = opt(
+        False,
+        "Continue the run in output_dir from its last complete checkpoint (the config must equal "
+        "that run's config.yaml except resume, show_progress and overwrite); a folder with "
+        "nothing to resume starts the run. The result is the uninterrupted run's, bit for bit "
+        "on CPU in fp32.",
+    )
 
     method = "base"
 
@@ -135,7 +148,9 @@ class TrainConfig:
             raise ValueError("warmup_ratio must be in [0, 1)")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        for key in ("weight_decay", "max_grad_norm", "max_examples"):
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        for key in ("weight_decay", "max_grad_norm", "max_examples", "save_steps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
 
