@@ -4,6 +4,11 @@ exactly once. Kills are simulated inside the process (KeyboardInterrupt from a p
 at the chosen point), and once for real (kill -9 of a `python -m demoalign` subprocess)."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,10 +17,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import small_run_config
-from demoalign import SFTConfig, train
+from demoalign import IRFTConfig, SFTConfig, SPINConfig, train
 from demoalign import checkpoint as checkpoint_module
 from demoalign import run as run_module
 from demoalign.checkpoint import complete_checkpoints
+from demoalign.methods import irft as irft_module
 from demoalign.runio import RunFolderError, read_run_state
 from demoalign.trainer import Trainer
 
@@ -82,6 +88,7 @@ KILLS = {
     "mid_training": (Trainer, "step", None, None),
     "checkpoint_save": (checkpoint_module, "write_state", None, _half_state),
     "final_save": (run_module, "save_pretrained_atomic", 1, _half_final),
+    "between_stages": (irft_module, "_sample_stage", 2, None),
 }
 
 
@@ -123,6 +130,58 @@ def test_sft_resume_is_bitwise_equal(
     _assert_same_as_uninterrupted(out, _reference(config, tmp_path_factory))
 
 
+# 2 stages x 2 epochs x 2 steps: checkpoints at steps 3, 4 (stage end), 6, 8 (stage end).
+IRFT_CASES = [
+    ("mid_training", 4),  # resumes inside stage 1 from step 3, with the stored pairs
+    ("between_stages", 2),  # killed while sampling stage 2: resumes from the stage-1 boundary
+    ("checkpoint_save", 4),  # the save of step 8 torn: resumes inside stage 2 from step 6
+    ("final_save", 1),
+]
+
+
+@pytest.mark.parametrize("kill,n", IRFT_CASES, ids=[c[0] for c in IRFT_CASES])
+def test_irft_resume_is_bitwise_equal(
+    tiny_model_dir, tmp_path, tmp_path_factory, monkeypatch, kill, n
+):
+    config = small_run_config(
+        IRFTConfig, tiny_model_dir, tmp_path / "run", epochs_per_stage=2, save_steps=3, resume=True
+    )
+    out = _interrupt_and_resume(config, kill, n, monkeypatch)
+    _assert_same_as_uninterrupted(out, _reference(config, tmp_path_factory))
+
+
+def test_a_resumed_stage_reuses_its_stored_pairs(tiny_model_dir, tmp_path, monkeypatch):
+    config = small_run_config(
+        IRFTConfig, tiny_model_dir, tmp_path / "run", epochs_per_stage=2, save_steps=3, resume=True
+    )
+    with monkeypatch.context() as patch:
+        _kill_at_call(patch, Trainer, "step", 4)
+        with pytest.raises(KeyboardInterrupt):
+            train(config)
+    sampled = []
+    real = irft_module._sample_stage
+    monkeypatch.setattr(irft_module, "_sample_stage", lambda *a: sampled.append(a[4]) or real(*a))
+    train(config)
+    assert sampled == [2], "stage 1 continued from its checkpoint without sampling again"
+
+
+@pytest.mark.parametrize("scope", ["run", "stage"])
+def test_spin_and_stage_scoped_optimiser_resume_bitwise(
+    tiny_model_dir, tmp_path, tmp_path_factory, monkeypatch, scope
+):
+    config = small_run_config(
+        SPINConfig,
+        tiny_model_dir,
+        tmp_path / "run",
+        iterations=2,
+        save_steps=3,
+        optimizer_scope=scope,
+        resume=True,
+    )
+    out = _interrupt_and_resume(config, "mid_training", 8, monkeypatch)  # inside iteration 2
+    _assert_same_as_uninterrupted(out, _reference(config, tmp_path_factory))
+
+
 def test_resume_refuses_another_config_and_a_foreign_folder(tiny_model_dir, tmp_path):
     config = small_run_config(SFTConfig, tiny_model_dir, tmp_path / "run", resume=True)
     with pytest.MonkeyPatch.context() as patch:
@@ -152,3 +211,42 @@ def test_resume_true_starts_a_new_run_and_keeps_the_last_checkpoints(tiny_model_
     assert [p.name for p in complete_checkpoints(out)] == ["2", "3", "4"]
     assert train(config) == out  # a finished run: nothing to do, nothing touched
     assert read_run_state(out)["state"] == "finished"
+
+
+def test_a_real_kill_9_then_resume_is_bitwise_equal(tiny_model_dir, tmp_path, tmp_path_factory):
+    out = tmp_path / "run"
+    keys = dict(epochs_per_stage=3, save_steps=2, resume=True)
+    config = small_run_config(IRFTConfig, tiny_model_dir, out, **keys)
+    values = dict(
+        model=str(tiny_model_dir),
+        data=config.data,
+        output_dir=str(out),
+        max_examples=16,
+        max_length=80,
+        max_prompt_length=40,
+        batch_size=4,
+        learning_rate=1e-3,
+        cpu=True,
+        show_progress=False,
+        max_new_tokens=10,
+        generation_batch_size=8,
+        stages=2,
+        **keys,
+    )
+    args = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(run_module.__file__).parents[1]),
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "demoalign", "irft", *args], env=env)
+    deadline = time.time() + 120
+    while not complete_checkpoints(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert read_run_state(out)["state"] == "running", "a killed run cannot record its end"
+    assert not (out / "final").exists()
+    train(config)
+    _assert_same_as_uninterrupted(out, _reference(config, tmp_path_factory))

@@ -241,6 +241,13 @@ class IRFTConfig(TrainConfig):
         "generation) or decode (taken from the logits they were sampled from: no forward over the "
         "negatives; equal in fp32, within about 0.1 nats per sequence in bf16).",
     )
+    optimizer_scope: str = opt(
+        "run",
+        "run: one optimiser for the whole run, so Adam's moment estimates carry over from stage "
+        "to stage (the default: a stage's first steps are not taken with an empty second-moment "
+        "estimate); stage: a fresh optimiser and a fresh schedule at every stage start, as the "
+        "paper's released training scripts do (one script run per stage).",
+    )
     method = "irft"
 
     def __post_init__(self):
@@ -251,6 +258,8 @@ class IRFTConfig(TrainConfig):
         from .losses import LOSS_TYPES
 
         validate_generation(self)
+        if self.optimizer_scope not in ("run", "stage"):
+            raise ValueError(f"optimizer_scope={self.optimizer_scope!r}: choose one of run, stage")
         if self.reference_logps not in ("forward", "decode"):
             raise ValueError(
                 f"reference_logps={self.reference_logps!r}: choose one of forward, decode"

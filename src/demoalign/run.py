@@ -139,7 +139,7 @@ def _checkpoint_metrics_bytes(checkpoint: Path | None) -> int | None:
 
 def _run_method(config, trainer, encoder, examples, out, on_stage_end, ckpt) -> dict:
     if isinstance(config, IRFTConfig):
-        return run_irft(config, trainer, encoder, examples, out, on_stage_end)
+        return run_irft(config, trainer, encoder, examples, out, on_stage_end, ckpt=ckpt)
     if isinstance(config, RFTConfig):
         return run_rft(config, trainer, encoder, examples, out, ckpt=ckpt)
     if isinstance(config, SFTConfig):
