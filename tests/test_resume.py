@@ -250,3 +250,43 @@ def test_a_real_kill_9_then_resume_is_bitwise_equal(tiny_model_dir, tmp_path, tm
     assert not (out / "final").exists()
     train(config)
     _assert_same_as_uninterrupted(out, _reference(config, tmp_path_factory))
+
+
+def _stage_two_first_step(tiny_model_dir, tmp_path, scope: str) -> tuple[dict, dict]:
+    """(weights after stage 2's first step in a run, the same step taken from the stage-1 end
+    weights by a fresh optimiser and a fresh schedule)."""
+    from demoalign.methods.irft import count_pairs, irft_loss_fn
+    from demoalign.pairs import Pair
+    from demoalign.runio import MetricsLog
+    from demoalign.trainer import make_accelerator, seeded_permutation
+
+    config = small_run_config(
+        IRFTConfig,
+        tiny_model_dir,
+        tmp_path / scope,
+        save_steps=1,
+        keep_checkpoints=10,
+        optimizer_scope=scope,
+    )
+    out = train(config)  # 2 stages of 2 steps: checkpoint 2 ends stage 1, 3 is stage 2's first
+    second = torch.load(out / "checkpoints" / "3" / "policy.pt", weights_only=True)["model"]
+    pairs = json.loads((out / "checkpoints" / "3" / "state.json").read_text())["method"]["pairs"]
+    pairs = [Pair(**p) for p in pairs]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.load_state_dict(torch.load(out / "checkpoints" / "2" / "policy.pt")["model"])
+    log = MetricsLog(tmp_path / "unused.jsonl", enabled=False)
+    fresh = Trainer(config, model, make_accelerator(config), log)
+    fresh.start_schedule(2)
+    batch = [pairs[i] for i in seeded_permutation(len(pairs), config.seed, 2, 0)[:4]]
+    loss_fn = irft_loss_fn(
+        config.beta, config.loss_type, config.sft_weight, model.config.pad_token_id
+    )
+    fresh.step(batch, loss_fn, count_pairs(batch))
+    return second, fresh.unwrapped.state_dict()
+
+
+def test_optimizer_scope_stage_starts_every_stage_with_a_fresh_optimiser(tiny_model_dir, tmp_path):
+    in_run, fresh = _stage_two_first_step(tiny_model_dir, tmp_path, "stage")
+    assert all(torch.equal(in_run[k], fresh[k]) for k in fresh)
+    in_run, fresh = _stage_two_first_step(tiny_model_dir, tmp_path, "run")
+    assert not all(torch.equal(in_run[k], fresh[k]) for k in fresh), "run keeps Adam's moments"
