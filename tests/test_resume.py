@@ -14,14 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import small_run_config
-from demoalign import IRFTConfig, SFTConfig, SPINConfig, train
+from demoalign import IRFTConfig, RFTConfig, SFTConfig, SPINConfig, train
 from demoalign import checkpoint as checkpoint_module
 from demoalign import run as run_module
 from demoalign.checkpoint import complete_checkpoints
+from demoalign.config import build_config
 from demoalign.methods import irft as irft_module
+from demoalign.methods import rft as rft_module
 from demoalign.runio import RunFolderError, read_run_state
 from demoalign.trainer import Trainer
 
@@ -55,7 +58,7 @@ def _reference(config, tmp_path_factory):
     key = repr(replace(config, output_dir=""))
     if key not in _REFERENCES:
         out = train(replace(config, output_dir=str(tmp_path_factory.mktemp("ref") / "run")))
-        _REFERENCES[key] = (_final(out), _steps(out))
+        _REFERENCES[key] = (_final(out), _steps(out), out)
     return _REFERENCES[key]
 
 
@@ -89,6 +92,7 @@ KILLS = {
     "checkpoint_save": (checkpoint_module, "write_state", None, _half_state),
     "final_save": (run_module, "save_pretrained_atomic", 1, _half_final),
     "between_stages": (irft_module, "_sample_stage", 2, None),
+    "between_iterations": (rft_module, "make_negatives", 2, None),
 }
 
 
@@ -109,7 +113,7 @@ def _interrupt_and_resume(config, kill: str, n: int, monkeypatch) -> Path:
 
 
 def _assert_same_as_uninterrupted(out: Path, reference) -> None:
-    weights, steps = reference
+    weights, steps, _ = reference
     final = _final(out)
     assert final.keys() == weights.keys()
     assert all(torch.equal(final[k], weights[k]) for k in weights), "parameters differ"
@@ -180,6 +184,48 @@ def test_spin_and_stage_scoped_optimiser_resume_bitwise(
     )
     out = _interrupt_and_resume(config, "mid_training", 8, monkeypatch)  # inside iteration 2
     _assert_same_as_uninterrupted(out, _reference(config, tmp_path_factory))
+
+
+# 2 outer iterations of 4 reward steps and 2 policy steps: a checkpoint at steps 6 and 12.
+RFT_CASES = [
+    ("mid_training", 8),  # iteration 2's second reward step: resumes from iteration 1's end
+    ("between_iterations", 2),  # killed while sampling iteration 2's negatives
+    ("checkpoint_save", 2),  # the save of iteration 2 torn
+    ("final_save", 1),
+]
+
+
+@pytest.mark.parametrize("kill,n", RFT_CASES, ids=[c[0] for c in RFT_CASES])
+def test_rft_resume_is_bitwise_equal(
+    tiny_model_dir, tmp_path, tmp_path_factory, monkeypatch, kill, n
+):
+    values = dict(
+        model=str(tiny_model_dir),
+        data="task:sort",
+        max_examples=16,
+        output_dir=str(tmp_path / "run"),
+        template="plain",
+        max_length=48,
+        max_prompt_length=24,
+        max_new_tokens=12,
+        batch_size=4,
+        generation_batch_size=16,
+        learning_rate=1e-3,
+        reward_learning_rate=3e-3,
+        reward_steps=4,
+        policy_steps=2,
+        rollouts=2,
+        cpu=True,
+        show_progress=False,
+        resume=True,
+    )
+    config = build_config(RFTConfig, values)
+    out = _interrupt_and_resume(config, kill, n, monkeypatch)
+    _assert_same_as_uninterrupted(out, _reference(config, tmp_path_factory))
+    reward = "iterations/2/reward_model/model.safetensors"
+    reference_reward = load_file(_reference(config, tmp_path_factory)[2] / reward)
+    resumed_reward = load_file(out / reward)
+    assert all(torch.equal(resumed_reward[k], v) for k, v in reference_reward.items())
 
 
 def test_resume_refuses_another_config_and_a_foreign_folder(tiny_model_dir, tmp_path):
