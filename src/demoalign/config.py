@@ -105,8 +105,9 @@ class TrainConfig:
     show_progress: bool = opt(True, "Progress bars on the main process.")
     save_steps: int = opt(
         0,
-        "Also checkpoint every N optimiser steps (0 = only at stage boundaries: IRFT/SPIN "
-        "stages, RFT outer iterations, SFT epochs). Checkpoints go to checkpoints/<step>/.",
+        "Also checkpoint every N optimiser steps inside SFT epochs and IRFT/SPIN stages (0 = only "
+        "at boundaries: SFT epoch ends, IRFT/SPIN stage ends, RFT outer-iteration ends; RFT "
+        "checkpoints at those only). Checkpoints go to checkpoints/<step>/.",
     )
     keep_checkpoints: int = opt(2, "Keep the last N complete checkpoints (older ones are deleted).")
     resume: bool = opt(
