@@ -103,6 +103,20 @@ class TrainConfig:
     )
     cpu: bool = opt(False, "Run on the CPU even when a GPU is present.")
     show_progress: bool = opt(True, "Progress bars on the main process.")
+    save_steps: int = opt(
+        0,
+        "Also checkpoint every N optimiser steps inside SFT epochs and IRFT/SPIN stages (0 = only "
+        "at boundaries: SFT epoch ends, IRFT/SPIN stage ends, RFT outer-iteration ends; RFT "
+        "checkpoints at those only). Checkpoints go to checkpoints/<step>/.",
+    )
+    keep_checkpoints: int = opt(2, "Keep the last N complete checkpoints (older ones are deleted).")
+    resume: bool = opt(
+        False,
+        "Continue the run in output_dir from its last complete checkpoint (the config must equal "
+        "that run's config.yaml except resume, show_progress and overwrite); a folder with "
+        "nothing to resume starts the run. The result is the uninterrupted run's, bit for bit "
+        "on CPU in fp32.",
+    )
 
     method = "base"
 
@@ -135,7 +149,9 @@ class TrainConfig:
             raise ValueError("warmup_ratio must be in [0, 1)")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        for key in ("weight_decay", "max_grad_norm", "max_examples"):
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        for key in ("weight_decay", "max_grad_norm", "max_examples", "save_steps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
 
@@ -226,6 +242,13 @@ class IRFTConfig(TrainConfig):
         "generation) or decode (taken from the logits they were sampled from: no forward over the "
         "negatives; equal in fp32, within about 0.1 nats per sequence in bf16).",
     )
+    optimizer_scope: str = opt(
+        "run",
+        "run: one optimiser for the whole run, so Adam's moment estimates carry over from stage "
+        "to stage (the default: a stage's first steps are not taken with an empty second-moment "
+        "estimate); stage: a fresh optimiser and a fresh schedule at every stage start, as the "
+        "paper's released training scripts do (one script run per stage).",
+    )
     method = "irft"
 
     def __post_init__(self):
@@ -236,6 +259,8 @@ class IRFTConfig(TrainConfig):
         from .losses import LOSS_TYPES
 
         validate_generation(self)
+        if self.optimizer_scope not in ("run", "stage"):
+            raise ValueError(f"optimizer_scope={self.optimizer_scope!r}: choose one of run, stage")
         if self.reference_logps not in ("forward", "decode"):
             raise ValueError(
                 f"reference_logps={self.reference_logps!r}: choose one of forward, decode"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from accelerate.utils import set_seed
 
+from .checkpoint import STATE_FILE, Checkpoints, clean_leftovers, latest_checkpoint
 from .config import IRFTConfig, RFTConfig, SFTConfig, TrainConfig, config_to_dict
 from .data.sources import demonstrations
 from .encoding import Encoder
@@ -18,7 +20,9 @@ from .runio import (
     MetricsLog,
     atomic_write_yaml,
     check_output_dir,
+    check_resume,
     claim_output_dir,
+    read_run_state,
     release_lock,
     save_pretrained_atomic,
     write_run_state,
@@ -38,16 +42,51 @@ def run_inputs(config: TrainConfig) -> list[str]:
     return [p for p in paths if p and not p.startswith("task:") and Path(p).expanduser().exists()]
 
 
+def _resume_point(config: TrainConfig) -> tuple[Path | None, Path | None]:
+    """(the run folder to continue, its newest complete checkpoint) for resume=true; (None, None)
+    when there is nothing to resume. Checks the folder and config; changes nothing."""
+    if not config.resume:
+        return None, None
+    folder = check_resume(config.output_dir, config_to_dict(config))
+    return folder, (latest_checkpoint(folder) if folder is not None else None)
+
+
+def _claim(config: TrainConfig, folder: Path | None, checkpoint: Path | None, main: bool) -> None:
+    """Take the run folder: a resumed run keeps it (only an interrupted save's leftovers go);
+    otherwise it is created or cleared (resume=true with no checkpoint yet restarts the run)."""
+    out = Path(config.output_dir)
+    if main and checkpoint is not None:
+        claim_output_dir(out, False, run_inputs(config), resume=True)
+        removed = clean_leftovers(out)
+        if config.show_progress:
+            cleaned = f"; removed leftovers {', '.join(removed)}" if removed else ""
+            print(f"resuming {out} from checkpoint {checkpoint.name}{cleaned}")
+    elif main:
+        claim_output_dir(out, config.overwrite or folder is not None, run_inputs(config))
+        atomic_write_yaml(out / "config.yaml", config_to_dict(config))
+    if main:
+        resumed = {"resumed_from": checkpoint.name} if checkpoint is not None else {}
+        write_run_state(out, "running", method=config.method, **resumed)
+
+
 def train(config: TrainConfig, on_stage_end=None) -> Path:
     """Run SFT, SPIN, IRFT or RFT as `config` says; returns the run folder. `on_stage_end(model,
     stage)` is called on the main process after every IRFT stage (for evaluation over stages).
-    Every input is checked and loaded before the run folder is created or cleared."""
+    Every input is checked and loaded before the run folder is created or cleared. With
+    resume=true the run continues from the folder's last checkpoint (checkpoint.py)."""
     config.validate()
     check_model_path(config.model)
     library_progress_bars(config.show_progress)
     accelerator = make_accelerator(config)
     set_seed(config.seed)
-    check_output_dir(config.output_dir, config.overwrite, run_inputs(config))
+    out = Path(config.output_dir)
+    folder, checkpoint = _resume_point(config)
+    if folder is not None and (read_run_state(folder) or {}).get("state") == "finished":
+        if accelerator.is_main_process and config.show_progress:
+            print(f"{out} holds a finished run (final/ is complete); nothing to resume")
+        return out
+    if checkpoint is None:
+        check_output_dir(out, config.overwrite or folder is not None, run_inputs(config))
     accelerator.wait_for_everyone()  # every process checked before the main one clears
 
     examples, summary, data_counts = demonstrations(
@@ -59,16 +98,15 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     template = resolve_template(tokenizer, config.template)
     encoder = Encoder(tokenizer, template, config.max_length, config.max_prompt_length)
 
-    out = Path(config.output_dir)
-    if accelerator.is_main_process:
-        claim_output_dir(out, config.overwrite, run_inputs(config))
-        atomic_write_yaml(out / "config.yaml", config_to_dict(config))
-        write_run_state(out, "running", method=config.method)
+    _claim(config, folder, checkpoint, accelerator.is_main_process)
     accelerator.wait_for_everyone()
-    log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
+    resume_at = _checkpoint_metrics_bytes(checkpoint)
+    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, resume_at)
     try:
         log.write(
-            {
+            {"event": "resume", "checkpoint": checkpoint.name}
+            if checkpoint is not None
+            else {
                 "event": "run_start",
                 "method": config.method,
                 "template": template,
@@ -78,7 +116,8 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
                 **data_counts,
             }
         )
-        _train_and_save(config, model, tokenizer, encoder, examples, accelerator, log, on_stage_end)
+        parts = (config, model, tokenizer, encoder, examples, accelerator, log)
+        _train_and_save(*parts, on_stage_end, checkpoint)
     except BaseException as exc:
         if accelerator.is_main_process:
             write_run_state(
@@ -92,25 +131,35 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     return out
 
 
-def _run_method(config, trainer, encoder, examples, out, on_stage_end) -> dict:
+def _checkpoint_metrics_bytes(checkpoint: Path | None) -> int | None:
+    if checkpoint is None:
+        return None
+    return json.loads((checkpoint / STATE_FILE).read_text())["metrics_bytes"]
+
+
+def _run_method(config, trainer, encoder, examples, out, on_stage_end, ckpt) -> dict:
     if isinstance(config, IRFTConfig):
-        return run_irft(config, trainer, encoder, examples, out, on_stage_end)
+        return run_irft(config, trainer, encoder, examples, out, on_stage_end, ckpt=ckpt)
     if isinstance(config, RFTConfig):
-        return run_rft(config, trainer, encoder, examples, out)
+        return run_rft(config, trainer, encoder, examples, out, ckpt=ckpt)
     if isinstance(config, SFTConfig):
-        return run_sft(config, trainer, encoder, examples)
+        return run_sft(config, trainer, encoder, examples, ckpt=ckpt)
     raise TypeError(f"no method for {type(config).__name__}")
 
 
-def _train_and_save(config, model, tokenizer, encoder, examples, accelerator, log, on_stage_end):
+def _train_and_save(
+    config, model, tokenizer, encoder, examples, accelerator, log, on_stage_end, checkpoint
+):
     """Train, then save final/; `run_end` and the finished state are written only once final/
     is complete, so a run killed during the save never looks finished."""
     out = Path(config.output_dir)
     if isinstance(config, RFTConfig) and config.lora_r:
         model = add_lora(model, config)
     trainer = Trainer(config, model, accelerator, log)
+    ckpt = Checkpoints(config, out, accelerator, log, resume_from=checkpoint)
+    ckpt.register("policy", trainer)
     started = time.perf_counter()
-    counts = _run_method(config, trainer, encoder, examples, out, on_stage_end)
+    counts = _run_method(config, trainer, encoder, examples, out, on_stage_end, ckpt)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = trainer.unwrapped

@@ -131,12 +131,45 @@ def release_lock(folder: str | Path) -> None:
         (Path(folder) / LOCK).unlink(missing_ok=True)
 
 
-def claim_output_dir(path: str | Path, overwrite: bool, inputs: list[str] = ()) -> Path:
+def check_resume(path: str | Path, config: dict, ignored=("resume", "show_progress", "overwrite")):
+    """For resume=true: the run folder to continue, or None when there is no run there yet (the
+    run starts as a new one). Raises RunFolderError when the folder is not a demoalign run folder,
+    is held by a live run, or was made with another config (`ignored` keys may differ)."""
+    out = Path(path).expanduser().resolve()
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    check_output_dir(path, overwrite=True)  # a run folder, not a file, not locked by a live run
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise RunFolderError(
+            f"cannot resume {path}: its config.yaml is unreadable ({exc})"
+        ) from None
+    keys = (set(saved) | set(config)) - set(ignored)
+    differ = sorted(k for k in keys if saved.get(k, "<absent>") != config.get(k, "<absent>"))
+    if differ:
+        detail = ", ".join(
+            f"{k}: {saved.get(k, '<absent>')!r} there, {config.get(k, '<absent>')!r} now"
+            for k in differ[:5]
+        )
+        raise RunFolderError(
+            f"cannot resume {path}: the config differs from the run's config.yaml ({detail}); "
+            "rerun with the same config, or use another output_dir"
+        )
+    return out
+
+
+def claim_output_dir(
+    path: str | Path, overwrite: bool, inputs: list[str] = (), resume: bool = False
+) -> Path:
     """Check, create, lock, and clear (only on overwrite of a checked run folder) the run folder.
-    The lock is taken before anything is deleted, so a live run's files are never removed."""
-    out = check_output_dir(path, overwrite, inputs)
+    The lock is taken before anything is deleted, so a live run's files are never removed.
+    `resume`: take the lock of a run folder (checked by `check_resume`) and clear nothing."""
+    out = check_output_dir(path, overwrite or resume, inputs)
     out.mkdir(parents=True, exist_ok=True)
     _take_lock(out)
+    if resume:
+        return out
     for entry in out.iterdir():
         if entry.name == LOCK:
             continue
@@ -218,11 +251,22 @@ def save_pretrained_atomic(model, tokenizer, path: str | Path) -> None:
 
 class MetricsLog:
     """metrics.jsonl, one strict-JSON object per line, flushed as it goes (it is a log, read while
-    the run is alive; the folder was emptied before the run, so nothing old is appended to)."""
+    the run is alive). A new run starts it empty; a resumed run cuts it back to `resume_at` bytes
+    (its length when the checkpoint was written) and appends, so no record appears twice."""
 
-    def __init__(self, path: str | Path, enabled: bool = True):
+    def __init__(self, path: str | Path, enabled: bool = True, resume_at: int | None = None):
         self.enabled = enabled
-        self._fh = open(path, "w", encoding="utf-8") if enabled else None
+        self._fh = None
+        if enabled and resume_at is not None:
+            with open(path, "ab") as fh:
+                fh.truncate(resume_at)
+            self._fh = open(path, "a", encoding="utf-8")
+        elif enabled:
+            self._fh = open(path, "w", encoding="utf-8")
+
+    def size(self) -> int:
+        """Bytes written so far (everything is flushed)."""
+        return os.fstat(self._fh.fileno()).st_size if self._fh else 0
 
     def write(self, record: dict) -> None:
         if self._fh:

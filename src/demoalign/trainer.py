@@ -147,6 +147,10 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(wrapper(model), optimizer)
         self.scheduler = None
         self.global_step = 0
+        # Where `fit` is (epoch, steps done in it), and a hook called after every logged step
+        # with `epoch_end` (the checkpoints' trigger; see checkpoint.py).
+        self.position = {"epoch": 0, "step": 0}
+        self.after_step: Callable[[bool], None] | None = None
 
     @property
     def global_batch(self) -> int:
@@ -163,6 +167,33 @@ class Trainer:
             self.optimizer, lr_factor(num_steps, self.config.warmup_ratio, self.config.lr_scheduler)
         )
 
+    def reset_optimizer(self) -> None:
+        """A fresh optimiser: no moment estimates, the configured learning rate."""
+        self.optimizer.state.clear()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.learning_rate
+            group.pop("initial_lr", None)
+        self.scheduler = None
+
+    def checkpoint_state(self) -> dict:
+        """Weights, optimiser, schedule and step: what a checkpoint holds of this trainer."""
+        return {
+            "model": self.unwrapped.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "global_step": self.global_step,
+        }
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Inverse of `checkpoint_state`, in place (the optimiser keeps its parameters). The
+        schedule of the current stage must exist already; a per-stage schedule that is not
+        started yet (a stage-boundary checkpoint) is started afresh by the next stage."""
+        self.unwrapped.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.global_step = state["global_step"]
+
     def fit(
         self,
         items: list,
@@ -172,21 +203,30 @@ class Trainer:
         seed_parts: tuple[int, ...],
         context: dict,
         desc: str = "training",
+        start: dict | None = None,
     ) -> list[dict]:
-        """`epochs` shuffled passes over `items`; returns the metrics of every step."""
+        """`epochs` shuffled passes over `items`; returns the metrics of every step. `start`
+        ({"epoch", "step"}, from a checkpoint) skips the steps already taken: the order of every
+        epoch is recomputed from the seed."""
         records = []
-        n_steps = epochs * steps_per_epoch(len(items), self.global_batch)
+        per_epoch = steps_per_epoch(len(items), self.global_batch)
+        first_epoch, skip = (start["epoch"], start["step"]) if start else (0, 0)
         show = self.config.show_progress and self.accelerator.is_main_process
-        with progress_bar(desc, total=n_steps, enabled=show) as advance:
-            for epoch in range(epochs):
+        with progress_bar(desc, total=epochs * per_epoch, enabled=show) as advance:
+            advance(first_epoch * per_epoch + skip)
+            for epoch in range(first_epoch, epochs):
                 order = seeded_permutation(len(items), *seed_parts, epoch)
-                for start in range(0, len(order), self.global_batch):
-                    batch = [items[i] for i in order[start : start + self.global_batch]]
+                for i in range(skip if epoch == first_epoch else 0, per_epoch):
+                    chunk = order[i * self.global_batch : (i + 1) * self.global_batch]
+                    batch = [items[j] for j in chunk]
                     record = self.step(batch, loss_fn, units(batch))
                     record.update(context, epoch=epoch)
                     self.log.write(record)
                     records.append(record)
                     advance(1)
+                    self.position = {"epoch": epoch, "step": i + 1}
+                    if self.after_step is not None:
+                        self.after_step(i + 1 == per_epoch)
         return records
 
     def _my_micro_batches(self, batch: list) -> tuple[list[list], float]:

@@ -6,10 +6,12 @@ T = 1. The optimisation itself is `Trainer.fit`."""
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import Checkpoints
 from ..encoding import Encoder
 from ..losses import implicit_rewards, nll, pairwise_loss
 from ..pairs import Pair, pair_logps
@@ -106,44 +108,84 @@ def _stage_start_record(pairs: list[Pair], gen_time: float, cuts: dict, **where)
     }
 
 
+def _pair_dicts(pairs: list[Pair]) -> list[dict]:
+    return [asdict(p) for p in pairs]
+
+
+def _stage_pairs(config, trainer, encoder, chunk, where: dict, out_dir, resumed) -> tuple:
+    """The stage's pairs and truncation counts: from the checkpoint being resumed inside this
+    stage (nothing regenerated), else sampled now (and the stage_start record written)."""
+    if resumed is not None:
+        return [Pair(**p) for p in resumed["pairs"]], resumed["cuts"]
+    pairs, cuts, gen_time = _sample_stage(config, trainer, encoder, chunk, where["stage"], out_dir)
+    trainer.log.write(_stage_start_record(pairs, gen_time, cuts, **where))
+    return pairs, cuts
+
+
+def _start_stage_optimisation(config, trainer: Trainer, steps: int) -> None:
+    if config.optimizer_scope == "stage":
+        trainer.reset_optimizer()
+    if config.schedule_scope == "stage" or config.optimizer_scope == "stage":
+        trainer.start_schedule(steps)
+
+
 def run_irft(
-    config, trainer: Trainer, encoder: Encoder, examples: list, out_dir: Path, on_stage_end=None
+    config,
+    trainer: Trainer,
+    encoder: Encoder,
+    examples: list,
+    out_dir: Path,
+    on_stage_end=None,
+    ckpt=None,
 ) -> dict:
-    """All stages of all iterations; returns the truncation counts of the run."""
+    """All stages of all iterations; returns the truncation counts of the run. Checkpoints at
+    every stage end (and every `save_steps`, with the stage's pairs); a resumed run skips the
+    stages done and continues inside the checkpoint's stage with its stored pairs."""
+    ckpt = ckpt or Checkpoints.disabled()
     chunks_per_iteration, steps = _stage_plan(config, len(examples), trainer.global_batch)
-    if config.schedule_scope == "run":
+    if config.schedule_scope == "run" and config.optimizer_scope == "run":
         trainer.start_schedule(sum(steps))
     pad = encoder.tokenizer.pad_token_id
     loss_fn = irft_loss_fn(config.beta, config.loss_type, config.sft_weight, pad)
-    totals = dict.fromkeys(
-        ("prompts_truncated", "demonstrations_truncated", "negatives_truncated", "pairs"), 0
-    )
+    keys = ("prompts_truncated", "demonstrations_truncated", "negatives_truncated", "pairs")
+    at = {"stage": 0, "done": True, "totals": dict.fromkeys(keys, 0), "pairs": [], "cuts": {}}
+    ckpt.state_fn = lambda: {**at, "fit": trainer.position}
+    pending, skip_through = ckpt.pending, 0
+    if pending is not None and pending["done"]:  # a stage boundary: continue after that stage
+        at.update(ckpt.restore())
+        skip_through = at["stage"]
+    elif pending is not None:  # inside a stage: continue it with its stored pairs
+        skip_through = pending["stage"] - 1
     stage_id = 0
     for iteration, chunks in enumerate(chunks_per_iteration):
         for t, chunk_idx in enumerate(chunks):
             stage_id += 1
+            if stage_id <= skip_through:
+                continue
+            inside = ckpt.pending if stage_id == skip_through + 1 else None
             chunk = [examples[i] for i in chunk_idx]
-            pairs, cuts, gen_time = _sample_stage(
-                config, trainer, encoder, chunk, stage_id, out_dir
-            )
-            totals = {k: totals[k] + v for k, v in cuts.items()}
-            trainer.log.write(
-                _stage_start_record(
-                    pairs, gen_time, cuts, stage=stage_id, iteration=iteration, stage_in_iteration=t
-                )
-            )
-            if config.schedule_scope == "stage":
-                trainer.start_schedule(steps[stage_id - 1])
-            context = {"method": config.method, "stage": stage_id, "iteration": iteration}
+            where = {"stage": stage_id, "iteration": iteration, "stage_in_iteration": t}
+            pairs, cuts = _stage_pairs(config, trainer, encoder, chunk, where, out_dir, inside)
+            if inside is None:
+                totals = {k: at["totals"][k] + v for k, v in cuts.items()}
+                at.update(stage=stage_id, done=False, totals=totals)
+                at.update(pairs=_pair_dicts(pairs), cuts=cuts)
+            _start_stage_optimisation(config, trainer, steps[stage_id - 1])
+            resumed = ckpt.restore() if inside is not None else None
+            if resumed is not None:
+                at.update({k: v for k, v in resumed.items() if k != "fit"})
             trainer.fit(
                 pairs,
                 loss_fn,
                 count_pairs,
                 config.epochs_per_stage,
                 seed_parts=(config.seed, stage_id),
-                context=context,
+                context={"method": config.method, "stage": stage_id, "iteration": iteration},
                 desc=f"stage {stage_id}: training",
+                start=resumed["fit"] if resumed else None,
             )
             if on_stage_end is not None and trainer.accelerator.is_main_process:
                 on_stage_end(trainer.unwrapped, stage_id)
-    return totals
+            at.update(done=True, pairs=[], cuts={})
+            ckpt.save()
+    return at["totals"]

@@ -14,9 +14,10 @@ from __future__ import annotations
 import copy
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..checkpoint import Checkpoints
 from ..data.sources import TRAIN_SEED, preference_pairs
 from ..encoding import Encoder, Tokenized
 from ..generation import forward_batch_size
@@ -181,8 +182,11 @@ def _policy_phase(run: _Run, k: int, pairs: list) -> None:
         save_pretrained_atomic(run.trainer.unwrapped, tok, folder / "policy")
 
 
-def run_rft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir: Path) -> dict:
-    """All outer iterations; `trainer` holds the policy. Returns counts for the run_end record."""
+def run_rft(
+    config, trainer: Trainer, encoder: Encoder, examples: list, out_dir: Path, ckpt=None
+) -> dict:
+    """All outer iterations; `trainer` holds the policy. Returns counts for the run_end record.
+    Checkpoints (both models) at every outer-iteration end; a resumed run skips those done."""
     if trainer.accelerator.num_processes > 1:
         raise ValueError(
             "RFT runs in one process for now (rollouts are not yet sharded across processes)"
@@ -190,9 +194,13 @@ def run_rft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir:
     chunks = iteration_chunks(
         len(examples), config.outer_iterations, config.prompts_per_iteration, config.seed
     )
+    ckpt = ckpt or Checkpoints.disabled()
     run = _set_up(config, trainer, encoder, out_dir, len(examples))
     totals = {"pairs": 0, "negatives_truncated": 0, "demonstrations_truncated": 0}
+    done, totals = _checkpointing(run, ckpt, totals)
     for k, chunk_idx in enumerate(chunks, start=1):
+        if k <= done[0]:
+            continue
         chunk = [examples[i] for i in chunk_idx]
         started = time.perf_counter()
         pairs = make_negatives(config, trainer, encoder, chunk, k)  # sampled by π_{k−1}
@@ -202,5 +210,33 @@ def run_rft(config, trainer: Trainer, encoder: Encoder, examples: list, out_dir:
         totals["demonstrations_truncated"] += sum(p.demo_truncated for p in pairs)
         _reward_phase(run, k, pairs, chunk, chunk_idx)
         _policy_phase(run, k, pairs)
+        done[0] = k
+        ckpt.save()
     totals["reward_optimizer_steps"] = run.reward_trainer.global_step
     return totals
+
+
+def _checkpointing(run: _Run, ckpt: Checkpoints, totals: dict) -> tuple[list[int], dict]:
+    """Register the reward model and the outer-iteration state with the checkpoints; restore
+    them when resuming. Returns ([iterations done], totals), the list shared with the state."""
+    ckpt.register("reward_model", run.reward_trainer)
+    done = [0]
+    ckpt.state_fn = lambda: {
+        "iteration": done[0],
+        "totals": totals,
+        "heldout_ids": sorted(run.heldout.ids),
+        "heldout_trained": sorted(run.heldout.trained),
+        "window": [list(w) for w in run.window],
+        "preference_train": [asdict(p) for p in run.preference_train],
+        "preference_eval": [asdict(p) for p in run.preference_eval],
+    }
+    state = ckpt.restore()
+    if state is None:
+        return done, totals
+    done[0] = state["iteration"]
+    totals.update(state["totals"])
+    run.heldout.ids, run.heldout.trained = set(state["heldout_ids"]), set(state["heldout_trained"])
+    run.window.extend(tuple(w) for w in state["window"])
+    run.preference_train = [RewardPair(**p) for p in state["preference_train"]]
+    run.preference_eval = [RewardPair(**p) for p in state["preference_eval"]]
+    return done, totals

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from ..checkpoint import Checkpoints
 from ..encoding import Encoder, Tokenized, collate
 from ..logprobs import model_sequence_logps
 from ..losses import nll
@@ -24,13 +25,19 @@ def response_tokens(items: list[Tokenized]) -> float:
     return float(sum(len(t.response_ids) for t in items))
 
 
-def run_sft(config, trainer: Trainer, encoder: Encoder, examples: list) -> dict:
-    """Returns the truncation counts of the run."""
+def run_sft(config, trainer: Trainer, encoder: Encoder, examples: list, ckpt=None) -> dict:
+    """Returns the truncation counts of the run. Checkpoints at every epoch end (and every
+    `save_steps`); a resumed run continues at the checkpoint's epoch and step."""
+    ckpt = ckpt or Checkpoints.disabled()
     items = [encoder.encode(e) for e in examples]
     counts = encoder.counts.as_dict()
-    trainer.log.write({"event": "data", **counts})
+    if ckpt.pending is None:
+        trainer.log.write({"event": "data", **counts})
     total = config.epochs * steps_per_epoch(len(items), trainer.global_batch)
     trainer.start_schedule(total)
+    ckpt.save_at_epoch_end = True
+    ckpt.state_fn = lambda: {"fit": trainer.position}
+    resumed = ckpt.restore()
     trainer.fit(
         items,
         sft_loss_fn(encoder.tokenizer.pad_token_id),
@@ -39,5 +46,6 @@ def run_sft(config, trainer: Trainer, encoder: Encoder, examples: list) -> dict:
         seed_parts=(config.seed, 0),
         context={"method": "sft"},
         desc="sft",
+        start=resumed["fit"] if resumed else None,
     )
     return counts
