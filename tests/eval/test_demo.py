@@ -76,3 +76,22 @@ def test_short_demo_writes_every_field(tmp_path):
     assert len(set(steps.values())) == 1, steps
     assert "(d) RFT beats SFT at equal policy steps" in report
     assert "## Paired differences to SFT over seeds" in report
+
+
+@pytest.mark.parametrize("task", ["sort", "add", "brackets"])
+def test_heldout_prompts_are_disjoint_from_every_training_prompt(task):
+    """With the default sizes, `add` and `brackets` would draw held-out prompts that the start
+    model or the arms trained on (about 15% and 55%); the held-out set skips them."""
+    from demoalign.data.sources import HELDOUT_SEED
+    from demoalign.data.tasks import get_task, heldout_prompts, task_prompts
+    from demoalign.eval.demo import training_prompts
+
+    demo = DemoConfig(task=task)
+    train = training_prompts(demo)
+    held = heldout_prompts(get_task(task), demo.eval_prompts, HELDOUT_SEED, train)
+    assert len(held) == demo.eval_prompts and not set(held) & train
+    naive = task_prompts(get_task(task), demo.eval_prompts, HELDOUT_SEED)
+    if task == "sort":  # no overlap to remove: the draw, and so the demo's figures, are unchanged
+        assert held == naive
+    else:
+        assert set(naive) & train, "the naive draw overlaps for this task"

@@ -420,9 +420,18 @@ def test_cli_end_to_end(
         for n in names
     }
     assert all(len(g) == 4 and "reward" in g[0] for g in gens.values())
-    # Same seed, same settings: the same generations; the win rate is recomputed from the saved
-    # ones.
     assert "wrote" in capsys.readouterr().out
+    # Same seed, same settings, another folder: the very same generations.
+    again_args = [a for a in args if not a.startswith(("output_dir=", "task=", "pairs="))]
+    assert main(again_args + [f"output_dir={tmp_path / 'again'}"]) == 0
+    for n in names:
+        name = f"{n.replace('/', '__')}.jsonl"
+        first = [r["response"] for r in gens[n]]
+        second = [
+            json.loads(line)["response"]
+            for line in (tmp_path / "again" / "generations" / name).open()
+        ]
+        assert first == second, n
     assert main(args) == 2  # results exist: refused without overwrite
     assert "overwrite=true" in capsys.readouterr().err
 

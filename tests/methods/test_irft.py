@@ -3,6 +3,7 @@ and a whole run end to end."""
 
 import gc
 import json
+import math
 import time
 from contextlib import nullcontext
 
@@ -13,8 +14,9 @@ import yaml
 from conftest import DOLLY, fresh_model, small_run_config
 from demoalign import IRFTConfig, SFTConfig, SPINConfig, train
 from demoalign.data import load_examples
-from demoalign.encoding import Encoder
+from demoalign.encoding import Encoder, collate
 from demoalign.generation import generate_ids
+from demoalign.logprobs import SequenceScorer
 from demoalign.methods import irft as methods
 from demoalign.methods.irft import count_pairs, irft_loss_fn, stage_chunks
 from demoalign.methods.sft import response_tokens, sft_loss_fn
@@ -203,13 +205,18 @@ def test_end_to_end_two_stages_writes_every_output(tiny_model_dir, tmp_path):
     assert sum(m["event"] == "stage_start" for m in metrics if "event" in m) == 2
     assert "prompts_truncated" in metrics[-1]
 
-    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    # final/ is a plain checkpoint: transformers' own greedy decoding of it and the package's
+    # give the same tokens (up to the first EOS), and training moved it away from the start.
+    model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
     tok = AutoTokenizer.from_pretrained(out / "final")
-    ids = tok("### Instruction: hi\n\n### Response: ", return_tensors="pt")
-    generated = model.generate(
-        **ids, max_new_tokens=5, do_sample=True, pad_token_id=tok.pad_token_id
-    )
-    assert generated.shape[1] > ids["input_ids"].shape[1]
+    ids = tok("### Instruction: hi\n\n### Response: ")["input_ids"]
+    hf = model.generate(
+        torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id
+    )[0, len(ids) :].tolist()
+    ours = generate_ids(model, tok, [ids], max_new_tokens=8, greedy=True, show_progress=False)[0]
+    assert hf[: len(ours)] == ours and len(ours) >= 1
+    start = fresh_model(tiny_model_dir).state_dict()
+    assert any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())
 
     with pytest.raises(RunFolderError, match="overwrite"):
         train(small_run_config(IRFTConfig, tiny_model_dir, out))
@@ -287,3 +294,67 @@ def test_static_engine_and_decode_reference_logps_give_the_hf_forward_stage(
         assert b["ref_logp_demonstration"] == pytest.approx(a["ref_logp_demonstration"], abs=1e-5)
         tolerance = 1e-4 * b["negative_tokens"]
         assert b["ref_logp_negative"] == pytest.approx(a["ref_logp_negative"], abs=tolerance)
+
+
+def test_negatives_come_from_the_stage_start_weights(tiny_model_dir, tmp_path, monkeypatch):
+    """Stage 1 samples from the initial weights, stage 2 from the weights at the end of stage 1:
+    not the initial model, not a stale copy."""
+    from demoalign.methods import negatives
+
+    seen, stage_ends = [], {}
+    real = negatives.generate_ids
+
+    def recording(model, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real(model, *args, **kwargs)
+
+    def on_stage_end(model, stage):
+        stage_ends[stage] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    monkeypatch.setattr(negatives, "generate_ids", recording)
+    train(small_run_config(IRFTConfig, tiny_model_dir, tmp_path / "run"), on_stage_end)
+    start = fresh_model(tiny_model_dir).state_dict()
+    assert len(seen) == 2
+    assert all(torch.equal(seen[0][k], start[k]) for k in start)
+    assert all(torch.equal(seen[1][k], stage_ends[1][k]) for k in start)
+    assert not all(torch.equal(seen[1][k], start[k]) for k in start)
+
+
+def test_the_irft_loss_is_a_mean_over_pairs(tiny_model_dir, tmp_path):
+    """At the first step of every stage u = 0, so each pair's sigmoid loss is log 2: the logged
+    loss is log 2 only if it is normalised by pairs (a token mean would be far smaller)."""
+    out = train(small_run_config(IRFTConfig, tiny_model_dir, tmp_path / "run"))
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").open() if '"loss"' in line]
+    firsts = [next(m for m in steps if m["stage"] == stage) for stage in (1, 2)]
+    assert [m["loss"] for m in firsts] == pytest.approx([math.log(2)] * 2, abs=1e-5)
+
+
+def test_the_sft_loss_is_a_token_mean_over_the_global_batch(tiny_model_dir, tokenizer):
+    """One step of batch 2 x accumulation 2: the logged loss is the summed NLL of all response
+    tokens of the 4 examples over their token count, not a mean of per-example means."""
+    from demoalign.data import Example
+    from demoalign.logprobs import model_sequence_logps
+
+    examples = [
+        Example("a", "b"),
+        Example("hello there", "a much longer answer, with words"),
+        Example("x", "yes"),
+        Example("sort 3 1 2", "1 2 3"),
+    ]
+    encoder = Encoder(tokenizer, "plain", 64, 32)
+    items = [encoder.encode(e) for e in examples]
+    model = fresh_model(tiny_model_dir)
+    disable_dropout(model)
+    with torch.no_grad():
+        batch = collate(items, tokenizer.pad_token_id)
+        logps, tokens = model_sequence_logps(SequenceScorer(model).eval(), batch)
+    expected = -logps.sum().item() / tokens.sum().item()
+    per_example = (-logps / tokens).mean().item()
+    assert abs(expected - per_example) > 1e-3, "pick examples whose lengths differ"
+    config = small_run_config(
+        SFTConfig, tiny_model_dir, "unused", batch_size=2, gradient_accumulation_steps=2
+    )
+    trainer = Trainer(config, model, make_accelerator(config), MetricsLog("x", enabled=False))
+    trainer.start_schedule(1)
+    record = trainer.step(items, sft_loss_fn(tokenizer.pad_token_id), response_tokens(items))
+    assert record["loss"] == pytest.approx(expected, rel=1e-5)

@@ -134,6 +134,25 @@ def task_prompts(task, n: int, seed: int) -> list[str]:
     return [task.prompt(rng) for _ in range(n)]
 
 
+def heldout_prompts(task, n: int, seed: int, exclude: set[str]) -> list[str]:
+    """n prompts drawn as `task_prompts` draws them, skipping every prompt in `exclude` (the
+    training prompts): for small prompt spaces (add, brackets) the draws would overlap."""
+    rng = random.Random(f"{task.name}:{seed}")
+    out: list[str] = []
+    for _ in range(1000 * n):
+        if len(out) == n:
+            return out
+        prompt = task.prompt(rng)
+        if prompt not in exclude:
+            out.append(prompt)
+    if len(out) == n:
+        return out
+    raise ValueError(
+        f"task {task.name}: could not draw {n} prompts outside the "
+        f"{len(exclude)} training prompts; lower the number of examples"
+    )
+
+
 def task_examples(name: str, n: int = 1000, seed: int = 0) -> list[Example]:
     """n demonstrations of a built-in task (`data=task:NAME`)."""
     task = get_task(name)

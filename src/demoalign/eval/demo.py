@@ -25,7 +25,7 @@ from ..config import (
     parse_arm,
 )
 from ..data.sources import HELDOUT_SEED
-from ..data.tasks import get_task, task_examples, task_pairs, task_prompts
+from ..data.tasks import get_task, heldout_prompts, task_examples, task_pairs
 from ..encoding import Encoder
 from ..models import load_model_and_tokenizer
 from ..progress import progress_bar
@@ -107,13 +107,22 @@ def _arm_config(demo: DemoConfig, arm: str, start: Path, seed: int, out: Path):
     return build_config(IRFTConfig, {**pairwise, "stages": stages})
 
 
+def training_prompts(demo: DemoConfig) -> set[str]:
+    """Every prompt the start model or an arm trains on (data seeds 0 and 1, as drawn below)."""
+    start = task_examples(demo.task, demo.start_examples, seed=0)
+    arms = task_examples(demo.task, demo.train_examples, seed=1)
+    return {e.prompt for e in start + arms}
+
+
 class Evaluator:
     """Held-out metrics of a model on the task, with the start model as the implicit reference."""
 
     def __init__(self, demo: DemoConfig, start_dir: Path):
         self.demo = demo
         self.task = get_task(demo.task)
-        self.prompts = task_prompts(self.task, demo.eval_prompts, seed=HELDOUT_SEED)
+        self.prompts = heldout_prompts(
+            self.task, demo.eval_prompts, HELDOUT_SEED, training_prompts(demo)
+        )
         self.pairs = task_pairs(self.task, self.prompts, seed=HELDOUT_SEED)
         model, self.tokenizer = load_model_and_tokenizer(str(start_dir))
         self.encoder = Encoder(self.tokenizer, "plain", 64, 32)

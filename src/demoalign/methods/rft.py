@@ -67,17 +67,20 @@ class _Run:
     def scorer(self):
         return self.trainer.accelerator.unwrap_model(self.reward_trainer.model)
 
+    # Rewards and reference log-probs run under the training's autocast, as the policy's own
+    # log-probs do in the loss: in one precision, KL = log π − log π_ref is 0 at the first step.
     def rewards(self, rows: list[Tokenized]) -> list[float]:
         pad = self.encoder.tokenizer.pad_token_id
-        return score_rows(self.scorer, rows, pad, self.batch)
+        with self.trainer.accelerator.autocast():
+            return score_rows(self.scorer, rows, pad, self.batch)
 
     def reference_logps(self, rows: list[Tokenized]) -> list[float]:
         pad, batch = self.encoder.tokenizer.pad_token_id, self.batch
-        if self.reference is None:
-            policy = self.trainer.unwrapped
-            with policy.disable_adapter():
-                return sequence_logps_of(policy, rows, pad, batch)
-        return sequence_logps_of(self.reference, rows, pad, batch)
+        with self.trainer.accelerator.autocast():
+            if self.reference is None:
+                with self.trainer.unwrapped.disable_adapter():
+                    return sequence_logps_of(self.trainer.unwrapped, rows, pad, batch)
+            return sequence_logps_of(self.reference, rows, pad, batch)
 
 
 _REFERENCE_NOTE = {

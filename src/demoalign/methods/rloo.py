@@ -132,21 +132,22 @@ def policy_step(
     records = []
     for _ in range(steps):
         started = time.perf_counter()
-        groups = make_rollouts(
-            trainer.unwrapped,
-            tokenizer,
-            next(batches),
-            config.rollouts,
-            reward_fn,
-            ref_logps_fn,
-            max_length=config.max_length,
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            batch_size=config.generation_batch_size,
-            seed=config.seed * 7919 + 1_000_000 + trainer.global_step,
-            backend=config.generation_backend,
-        )
+        with trainer.accelerator.autocast():  # sampled as negatives are: the run's precision
+            groups = make_rollouts(
+                trainer.unwrapped,
+                tokenizer,
+                next(batches),
+                config.rollouts,
+                reward_fn,
+                ref_logps_fn,
+                max_length=config.max_length,
+                max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                batch_size=config.generation_batch_size,
+                seed=config.seed * 7919 + 1_000_000 + trainer.global_step,
+                backend=config.generation_backend,
+            )
         rollout_s = time.perf_counter() - started
         record = trainer.step(groups, loss_fn, float(len(groups)))
         window.append((record["kl"], record["reward"]))
