@@ -280,3 +280,33 @@ def test_the_half_copy_is_refreshed_in_place_and_freed_between_calls(tiny_model_
     assert {p.dtype for p in model.parameters()} == {torch.float32}, (
         "the training weights stay fp32"
     )
+
+
+def test_hf_batches_are_not_padded_with_extra_rows(tiny_model_dir, tokenizer, monkeypatch):
+    """Only a compiled graph needs one batch shape. Extra rows in a plain batch would draw random
+    numbers of their own and change the samples of the real rows (a short last batch)."""
+    from conftest import fresh_model
+    from demoalign import generation
+
+    shapes = []
+    real = generation._generate_batch
+
+    def recording(engine, model, config, input_ids, *args):
+        shapes.append(input_ids.shape[0])
+        return real(engine, model, config, input_ids, *args)
+
+    monkeypatch.setattr(generation, "_generate_batch", recording)
+    prompts = [tokenizer(f"sort: {i} 2 1\n")["input_ids"] for i in range(6)]
+    for backend in ("hf", "static"):  # static is uncompiled on CPU
+        shapes.clear()
+        generate_ids(
+            fresh_model(tiny_model_dir),
+            tokenizer,
+            prompts,
+            max_new_tokens=3,
+            batch_size=4,
+            seed=1,
+            show_progress=False,
+            backend=backend,
+        )
+        assert shapes == [4, 2], backend

@@ -361,8 +361,8 @@ def generate_ids(
         full, size = size, min(size, n_mine_max)
     else:
         full, size = size, min(size, max(1, len(prompt_ids)))  # not per process: see above
-    padded = size
-    if engine is not None and engine.compile:
+    padded = 0  # rows per batch only for a compiled graph: elsewhere padding rows would draw
+    if engine is not None and engine.compile:  # random numbers and change the samples
         padded = engine.graph_batch(size, margin=size < full)
     if return_logps:  # the recorder owns temperature and top-p: it must see the raw logits
         config = sampling_config(tokenizer, max_new_tokens, 1.0, 1.0, greedy)
@@ -381,7 +381,7 @@ def generate_ids(
         ) as advance:
             for b, idx in mine:
                 rows = [prompt_ids[i] for i in idx]
-                rows = rows + [rows[-1]] * (padded - len(rows))  # same batch shape: same graph
+                rows = rows + [rows[-1]] * max(0, padded - len(rows))  # one shape: one graph
                 input_ids, attention = _left_pad(rows, tokenizer.pad_token_id, device)
                 out, row_logps = _generate_batch(
                     engine,
