@@ -742,9 +742,13 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if on_gpu else "cpu")
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="real_text_"))
     work.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    if args.tiny:
+        torch.set_num_threads(1)  # a tiny model gains nothing from threads; shared cores spin
     try:
         return run_experiment(args, out, work, device, on_gpu, started)
     finally:
+        torch.set_num_threads(threads)
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
 
