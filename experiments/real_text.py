@@ -18,7 +18,9 @@ template renders the bare instruction). Why Dolly:
   evaluation pairs (held out from our training, not from the start model's);
 - Dolly is not known to be in SmolLM2-Instruct's tuning data.
 One fixed shuffle (data seed 0, the same for every arm and seed) splits the file into the
-training demonstrations and disjoint held-out ones (no held-out prompt equals a training prompt).
+training demonstrations and disjoint held-out ones (no held-out prompt equals a training prompt),
+among the records that fit the length limits uncut: a prompt cut from the left would lose its
+instruction (Dolly puts the context passage after it), a response cut short its EOS.
 
 Arms, all from the same start on the same demonstrations with the same number of optimiser steps
 (batch × steps = demonstrations × epochs): continued SFT, SPIN (IRFT with T = 1), IRFT T = 4 and
@@ -178,23 +180,45 @@ def dolly_examples() -> list[Example]:
     return out
 
 
-def split_dolly(n_train: int, n_heldout: int) -> tuple[list[Example], list[Example]]:
+def split_dolly(n_train: int, n_heldout: int, fits=None) -> tuple[list, list, dict]:
+    """(training, held-out, counts): one fixed shuffle, records that fit the length limits only
+    (a demonstration cut short would lose its EOS, a prompt cut from the left its instruction),
+    no held-out prompt equal to a training prompt."""
     examples = dolly_examples()
     random.Random(DATA_SEED).shuffle(examples)
-    train_part, seen = [], set()
-    for ex in examples:
-        if len(train_part) == n_train:
-            break
-        if ex.prompt not in seen:
-            train_part.append(ex)
-            seen.add(ex.prompt)
-    rest = [ex for ex in examples[len(train_part) :] if ex.prompt not in seen]
-    if len(train_part) < n_train or len(rest) < n_heldout:
+    usable = [ex for ex in examples if fits is None or fits(ex)]
+    train_part, heldout, seen = [], [], set()
+    for ex in usable:
+        if len(train_part) < n_train:
+            if ex.prompt not in seen:
+                train_part.append(ex)
+                seen.add(ex.prompt)
+        elif ex.prompt not in seen and len(heldout) < n_heldout:
+            heldout.append(ex)
+    if len(train_part) < n_train or len(heldout) < n_heldout:
         raise ValueError(
-            f"{DOLLY} has {len(examples)} usable records: too few for {n_train} training and "
-            f"{n_heldout} held-out demonstrations"
+            f"{DOLLY}: {len(usable)} of {len(examples)} records fit the length limits: too few "
+            f"for {n_train} training and {n_heldout} held-out demonstrations"
         )
-    return train_part, rest[:n_heldout]
+    counts = {"records": len(examples), "too_long": len(examples) - len(usable)}
+    return train_part, heldout, counts
+
+
+def length_filter(model: str, max_length: int, max_prompt_length: int):
+    """Whether an example fits, uncut, in the limits the runs use (the model's own rendering)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    template = resolve_template(tokenizer, "auto")
+    whole = Encoder(tokenizer, template, 10**9, 10**9 - 1)
+
+    def fits(ex: Example) -> bool:
+        prompt = len(whole.prompt_ids(ex))
+        return prompt <= max_prompt_length and prompt + len(whole.response_ids(ex.response)) <= (
+            max_length
+        )
+
+    return fits
 
 
 def eval_pairs(rel: str, n: int) -> list[tuple]:
@@ -537,7 +561,10 @@ def report_text(results: dict) -> str:
         "",
         f"Start model: `{s['model']}`. Demonstrations: {s['train']} Dolly responses "
         f"(human-written); held out: {s['heldout']} Dolly demonstrations (NLL; the first "
-        f"{s['gen_prompts']} prompts for sampling), {results['data']['hh_pairs']} HH "
+        f"{s['gen_prompts']} prompts for sampling); both drawn from the "
+        f"{results['data']['dolly_records'] - results['data']['dolly_too_long']} of "
+        f"{results['data']['dolly_records']} Dolly records that fit the length limits uncut; "
+        f"{results['data']['hh_pairs']} HH "
         f"helpful-online test pairs, {results['data']['uf_pairs']} UltraFeedback pairs. "
         f"Every arm: lr {s['lr']:g} (AdamW), batch {s['batch_size']}, {s['epochs']} epoch(s), "
         f"β {s['beta']:g}, max_length {s['max_length']}, max_prompt_length "
@@ -754,11 +781,12 @@ def main(argv=None) -> dict:
 
 
 def run_experiment(args, out: Path, work: Path, device, on_gpu: bool, started: float) -> dict:
-    train_ex, heldout = split_dolly(args.train, args.heldout)
     hh, uf = eval_pairs(HH, args.hh_pairs), eval_pairs(UF, args.uf_pairs)
+    model = str(make_tiny_start(work, dolly_examples())) if args.tiny else args.model
+    fits = length_filter(model, args.max_length, args.max_prompt_length)
+    train_ex, heldout, dolly_counts = split_dolly(args.train, args.heldout, fits)
     data_file = work / "dolly_train.jsonl"
     write_jsonl(data_file, train_ex)
-    model = str(make_tiny_start(work, train_ex + heldout)) if args.tiny else args.model
     tasks, board_status = leaderboard_tasks(args)
     log(f"real_text: {device_name(on_gpu)}; start model {model}; leaderboard: {board_status}", out)
     evaluator = Evaluator(heldout, hh, uf, args, device, tasks)
@@ -781,6 +809,8 @@ def run_experiment(args, out: Path, work: Path, device, on_gpu: bool, started: f
             "hh_pairs": len(hh),
             "uf_pairs": len(uf),
             "heldout": len(heldout),
+            "dolly_records": dolly_counts["records"],
+            "dolly_too_long": dolly_counts["too_long"],
         },
         "leaderboard": board_status,
         "definitions": {m: describe(m) for m in start_items},

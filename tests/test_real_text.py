@@ -22,8 +22,8 @@ SMALLEST = [
     "--gen-prompts=3",
     "--hh-pairs=6",
     "--uf-pairs=6",
-    "--max-length=48",
-    "--max-prompt-length=24",
+    "--max-length=80",
+    "--max-prompt-length=40",
     "--max-new-tokens=6",
     "--batch-size=4",
     "--bootstrap=200",
@@ -122,8 +122,9 @@ def test_lower_is_better_metrics_flip_the_verdict(real_text):
 
 @needs_data
 def test_dolly_split_is_disjoint_and_unwrapped(real_text):
-    train, heldout = real_text.split_dolly(200, 100)
+    train, heldout, counts = real_text.split_dolly(200, 100)
     assert len(train) == 200 and len(heldout) == 100
     assert not {e.prompt for e in train} & {e.prompt for e in heldout}
     assert not any("### Instruction" in e.prompt or "Below is an" in e.prompt for e in train)
-    assert real_text.split_dolly(200, 100) == (train, heldout)  # one fixed split
+    assert counts == {"records": 1000, "too_long": 0}
+    assert real_text.split_dolly(200, 100)[:2] == (train, heldout)  # one fixed split
