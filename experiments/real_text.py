@@ -727,11 +727,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def make_tiny_start(work: Path, examples: list[Example]) -> Path:
-    from demoalign.tiny import make_tiny_model
+# The tiny model mirrors SmolLM2's tokenizer where it matters to the code: a ChatML chat template,
+# `<|im_end|>` as EOS and no pad token (as transformers 5.17 loads SmolLM2's), so the CPU trial
+# takes the same template and padding paths as the GPU run.
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
-    corpus = [f"{ex.prompt}\n{ex.response}" for ex in examples[:200]]
-    return make_tiny_model(work / "tiny_model", vocab_size=512, hidden_size=64, corpus=corpus)
+
+def make_tiny_start(work: Path, examples: list[Example]) -> Path:
+    from demoalign.tiny import tiny_model, train_tokenizer
+
+    tokenizer = train_tokenizer([f"{ex.prompt}\n{ex.response}" for ex in examples[:200]], 512)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = None
+    tokenizer.chat_template = CHATML
+    out = work / "tiny_model"
+    tiny_model(tokenizer, hidden_size=64, num_layers=2, seed=0).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 def leaderboard_tasks(args) -> tuple[list[str], str]:
