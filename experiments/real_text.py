@@ -73,6 +73,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -84,7 +85,14 @@ from demoalign.data import Example, load_preference_pairs
 from demoalign.data.sources import data_root
 from demoalign.encoding import Encoder, collate
 from demoalign.eval.metrics import pair_sequence_logps, pair_values
-from demoalign.eval.stats import bootstrap_interval, mean_std, paired_t_test, verdict
+from demoalign.eval.stats import (
+    bootstrap_interval,
+    mean_std,
+    paired_deltas,
+    paired_t_interval,
+    paired_t_test,
+    verdict,
+)
 from demoalign.generation import generate_ids
 from demoalign.logprobs import model_sequence_logps
 from demoalign.models import eval_mode, load_model_and_tokenizer
@@ -434,23 +442,25 @@ def compare(runs_a: dict, runs_b: dict, metric: str, resamples: int) -> dict | N
     seeds = [s for s in seeds if metric in runs_b[s]["items"]]
     if not seeds:
         return None
-    n = len(runs_a[seeds[0]]["items"][metric])
-    per_item = [
-        sum(runs_a[s]["items"][metric][i] - runs_b[s]["items"][metric][i] for s in seeds)
-        / len(seeds)
-        for i in range(n)
-    ]
+    deltas = [paired_deltas(runs_a[s]["items"][metric], runs_b[s]["items"][metric]) for s in seeds]
+    per_item = [sum(d) / len(seeds) for d in zip(*deltas)]
     low, high = bootstrap_interval(per_item, n_resamples=resamples, seed=0)
     a = [seed_means(runs_a[s])[metric] for s in seeds]
     b = [seed_means(runs_b[s])[metric] for s in seeds]
-    p = paired_t_test(a, b)[1] if len(seeds) >= 2 else None
+    p = t_low = t_high = None
+    if len(seeds) >= 2:
+        p = paired_t_test(a, b)[1]
+        interval = paired_t_interval(a, b)
+        t_low, t_high = interval["low"], interval["high"]
     return {
-        "diff": sum(per_item) / n,
+        "diff": sum(per_item) / len(per_item),
         "low": low,
         "high": high,
-        "n_items": n,
+        "n_items": len(per_item),
         "seeds": seeds,
         "p_value": p,
+        "t_low": t_low,
+        "t_high": t_high,
         "a": a,
         "b": b,
     }
@@ -578,9 +588,11 @@ def report_text(results: dict) -> str:
     lines += mean_table(results, names)
     lines += ["", "## Paired differences to SFT", ""]
     lines += [
-        "arm − sft. Interval: 95% percentile bootstrap over items of the per-item difference "
-        "averaged over seeds (seed matched to seed), pooled over seeds. p: paired t-test over "
-        "seeds on the per-seed means (two-sided).",
+        "arm − sft. Interval (items): 95% percentile bootstrap over items of the per-item "
+        "difference averaged over seeds (seed matched to seed), pooled over seeds: the "
+        "uncertainty from the choice of evaluation items. t-interval and p (seeds): paired "
+        "Student-t over seeds on the per-seed means (two-sided): the uncertainty from training "
+        "randomness.",
         "",
     ]
     lines += diff_table(results, names)
@@ -626,20 +638,24 @@ def mean_table(results: dict, names: list[str]) -> list[str]:
 
 
 def diff_table(results: dict, names: list[str]) -> list[str]:
-    rows = ["| arm | metric | difference | 95% interval (items) | p (seeds) | seeds |"]
-    rows.append("|---|---|---|---|---|---|")
+    rows = [
+        "| arm | metric | difference | 95% interval (items) | 95% t-interval (seeds) "
+        "| p (seeds) | seeds |"
+    ]
+    rows.append("|---|---|---|---|---|---|---|")
     for arm, metrics in results["vs_sft"].items():
         for m in names:
             if m not in metrics:
                 continue
             c = metrics[m]
             p = "n/a" if c["p_value"] is None else f"{c['p_value']:.3g}"
+            t = "n/a" if c["t_low"] is None else f"[{c['t_low']:+.4f}, {c['t_high']:+.4f}]"
             rows.append(
                 f"| {arm} | {m} | {c['diff']:+.4f} | [{c['low']:+.4f}, {c['high']:+.4f}] | "
-                f"{p} | {len(c['seeds'])} |"
+                f"{t} | {p} | {len(c['seeds'])} |"
             )
     if len(rows) == 2:
-        rows.append("| (none yet: needs an sft run and another arm) | | | | | |")
+        rows.append("| (none yet: needs an sft run and another arm) | | | | | | |")
     return rows
 
 
@@ -702,6 +718,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--generation-batch-size", default="auto")
     p.add_argument("--generation-backend", default="hf")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument(
+        "--checkpoints",
+        action="store_true",
+        help="keep the package's resume checkpoints (off: runs here are never resumed)",
+    )
     p.add_argument("--budget-s", type=float, default=0, help="wall-time budget (0 = none)")
     p.add_argument(
         "--leaderboard",
@@ -775,6 +796,26 @@ def command_line() -> str:
     return f"{env} python {' '.join(shlex.quote(a) for a in sys.argv)}"
 
 
+@contextmanager
+def no_checkpoints(enabled: bool):
+    """Runs here are never resumed, and the package checkpoints weights and AdamW state (about
+    1.6 GB for 135M parameters) at every IRFT stage end: 18 writes per seed of the default arms.
+    The patch is undone on exit, so that nothing else in the process is affected."""
+    try:
+        from demoalign.checkpoint import Checkpoints
+    except ImportError:  # a version without resume writes no checkpoints
+        Checkpoints = None
+    if not enabled or Checkpoints is None:
+        yield
+        return
+    saved = Checkpoints.save
+    Checkpoints.save = lambda self: None
+    try:
+        yield
+    finally:
+        Checkpoints.save = saved
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -789,7 +830,8 @@ def main(argv=None) -> dict:
     if args.tiny:
         torch.set_num_threads(1)  # a tiny model gains nothing from threads; shared cores spin
     try:
-        return run_experiment(args, out, work, device, on_gpu, started)
+        with no_checkpoints(not args.checkpoints):
+            return run_experiment(args, out, work, device, on_gpu, started)
     finally:
         torch.set_num_threads(threads)
         if not args.work_dir:

@@ -128,3 +128,15 @@ def test_dolly_split_is_disjoint_and_unwrapped(real_text):
     assert not any("### Instruction" in e.prompt or "Below is an" in e.prompt for e in train)
     assert counts == {"records": 1000, "too_long": 0}
     assert real_text.split_dolly(200, 100)[:2] == (train, heldout)  # one fixed split
+
+
+def test_checkpoints_are_skipped_inside_and_restored_after(real_text, tmp_path):
+    from demoalign.checkpoint import Checkpoints
+
+    original = Checkpoints.save
+    with real_text.no_checkpoints(True):
+        assert Checkpoints.save is not original
+        Checkpoints.save(None)  # a no-op: writes nothing
+    assert Checkpoints.save is original
+    with real_text.no_checkpoints(False):
+        assert Checkpoints.save is original
