@@ -771,6 +771,18 @@ def make_tiny_start(work: Path, examples: list[Example]) -> Path:
     return out
 
 
+def start_folder(args, work: Path) -> str:
+    """--model as a Hugging Face folder: a `.gguf` (or a folder holding one) is converted once
+    here, rather than dequantised again by every run."""
+    try:
+        from demoalign.gguf import convert_gguf, find_gguf
+    except ImportError:  # a version without GGUF support takes folders only
+        return args.model
+    if find_gguf(args.model) is None:
+        return args.model
+    return str(convert_gguf(args.model, work / "start_model"))
+
+
 def leaderboard_tasks(args) -> tuple[list[str], str]:
     if not args.leaderboard:
         return [], "not run (pass --leaderboard TASKS where lm-eval is installed)"
@@ -840,7 +852,7 @@ def main(argv=None) -> dict:
 
 def run_experiment(args, out: Path, work: Path, device, on_gpu: bool, started: float) -> dict:
     hh, uf = eval_pairs(HH, args.hh_pairs), eval_pairs(UF, args.uf_pairs)
-    model = str(make_tiny_start(work, dolly_examples())) if args.tiny else args.model
+    model = str(make_tiny_start(work, dolly_examples())) if args.tiny else start_folder(args, work)
     fits = length_filter(model, args.max_length, args.max_prompt_length)
     train_ex, heldout, dolly_counts = split_dolly(args.train, args.heldout, fits)
     data_file = work / "dolly_train.jsonl"

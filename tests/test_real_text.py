@@ -140,3 +140,24 @@ def test_checkpoints_are_skipped_inside_and_restored_after(real_text, tmp_path):
     assert Checkpoints.save is original
     with real_text.no_checkpoints(False):
         assert Checkpoints.save is original
+
+
+@pytest.mark.slow
+@needs_data
+def test_a_gguf_start_model_is_converted_once_and_trained_from(real_text, tmp_path):
+    pytest.importorskip("gguf")
+    from gguf import GGMLQuantizationType
+    from test_gguf import chatml_tokenizer, tiny_model, write_tiny_gguf
+
+    tok = chatml_tokenizer()
+    model = tiny_model(tok, hidden_size=64, num_layers=2, seed=3)
+    write_tiny_gguf(tmp_path / "m.gguf", model, tok, GGMLQuantizationType.Q4_1)
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = [a for a in SMALLEST if a not in ("--tiny", "--max-length=80", "--max-prompt-length=40")]
+    args += ["--arms=sft,spin", "--max-length=160", "--max-prompt-length=80"]
+    results = real_text.main(
+        [*args, f"--model={tmp_path / 'm.gguf'}", f"--out={out}", f"--work-dir={work}"]
+    )
+    assert results["status"] == "finished" and len(results["runs"]) == 4
+    assert (work / "start_model" / "config.json").exists()
+    assert results["settings"]["lr"] == 1e-6  # the real-model profile, not the tiny one
