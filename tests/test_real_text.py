@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import DOLLY, SHARED_DATA
 
@@ -155,9 +156,14 @@ def test_a_gguf_start_model_is_converted_once_and_trained_from(real_text, tmp_pa
     out, work = tmp_path / "out", tmp_path / "work"
     args = [a for a in SMALLEST if a not in ("--tiny", "--max-length=80", "--max-prompt-length=40")]
     args += ["--arms=sft,spin", "--max-length=160", "--max-prompt-length=80"]
-    results = real_text.main(
-        [*args, f"--model={tmp_path / 'm.gguf'}", f"--out={out}", f"--work-dir={work}"]
-    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on shared cores: one thread is faster
+    try:
+        results = real_text.main(
+            [*args, f"--model={tmp_path / 'm.gguf'}", f"--out={out}", f"--work-dir={work}"]
+        )
+    finally:
+        torch.set_num_threads(threads)
     assert results["status"] == "finished" and len(results["runs"]) == 4
     assert (work / "start_model" / "config.json").exists()
     assert results["settings"]["lr"] == 1e-6  # the real-model profile, not the tiny one
