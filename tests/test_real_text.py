@@ -167,3 +167,22 @@ def test_a_gguf_start_model_is_converted_once_and_trained_from(real_text, tmp_pa
     assert results["status"] == "finished" and len(results["runs"]) == 4
     assert (work / "start_model" / "config.json").exists()
     assert results["settings"]["lr"] == 1e-6  # the real-model profile, not the tiny one
+
+
+@needs_data
+def test_a_failed_run_is_reported_and_the_others_go_on(real_text, tmp_path, monkeypatch):
+    real_one_run = real_text.one_run
+
+    def one_run(arm, seed, *rest):
+        if arm == "spin" and seed == 0:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_one_run(arm, seed, *rest)
+
+    monkeypatch.setattr(real_text, "one_run", one_run)
+    out = tmp_path / "out"
+    results = real_text.main([*SMALLEST, "--arms=sft,spin", f"--out={out}"])
+    assert results["status"] == "finished with failures"
+    assert [(r["arm"], r["seed"]) for r in results["runs"]] == [("sft", 0), ("sft", 1), ("spin", 1)]
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "- FAILED: spin seed 0: RuntimeError: CUDA out of memory (simulated)" in report
+    assert "| spin | hh_logp_gap | " in report  # compared on the seed both arms have
