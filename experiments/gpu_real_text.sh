@@ -14,4 +14,4 @@ export PYTHONPATH=/tmp/site:$PWD/src DEMOALIGN_DATA=$PWD/.gpudata PYTHONUNBUFFER
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -m demoalign convert /tmp/m/smollm2.gguf /tmp/m/hf 2>&1 | tail -2 || exit 1
 timeout "${RT_TIMEOUT:-430}" python3 experiments/real_text.py --model /tmp/m/hf --out "$OUT" \
-  --budget-s "${RT_BUDGET:-360}" 2>&1 | tail -60
+  --budget-s "${RT_BUDGET:-360}" ${RT_ARGS:-} 2>&1 | tail -60
