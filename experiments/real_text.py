@@ -84,7 +84,6 @@ import sys
 import tempfile
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -402,6 +401,8 @@ def arm_config(arm: str, seed: int, args, data_file: Path, model: str, out: Path
         mixed_precision="auto",
         cpu=not on_gpu,
         show_progress=False,
+        # Runs here are never resumed: no checkpoints (weights and AdamW state at every stage end).
+        keep_checkpoints=2 if args.checkpoints else 0,
     )
     method, stages, weight = parse_arm(arm)
     if method == "sft":
@@ -821,26 +822,6 @@ def command_line() -> str:
     return f"{env} python {' '.join(shlex.quote(a) for a in sys.argv)}"
 
 
-@contextmanager
-def no_checkpoints(enabled: bool):
-    """Runs here are never resumed, and the package checkpoints weights and AdamW state (about
-    1.6 GB for 135M parameters) at every IRFT stage end: 18 writes per seed of the default arms.
-    The patch is undone on exit, so that nothing else in the process is affected."""
-    try:
-        from demoalign.checkpoint import Checkpoints
-    except ImportError:  # a version without resume writes no checkpoints
-        Checkpoints = None
-    if not enabled or Checkpoints is None:
-        yield
-        return
-    saved = Checkpoints.save
-    Checkpoints.save = lambda self: None
-    try:
-        yield
-    finally:
-        Checkpoints.save = saved
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -855,8 +836,7 @@ def main(argv=None) -> dict:
     if args.tiny:
         torch.set_num_threads(1)  # a tiny model gains nothing from threads; shared cores spin
     try:
-        with no_checkpoints(not args.checkpoints):
-            return run_experiment(args, out, work, device, on_gpu, started)
+        return run_experiment(args, out, work, device, on_gpu, started)
     finally:
         torch.set_num_threads(threads)
         if not args.work_dir:

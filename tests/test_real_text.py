@@ -131,16 +131,16 @@ def test_dolly_split_is_disjoint_and_unwrapped(real_text):
     assert real_text.split_dolly(200, 100)[:2] == (train, heldout)  # one fixed split
 
 
-def test_checkpoints_are_skipped_inside_and_restored_after(real_text, tmp_path):
-    from demoalign.checkpoint import Checkpoints
-
-    original = Checkpoints.save
-    with real_text.no_checkpoints(True):
-        assert Checkpoints.save is not original
-        Checkpoints.save(None)  # a no-op: writes nothing
-    assert Checkpoints.save is original
-    with real_text.no_checkpoints(False):
-        assert Checkpoints.save is original
+def test_runs_write_no_checkpoints_unless_asked(real_text, tmp_path, tiny_model_dir):
+    """Runs here are never resumed: keep_checkpoints=0 (no optimiser state written at every
+    stage end); --checkpoints keeps the package default."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    for flag, expected in (([], 0), (["--checkpoints"], 2)):
+        args = real_text.parse_args(["--tiny", "--out", str(tmp_path / "o"), *flag])
+        for arm in ("sft", "irft_T2"):
+            config = real_text.arm_config(arm, 0, args, data, str(tiny_model_dir), tmp_path, False)
+            assert config.keep_checkpoints == expected, (arm, flag)
 
 
 @pytest.mark.slow

@@ -336,3 +336,13 @@ def test_optimizer_scope_stage_starts_every_stage_with_a_fresh_optimiser(tiny_mo
     assert all(torch.equal(in_run[k], fresh[k]) for k in fresh)
     in_run, fresh = _stage_two_first_step(tiny_model_dir, tmp_path, "run")
     assert not all(torch.equal(in_run[k], fresh[k]) for k in fresh), "run keeps Adam's moments"
+
+
+def test_keep_checkpoints_zero_writes_none_and_cannot_resume(tiny_model_dir, tmp_path):
+    from dataclasses import replace
+
+    config = small_run_config(IRFTConfig, tiny_model_dir, tmp_path / "run", keep_checkpoints=0)
+    out = train(config)
+    assert (out / "final").exists() and not (out / "checkpoints").exists()
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        train(replace(config, resume=True))

@@ -118,6 +118,8 @@ class Checkpoints:
         return sum(t.global_step for t in self.trainers.values())
 
     def _after_step(self, epoch_end: bool) -> None:
+        if not self.enabled:
+            return
         every = self.config.save_steps
         if (every and self.total_steps() % every == 0) or (epoch_end and self.save_at_epoch_end):
             self.save()

@@ -109,7 +109,11 @@ class TrainConfig:
         "at boundaries: SFT epoch ends, IRFT/SPIN stage ends, RFT outer-iteration ends; RFT "
         "checkpoints at those only). Checkpoints go to checkpoints/<step>/.",
     )
-    keep_checkpoints: int = opt(2, "Keep the last N complete checkpoints (older ones are deleted).")
+    keep_checkpoints: int = opt(
+        2,
+        "Keep the last N complete checkpoints (older ones are deleted); 0 = write none (a short "
+        "run or a sweep that will never be resumed: no time spent saving optimiser state).",
+    )
     resume: bool = opt(
         False,
         "Continue the run in output_dir from its last complete checkpoint (the config must equal "
@@ -149,8 +153,10 @@ class TrainConfig:
             raise ValueError("warmup_ratio must be in [0, 1)")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
+        if self.resume and self.keep_checkpoints == 0:
+            raise ValueError("resume=true needs checkpoints: keep_checkpoints must be >= 1")
         for key in ("weight_decay", "max_grad_norm", "max_examples", "save_steps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")

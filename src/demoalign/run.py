@@ -156,7 +156,10 @@ def _train_and_save(
     if isinstance(config, RFTConfig) and config.lora_r:
         model = add_lora(model, config)
     trainer = Trainer(config, model, accelerator, log)
-    ckpt = Checkpoints(config, out, accelerator, log, resume_from=checkpoint)
+    if config.keep_checkpoints:
+        ckpt = Checkpoints(config, out, accelerator, log, resume_from=checkpoint)
+    else:
+        ckpt = Checkpoints.disabled()
     ckpt.register("policy", trainer)
     started = time.perf_counter()
     counts = _run_method(config, trainer, encoder, examples, out, on_stage_end, ckpt)

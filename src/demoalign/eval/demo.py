@@ -68,6 +68,7 @@ def _arm_config(demo: DemoConfig, arm: str, start: Path, seed: int, out: Path):
         cpu=True,
         show_progress=False,
         overwrite=True,
+        keep_checkpoints=0,  # a demo arm is never resumed: no time on checkpoints
     )
     method, stages, weight = parse_arm(arm)
     if method == "sft":
@@ -187,6 +188,7 @@ def _make_start_model(demo: DemoConfig, out: Path) -> Path:
             cpu=True,
             show_progress=False,
             overwrite=True,
+            keep_checkpoints=0,
         ),
     )
     return train(config) / "final"
