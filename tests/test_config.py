@@ -5,7 +5,15 @@ from dataclasses import fields
 import pytest
 import yaml
 
-from demoalign.config import IRFTConfig, SPINConfig, build_config, load_config
+from demoalign.config import (
+    EvalConfig,
+    GenerateConfig,
+    IRFTConfig,
+    RFTConfig,
+    SPINConfig,
+    build_config,
+    load_config,
+)
 
 
 class CharTokenizer:
@@ -81,3 +89,18 @@ def test_interface_keys_exist():
         "overwrite",
     }
     assert fixed <= names
+
+
+@pytest.mark.parametrize("cls", [IRFTConfig, RFTConfig, GenerateConfig, EvalConfig])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("temperature", 0.0, "temperature"),
+        ("top_p", 1.5, "top_p"),
+        ("max_new_tokens", 0, "max_new"),
+    ],
+)
+def test_sampling_options_are_checked_the_same_way_everywhere(cls, key, value, message):
+    base = {"models": "m", "pairs": "p"} if cls is EvalConfig else {"model": "m", "data": "d"}
+    with pytest.raises(ValueError, match=message):
+        build_config(cls, {**base, key: value})

@@ -191,6 +191,22 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"generation_backend={backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
+def validate_sampling(config) -> None:
+    """The sampling options of every config that generates, checked in one place."""
+    greedy = getattr(config, "greedy", False)  # RFT always samples: no greedy option
+    if not greedy and config.temperature <= 0:
+        hint = " (set greedy=true for greedy decoding)" if "greedy" in _field_names(config) else ""
+        raise ValueError(f"temperature must be > 0 when sampling{hint}")
+    if not 0 < config.top_p <= 1:
+        raise ValueError("top_p must be in (0, 1]")
+    if config.max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+
+
+def _field_names(config) -> set[str]:
+    return {f.name for f in fields(config)}
+
+
 def _batch_size_text(value):
     """generation_batch_size is `auto` or an integer; an int given from Python is kept as text."""
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
@@ -277,13 +293,8 @@ class IRFTConfig(TrainConfig):
             raise ValueError("beta must be > 0")
         if self.sft_weight < 0:
             raise ValueError("sft_weight must be >= 0")
-        if not self.greedy and self.temperature <= 0:
-            raise ValueError(
-                "temperature must be > 0 when sampling (set greedy=true for greedy negatives)"
-            )
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        for key in ("stages", "epochs_per_stage", "iterations", "max_new_tokens"):
+        validate_sampling(self)
+        for key in ("stages", "epochs_per_stage", "iterations"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")
 
@@ -392,12 +403,7 @@ class RFTConfig(TrainConfig):
             raise ValueError(f"reward_loss={self.reward_loss!r}: choose one of logistic, linear")
         if self.beta <= 0:
             raise ValueError("beta must be > 0")
-        if self.temperature <= 0:
-            raise ValueError(
-                "temperature must be > 0 (RFT's policy gradient needs sampled rollouts)"
-            )
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+        validate_sampling(self)  # RFT's policy gradient needs sampled rollouts: no greedy option
         if not 0 <= self.heldout_fraction < 1:
             raise ValueError("heldout_fraction must be in [0, 1)")
         if self.preference_weight < 0:
@@ -411,7 +417,7 @@ class RFTConfig(TrainConfig):
         if self.lora_r < 0 or (self.lora_r and self.lora_alpha <= 0):
             raise ValueError("lora_r must be >= 0 and lora_alpha > 0")
         validate_generation(self)
-        for key in ("outer_iterations", "max_new_tokens"):
+        for key in ("outer_iterations",):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")
         for key in ("reward_steps", "policy_steps", "prompts_per_iteration"):
@@ -543,6 +549,7 @@ class GenerateConfig:
         check_types_and_finite(self)
         if not self.model or not self.data:
             raise ValueError("generate needs model=PATH and data=FILE")
+        validate_sampling(self)
         _check_backend(self.generation_backend)
 
 
@@ -684,19 +691,13 @@ class EvalConfig:
             )
         if self.reward_template.count("{response}") != 1:
             raise ValueError("reward_template must contain {response} exactly once")
-        if not self.greedy and self.temperature <= 0:
-            raise ValueError(
-                "temperature must be > 0 when sampling (set greedy=true for greedy generations)"
-            )
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+        validate_sampling(self)
         if not 0 < self.confidence < 1:
             raise ValueError("confidence must be in (0, 1)")
         for key in (
             "task_prompts",
             "max_length",
             "max_prompt_length",
-            "max_new_tokens",
             "batch_size",
             "bootstrap_resamples",
             "reward_max_length",

@@ -30,6 +30,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
+from .models import eval_mode
 from .progress import progress_bar
 
 BACKENDS = ("auto", "hf", "static")
@@ -335,8 +336,6 @@ def generate_ids(
     if engine is not None:
         engine.refresh()
     target = engine.target() if engine is not None else model
-    was_training = target.training
-    target.eval()
 
     # On CUDA `auto` fills the memory of one process; elsewhere it must not depend on the process
     # count, so that the samples do not either.
@@ -375,10 +374,9 @@ def generate_ids(
     logps: dict[int, list[float]] = {}
     # The half copy needs no autocast, and autocast would run it partly in fp32.
     autocast_off = engine is not None and engine.half
+    total = sum(len(idx) for _, idx in mine)
     try:
-        with progress_bar(
-            desc, total=sum(len(idx) for _, idx in mine), enabled=show_progress
-        ) as advance:
+        with eval_mode(target), progress_bar(desc, total=total, enabled=show_progress) as advance:
             for b, idx in mine:
                 rows = [prompt_ids[i] for i in idx]
                 rows = rows + [rows[-1]] * max(0, padded - len(rows))  # one shape: one graph
@@ -407,7 +405,6 @@ def generate_ids(
                         logps[i] = row_logps[row, : len(new)].tolist()
                 advance(len(idx))
     finally:
-        target.train(was_training)
         if engine is not None:
             engine.release()
     return (results, logps) if return_logps else results
