@@ -147,24 +147,38 @@ def run_generate(config: GenerateConfig) -> None:
     print(f"wrote {len(records)} generations to {config.output}")
 
 
+def _print_run_folder(out: Path) -> None:
+    print(f"done: run folder {out}")
+    print(f"  model and tokenizer: {out / 'final'}")
+    print(f"  metrics log:         {out / 'metrics.jsonl'}")
+    if (out / "stages").exists():
+        print(f"  negatives per stage: {out / 'stages'}/<k>/negatives.jsonl")
+    if (out / "iterations").exists():
+        print(
+            f"  per outer iteration: {out / 'iterations'}/<k>/negatives.jsonl, reward_model/, "
+            "policy/"
+        )
+
+
+def _print_eval(results: dict, config: EvalConfig) -> None:
+    for entry in results["models"]:
+        cells = ", ".join(
+            f"{k} {m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+            for k, m in entry["metrics"].items()
+        )
+        print(f"{entry['name']}: {cells}")
+    print(f"wrote {config.output_dir}/results.json and {config.output_dir}/report.md")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command in CONFIGS:
             from .run import train
 
-            config = load_config(CONFIGS[args.command], args.config, args.overrides)
-            out = train(config)
-            print(f"done: run folder {out}")
-            print(f"  model and tokenizer: {out / 'final'}")
-            print(f"  metrics log:         {out / 'metrics.jsonl'}")
-            if (out / "stages").exists():
-                print(f"  negatives per stage: {out / 'stages'}/<k>/negatives.jsonl")
-            if (out / "iterations").exists():
-                print(
-                    f"  per outer iteration: {out / 'iterations'}/<k>/negatives.jsonl, "
-                    "reward_model/, policy/"
-                )
+            _print_run_folder(
+                train(load_config(CONFIGS[args.command], args.config, args.overrides))
+            )
         elif args.command == "demo":
             from .eval.demo import run_demo
 
@@ -173,14 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             from .eval import evaluate
 
             config = load_config(EvalConfig, args.config, args.overrides)
-            results = evaluate(config)
-            for entry in results["models"]:
-                cells = ", ".join(
-                    f"{k} {m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
-                    for k, m in entry["metrics"].items()
-                )
-                print(f"{entry['name']}: {cells}")
-            print(f"wrote {config.output_dir}/results.json and {config.output_dir}/report.md")
+            _print_eval(evaluate(config), config)
         elif args.command == "generate":
             run_generate(load_config(GenerateConfig, args.config, args.overrides))
         elif args.command == "tiny-model":

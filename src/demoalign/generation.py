@@ -327,27 +327,97 @@ def generate_ids(
     return_logps: also return {prompt index: [log π(token) per generated token]}, taken from the
     logits the tokens were sampled from, under the model's raw distribution (temperature 1, no
     top-p), so that they can stand in for a reference forward over the same tokens."""
-    config = sampling_config(tokenizer, max_new_tokens, temperature, top_p, greedy)
+    sampling_config(tokenizer, max_new_tokens, temperature, top_p, greedy)  # checks the values
     device = next(model.parameters()).device
+    engine, target = _select_engine(model, backend, device)
+    # The recorder of log-probs owns temperature and top-p: it must see the raw logits.
+    raw = (1.0, 1.0) if return_logps else (temperature, top_p)
+    config = _engine_config(tokenizer, engine, prompt_ids, max_new_tokens, *raw, greedy)
+    size, padded = _batch_shape(
+        engine, target, batch_size, prompt_ids, max_new_tokens, num_processes, device
+    )
+    batches = length_batches(prompt_ids, size)
+    mine = [(b, idx) for b, idx in enumerate(batches) if b % num_processes == process_index]
+    sampling = (temperature, top_p, greedy, return_logps)
+    try:
+        results, logps = _generate_mine(
+            engine,
+            target,
+            config,
+            prompt_ids,
+            mine,
+            padded,
+            seed,
+            sampling,
+            tokenizer,
+            desc,
+            show_progress,
+        )
+    finally:
+        if engine is not None:
+            engine.release()
+    return (results, logps) if return_logps else results
+
+
+def _generate_mine(
+    engine, target, config, prompt_ids, mine, padded, seed, sampling, tokenizer, desc, show_progress
+):
+    """This process's batches: ({prompt index: ids}, {prompt index: token log-probs})."""
+    device = next(target.parameters()).device
+    results: dict[int, list[int]] = {}
+    logps: dict[int, list[float]] = {}
+    # The half copy needs no autocast, and autocast would run it partly in fp32.
+    autocast_off = engine is not None and engine.half
+    total = sum(len(idx) for _, idx in mine)
+    with eval_mode(target), progress_bar(desc, total=total, enabled=show_progress) as advance:
+        for b, idx in mine:
+            rows = [prompt_ids[i] for i in idx]
+            rows = rows + [rows[-1]] * max(0, padded - len(rows))  # one shape: one graph
+            input_ids, attention = _left_pad(rows, tokenizer.pad_token_id, device)
+            out, row_logps = _generate_batch(
+                engine,
+                target,
+                config,
+                input_ids,
+                attention,
+                seed * 1_000_003 + b,
+                *sampling,
+                autocast_off,
+            )
+            _collect(out[:, input_ids.shape[1] :], row_logps, idx, tokenizer, results, logps)
+            advance(len(idx))
+    return results, logps
+
+
+def _select_engine(model, backend: str, device):
+    """(the static engine or None, the model that generates: its bf16 copy, or `model`)."""
     backend = resolve_backend(backend, device)
     if backend == "static" and _is_sharded(model):
         backend = "hf"  # ZeRO-3/FSDP shards gather inside forward: no static copy of them exists
     engine = static_engine(model) if backend == "static" else None
-    if engine is not None:
-        engine.refresh()
-    target = engine.target() if engine is not None else model
+    if engine is None:
+        return None, model
+    engine.refresh()
+    return engine, engine.target()
 
-    # On CUDA `auto` fills the memory of one process; elsewhere it must not depend on the process
-    # count, so that the samples do not either.
-    n_mine_max = (
-        -(-len(prompt_ids) // max(1, num_processes)) if device.type == "cuda" else len(prompt_ids)
-    )
-    width = max((len(p) for p in prompt_ids), default=1)
+
+def _engine_config(tokenizer, engine, prompt_ids, max_new_tokens, temperature, top_p, greedy):
+    config = sampling_config(tokenizer, max_new_tokens, temperature, top_p, greedy)
     if engine is not None:
         # One cache length for every batch (and, rounded, for later calls): one decode graph.
-        cache_len = -(-(width + max_new_tokens) // CACHE_ROUNDING) * CACHE_ROUNDING
+        width = max((len(p) for p in prompt_ids), default=1)
         config.cache_implementation = "static"
-        config.max_cache_len = cache_len
+        config.max_cache_len = -(-(width + max_new_tokens) // CACHE_ROUNDING) * CACHE_ROUNDING
+    return config
+
+
+def _batch_shape(engine, target, batch_size, prompt_ids, max_new_tokens, num_processes, device):
+    """(prompts per batch, rows per batch of a compiled graph or 0)."""
+    # On CUDA `auto` fills the memory of one process; elsewhere it must not depend on the process
+    # count, so that the samples do not either.
+    n = len(prompt_ids)
+    n_mine_max = -(-n // max(1, num_processes)) if device.type == "cuda" else n
+    width = max((len(p) for p in prompt_ids), default=1)
     size = parse_batch_size(batch_size)
     if size is None:
         if engine is not None and engine.auto_size is None:
@@ -359,55 +429,20 @@ def generate_ids(
         )
         full, size = size, min(size, n_mine_max)
     else:
-        full, size = size, min(size, max(1, len(prompt_ids)))  # not per process: see above
+        full, size = size, min(size, max(1, n))  # not per process: see above
     padded = 0  # rows per batch only for a compiled graph: elsewhere padding rows would draw
     if engine is not None and engine.compile:  # random numbers and change the samples
         padded = engine.graph_batch(size, margin=size < full)
-    if return_logps:  # the recorder owns temperature and top-p: it must see the raw logits
-        config = sampling_config(tokenizer, max_new_tokens, 1.0, 1.0, greedy)
-        if engine is not None:
-            config.cache_implementation, config.max_cache_len = "static", cache_len
+    return size, padded
 
-    batches = length_batches(prompt_ids, size)
-    mine = [(b, idx) for b, idx in enumerate(batches) if b % num_processes == process_index]
-    results: dict[int, list[int]] = {}
-    logps: dict[int, list[float]] = {}
-    # The half copy needs no autocast, and autocast would run it partly in fp32.
-    autocast_off = engine is not None and engine.half
-    total = sum(len(idx) for _, idx in mine)
-    try:
-        with eval_mode(target), progress_bar(desc, total=total, enabled=show_progress) as advance:
-            for b, idx in mine:
-                rows = [prompt_ids[i] for i in idx]
-                rows = rows + [rows[-1]] * max(0, padded - len(rows))  # one shape: one graph
-                input_ids, attention = _left_pad(rows, tokenizer.pad_token_id, device)
-                out, row_logps = _generate_batch(
-                    engine,
-                    target,
-                    config,
-                    input_ids,
-                    attention,
-                    seed * 1_000_003 + b,
-                    temperature,
-                    top_p,
-                    greedy,
-                    return_logps,
-                    autocast_off,
-                )
-                for row, i in enumerate(idx):
-                    new = _strip_after_eos(
-                        out[row, input_ids.shape[1] :].tolist(),
-                        tokenizer.eos_token_id,
-                        tokenizer.pad_token_id,
-                    )
-                    results[i] = new
-                    if row_logps is not None:
-                        logps[i] = row_logps[row, : len(new)].tolist()
-                advance(len(idx))
-    finally:
-        if engine is not None:
-            engine.release()
-    return (results, logps) if return_logps else results
+
+def _collect(new, row_logps, idx: list[int], tokenizer, results: dict, logps: dict) -> None:
+    """Each real row's ids up to its first EOS (and their log-probs) under its prompt index."""
+    for row, i in enumerate(idx):
+        ids = _strip_after_eos(new[row].tolist(), tokenizer.eos_token_id, tokenizer.pad_token_id)
+        results[i] = ids
+        if row_logps is not None:
+            logps[i] = row_logps[row, : len(ids)].tolist()
 
 
 def _generate_batch(
