@@ -36,8 +36,8 @@ $(VENV)/.installed-gguf: $(VENV)/.installed
 	touch $@
 
 test: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check src tests benchmarks experiments
-	$(VENV)/bin/ruff format --check src tests benchmarks experiments
+	$(VENV)/bin/ruff check src tests benchmarks experiments scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks experiments scripts
 	$(PY) -m pytest -q
 
 # Property-based fuzzing of the data readers and config parsing, at length (make test runs a
