@@ -95,6 +95,8 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     if accelerator.is_main_process and config.show_progress:
         print(summary)
     model, tokenizer = load_model_and_tokenizer(config.model)
+    if config.lora_r:  # before the folder is claimed: unknown target modules fail here
+        model = add_lora(model, config)
     template = resolve_template(tokenizer, config.template)
     encoder = Encoder(tokenizer, template, config.max_length, config.max_prompt_length)
 
@@ -153,8 +155,6 @@ def _train_and_save(
     """Train, then save final/; `run_end` and the finished state are written only once final/
     is complete, so a run killed during the save never looks finished."""
     out = Path(config.output_dir)
-    if isinstance(config, RFTConfig) and config.lora_r:
-        model = add_lora(model, config)
     trainer = Trainer(config, model, accelerator, log)
     if config.keep_checkpoints:
         ckpt = Checkpoints(config, out, accelerator, log, resume_from=checkpoint)
@@ -165,10 +165,7 @@ def _train_and_save(
     counts = _run_method(config, trainer, encoder, examples, out, on_stage_end, ckpt)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = trainer.unwrapped
-        if hasattr(final, "merge_and_unload"):  # LoRA: a plain model AutoModelForCausalLM loads
-            final = final.merge_and_unload()
-        save_pretrained_atomic(final, tokenizer, out / "final")
+        _save_final(config, trainer.unwrapped, tokenizer, out)
         log.write(
             {
                 "event": "run_end",
@@ -179,3 +176,14 @@ def _train_and_save(
         )
         write_run_state(out, "finished", method=config.method, steps=trainer.global_step)
     accelerator.wait_for_everyone()
+
+
+def _save_final(config, model, tokenizer, out: Path) -> None:
+    """final/: a plain model AutoModelForCausalLM loads (LoRA merged into the base); with
+    lora_keep_adapters the adapters alone (peft's format) go to final_adapters/ first, since
+    merging changes the base weights in place."""
+    if hasattr(model, "merge_and_unload"):
+        if config.lora_keep_adapters:
+            save_pretrained_atomic(model, tokenizer, out / "final_adapters")
+        model = model.merge_and_unload()
+    save_pretrained_atomic(model, tokenizer, out / "final")
