@@ -120,6 +120,12 @@ class TrainConfig:
     )
     cpu: bool = opt(False, "Run on the CPU even when a GPU is present.")
     show_progress: bool = opt(True, "Progress bars on the main process.")
+    report_to: str = opt(
+        "none",
+        "Experiment trackers that also get every metrics.jsonl record (through accelerate): none, "
+        "tensorboard (OUT/trackers/demoalign/), wandb, mlflow, or a comma list; the names are "
+        "in the README's 'Trackers'.",
+    )
     save_steps: int = opt(
         0,
         "Also checkpoint every N optimiser steps inside SFT epochs and IRFT/SPIN stages (0 = only "
@@ -177,6 +183,9 @@ class TrainConfig:
         for key in ("weight_decay", "max_grad_norm", "max_examples", "save_steps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        from .tracking import check_trackers  # a missing package: one error, nothing created
+
+        check_trackers(self.report_to)
         if self.lora_r < 0 or (self.lora_r and self.lora_alpha <= 0):
             raise ValueError("lora_r must be >= 0 and lora_alpha > 0")
         if self.lora_r and not self.lora_target_modules.strip(" ,"):

@@ -28,6 +28,7 @@ from .runio import (
     write_run_state,
 )
 from .templates import resolve_template
+from .tracking import start_trackers
 from .trainer import Trainer, make_accelerator
 
 
@@ -102,8 +103,7 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
 
     _claim(config, folder, checkpoint, accelerator.is_main_process)
     accelerator.wait_for_everyone()
-    resume_at = _checkpoint_metrics_bytes(checkpoint)
-    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, resume_at)
+    log = _open_log(config, checkpoint, accelerator)
     try:
         log.write(
             {"event": "resume", "checkpoint": checkpoint.name}
@@ -133,10 +133,15 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     return out
 
 
-def _checkpoint_metrics_bytes(checkpoint: Path | None) -> int | None:
-    if checkpoint is None:
-        return None
-    return json.loads((checkpoint / STATE_FILE).read_text())["metrics_bytes"]
+def _open_log(config, checkpoint: Path | None, accelerator) -> MetricsLog:
+    """metrics.jsonl (cut back to the checkpoint's length on resume), and the trackers of
+    `report_to`, which get every record it gets (tracking.py)."""
+    resume_at = None
+    if checkpoint is not None:
+        resume_at = json.loads((checkpoint / STATE_FILE).read_text())["metrics_bytes"]
+    sink = start_trackers(accelerator, config, config_to_dict(config))
+    path = Path(config.output_dir) / "metrics.jsonl"
+    return MetricsLog(path, accelerator.is_main_process, resume_at, sink=sink)
 
 
 def _run_method(config, trainer, encoder, examples, out, on_stage_end, ckpt) -> dict:
