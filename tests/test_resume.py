@@ -346,3 +346,18 @@ def test_keep_checkpoints_zero_writes_none_and_cannot_resume(tiny_model_dir, tmp
     assert (out / "final").exists() and not (out / "checkpoints").exists()
     with pytest.raises(ValueError, match="keep_checkpoints"):
         train(replace(config, resume=True))
+
+
+@pytest.mark.parametrize("cls", [SFTConfig, IRFTConfig], ids=["sft", "irft"])
+def test_lora_resume_is_bitwise_equal(tiny_model_dir, tmp_path, tmp_path_factory, monkeypatch, cls):
+    """With LoRA the checkpoint holds the adapted model and an optimiser over the adapters only;
+    a run killed mid-training resumes to the uninterrupted run's merged final/."""
+    extra = dict(epochs=2) if cls is SFTConfig else dict(epochs_per_stage=2)
+    config = small_run_config(
+        cls, tiny_model_dir, tmp_path / "run", save_steps=3, resume=True, lora_r=4, **extra
+    )
+    out = _interrupt_and_resume(config, "mid_training", 5, monkeypatch)
+    _assert_same_as_uninterrupted(out, _reference(config, tmp_path_factory))
+    state = torch.load(complete_checkpoints(out)[-1] / "policy.pt", weights_only=True)
+    adapters = sum("lora_" in k for k in state["model"])
+    assert adapters and len(state["optimizer"]["state"]) == adapters

@@ -101,8 +101,31 @@ class TrainConfig:
     disable_dropout: bool = opt(
         True, "Set every dropout to 0, so the first step of a stage sees u = 0 exactly."
     )
+    lora_r: int = opt(
+        0,
+        "LoRA rank of the policy (peft); 0 = full fine-tuning. Only the adapters train (the "
+        "optimiser holds only them). IRFT/SPIN: the stage reference is the stage-start adapted "
+        "model (its log-probs are taken at the stage start; no copy). RFT: the KL reference is "
+        "the base model with the adapters disabled (no copy).",
+    )
+    lora_alpha: int = opt(16, "LoRA alpha (scale alpha / r).")
+    lora_target_modules: str = opt(
+        "all-linear",
+        "Modules that get adapters: all-linear, or comma-separated names (e.g. q_proj,v_proj).",
+    )
+    lora_keep_adapters: bool = opt(
+        False,
+        "With lora_r > 0: also save the trained adapters (peft) to final_adapters/; final/ is "
+        "always the merged model.",
+    )
     cpu: bool = opt(False, "Run on the CPU even when a GPU is present.")
     show_progress: bool = opt(True, "Progress bars on the main process.")
+    report_to: str = opt(
+        "none",
+        "Experiment trackers that also get every metrics.jsonl record (through accelerate): none, "
+        "tensorboard (OUT/trackers/demoalign/), wandb, mlflow, or a comma list; the names are "
+        "in the README's 'Trackers'.",
+    )
     save_steps: int = opt(
         0,
         "Also checkpoint every N optimiser steps inside SFT epochs and IRFT/SPIN stages (0 = only "
@@ -160,6 +183,13 @@ class TrainConfig:
         for key in ("weight_decay", "max_grad_norm", "max_examples", "save_steps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        from .tracking import check_trackers  # a missing package: one error, nothing created
+
+        check_trackers(self.report_to)
+        if self.lora_r < 0 or (self.lora_r and self.lora_alpha <= 0):
+            raise ValueError("lora_r must be >= 0 and lora_alpha > 0")
+        if self.lora_r and not self.lora_target_modules.strip(" ,"):
+            raise ValueError("lora_target_modules is empty: all-linear or comma-separated names")
 
 
 @dataclass
@@ -379,16 +409,6 @@ class RFTConfig(TrainConfig):
         "batch (16 with auto).",
     )
     generation_backend: str = opt("auto", GENERATION_BACKEND_HELP)
-    lora_r: int = opt(
-        0,
-        "LoRA rank of the policy (peft); 0 = full fine-tuning. With LoRA the KL reference is the "
-        "base model with the adapters disabled: no copy is held. The final policy is saved merged.",
-    )
-    lora_alpha: int = opt(16, "LoRA alpha (scale alpha / r).")
-    lora_target_modules: str = opt(
-        "all-linear",
-        "Modules that get adapters: all-linear, or comma-separated names (e.g. q_proj,v_proj).",
-    )
     method = "rft"
 
     def __post_init__(self):
@@ -414,8 +434,6 @@ class RFTConfig(TrainConfig):
             raise ValueError(
                 "rollouts must be >= 2 (the leave-one-out baseline needs another sample)"
             )
-        if self.lora_r < 0 or (self.lora_r and self.lora_alpha <= 0):
-            raise ValueError("lora_r must be >= 0 and lora_alpha > 0")
         validate_generation(self)
         for key in ("outer_iterations",):
             if getattr(self, key) < 1:

@@ -28,6 +28,7 @@ from .runio import (
     write_run_state,
 )
 from .templates import resolve_template
+from .tracking import start_trackers
 from .trainer import Trainer, make_accelerator
 
 
@@ -95,13 +96,14 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     if accelerator.is_main_process and config.show_progress:
         print(summary)
     model, tokenizer = load_model_and_tokenizer(config.model)
+    if config.lora_r:  # before the folder is claimed: unknown target modules fail here
+        model = add_lora(model, config)
     template = resolve_template(tokenizer, config.template)
     encoder = Encoder(tokenizer, template, config.max_length, config.max_prompt_length)
 
     _claim(config, folder, checkpoint, accelerator.is_main_process)
     accelerator.wait_for_everyone()
-    resume_at = _checkpoint_metrics_bytes(checkpoint)
-    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, resume_at)
+    log = _open_log(config, checkpoint, accelerator)
     try:
         log.write(
             {"event": "resume", "checkpoint": checkpoint.name}
@@ -131,10 +133,15 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     return out
 
 
-def _checkpoint_metrics_bytes(checkpoint: Path | None) -> int | None:
-    if checkpoint is None:
-        return None
-    return json.loads((checkpoint / STATE_FILE).read_text())["metrics_bytes"]
+def _open_log(config, checkpoint: Path | None, accelerator) -> MetricsLog:
+    """metrics.jsonl (cut back to the checkpoint's length on resume), and the trackers of
+    `report_to`, which get every record it gets (tracking.py)."""
+    resume_at = None
+    if checkpoint is not None:
+        resume_at = json.loads((checkpoint / STATE_FILE).read_text())["metrics_bytes"]
+    sink = start_trackers(accelerator, config, config_to_dict(config))
+    path = Path(config.output_dir) / "metrics.jsonl"
+    return MetricsLog(path, accelerator.is_main_process, resume_at, sink=sink)
 
 
 def _run_method(config, trainer, encoder, examples, out, on_stage_end, ckpt) -> dict:
@@ -153,8 +160,6 @@ def _train_and_save(
     """Train, then save final/; `run_end` and the finished state are written only once final/
     is complete, so a run killed during the save never looks finished."""
     out = Path(config.output_dir)
-    if isinstance(config, RFTConfig) and config.lora_r:
-        model = add_lora(model, config)
     trainer = Trainer(config, model, accelerator, log)
     if config.keep_checkpoints:
         ckpt = Checkpoints(config, out, accelerator, log, resume_from=checkpoint)
@@ -165,10 +170,7 @@ def _train_and_save(
     counts = _run_method(config, trainer, encoder, examples, out, on_stage_end, ckpt)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = trainer.unwrapped
-        if hasattr(final, "merge_and_unload"):  # LoRA: a plain model AutoModelForCausalLM loads
-            final = final.merge_and_unload()
-        save_pretrained_atomic(final, tokenizer, out / "final")
+        _save_final(config, trainer.unwrapped, tokenizer, out)
         log.write(
             {
                 "event": "run_end",
@@ -179,3 +181,14 @@ def _train_and_save(
         )
         write_run_state(out, "finished", method=config.method, steps=trainer.global_step)
     accelerator.wait_for_everyone()
+
+
+def _save_final(config, model, tokenizer, out: Path) -> None:
+    """final/: a plain model AutoModelForCausalLM loads (LoRA merged into the base); with
+    lora_keep_adapters the adapters alone (peft's format) go to final_adapters/ first, since
+    merging changes the base weights in place."""
+    if hasattr(model, "merge_and_unload"):
+        if config.lora_keep_adapters:
+            save_pretrained_atomic(model, tokenizer, out / "final_adapters")
+        model = model.merge_and_unload()
+    save_pretrained_atomic(model, tokenizer, out / "final")

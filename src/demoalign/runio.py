@@ -131,7 +131,11 @@ def release_lock(folder: str | Path) -> None:
         (Path(folder) / LOCK).unlink(missing_ok=True)
 
 
-def check_resume(path: str | Path, config: dict, ignored=("resume", "show_progress", "overwrite")):
+def check_resume(
+    path: str | Path,
+    config: dict,
+    ignored=("resume", "show_progress", "overwrite", "report_to"),
+):
     """For resume=true: the run folder to continue, or None when there is no run there yet (the
     run starts as a new one). Raises RunFolderError when the folder is not a demoalign run folder,
     is held by a live run, or was made with another config (`ignored` keys may differ)."""
@@ -252,10 +256,15 @@ def save_pretrained_atomic(model, tokenizer, path: str | Path) -> None:
 class MetricsLog:
     """metrics.jsonl, one strict-JSON object per line, flushed as it goes (it is a log, read while
     the run is alive). A new run starts it empty; a resumed run cuts it back to `resume_at` bytes
-    (its length when the checkpoint was written) and appends, so no record appears twice."""
+    (its length when the checkpoint was written) and appends, so no record appears twice.
+    `sink` (tracking.TrackerSink: `log(record)`, `close()`) gets every record written too: the
+    one place where the trackers of `report_to` are fed."""
 
-    def __init__(self, path: str | Path, enabled: bool = True, resume_at: int | None = None):
+    def __init__(
+        self, path: str | Path, enabled: bool = True, resume_at: int | None = None, sink=None
+    ):
         self.enabled = enabled
+        self.sink = sink if enabled else None
         self._fh = None
         if enabled and resume_at is not None:
             with open(path, "ab") as fh:
@@ -272,7 +281,13 @@ class MetricsLog:
         if self._fh:
             self._fh.write(strict_json(record) + "\n")
             self._fh.flush()
+        if self.sink is not None:
+            self.sink.log(record)
 
     def close(self) -> None:
         if self._fh:
             self._fh.close()
+            self._fh = None
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None

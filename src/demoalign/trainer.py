@@ -20,6 +20,7 @@ from accelerate import Accelerator
 
 from .logprobs import SequenceScorer
 from .progress import progress_bar
+from .tracking import accelerator_options
 
 # (per-item losses, per-item statistics to log, tokens processed)
 LossFn = Callable[
@@ -32,7 +33,7 @@ def make_accelerator(config) -> Accelerator:
     if precision == "auto":
         on_gpu = torch.cuda.is_available() and not config.cpu
         precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(cpu=config.cpu, mixed_precision=precision)
+    return Accelerator(cpu=config.cpu, mixed_precision=precision, **accelerator_options(config))
 
 
 _DROPOUT_FIELDS = (
