@@ -22,6 +22,7 @@ copy's storage is released (resized to 0 bytes, tensors kept), so training never
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import weakref
@@ -172,8 +173,6 @@ def _half_copy(model, dtype: torch.dtype):
     """A copy of `model` whose parameters are `dtype` and never need grad. Built by deepcopy with
     the parameters pre-mapped, so no full-precision copy ever exists; tied weights stay tied and
     buffers (rotary frequencies) keep their precision."""
-    import copy
-
     memo = {
         id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
         for p in model.parameters()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -12,6 +13,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from transformers.utils import logging
 
 
 @contextmanager
@@ -36,9 +38,6 @@ def progress_bar(desc: str, total: int, enabled: bool = True):
 def library_progress_bars(enabled: bool) -> None:
     """transformers' and huggingface_hub's own bars (weight loading, downloads) follow
     `show_progress` too, so show_progress=false leaves a clean log."""
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-    from transformers.utils import logging
-
     if enabled:
         logging.enable_progress_bar()
         enable_progress_bars()

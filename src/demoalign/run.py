@@ -105,19 +105,7 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     accelerator.wait_for_everyone()
     log = _open_log(config, checkpoint, accelerator)
     try:
-        log.write(
-            {"event": "resume", "checkpoint": checkpoint.name}
-            if checkpoint is not None
-            else {
-                "event": "run_start",
-                "method": config.method,
-                "template": template,
-                "processes": accelerator.num_processes,
-                "mixed_precision": accelerator.mixed_precision,
-                "examples": len(examples),
-                **data_counts,
-            }
-        )
+        log.write(_start_record(config, checkpoint, template, accelerator, examples, data_counts))
         parts = (config, model, tokenizer, encoder, examples, accelerator, log)
         _train_and_save(*parts, on_stage_end, checkpoint)
     except BaseException as exc:
@@ -131,6 +119,20 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
         if accelerator.is_main_process:
             release_lock(out)
     return out
+
+
+def _start_record(config, checkpoint, template, accelerator, examples, data_counts) -> dict:
+    if checkpoint is not None:
+        return {"event": "resume", "checkpoint": checkpoint.name}
+    return {
+        "event": "run_start",
+        "method": config.method,
+        "template": template,
+        "processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "examples": len(examples),
+        **data_counts,
+    }
 
 
 def _open_log(config, checkpoint: Path | None, accelerator) -> MetricsLog:

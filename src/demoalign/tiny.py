@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
 from .data.sources import data_root
 
 SPECIAL_EOS = "<|endoftext|>"
@@ -34,8 +38,6 @@ REAL_TOKENIZERS = {
 
 
 def _wrap(tokenizer_object):
-    from transformers import PreTrainedTokenizerFast
-
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer_object, eos_token=SPECIAL_EOS, pad_token=SPECIAL_PAD
     )
@@ -45,8 +47,6 @@ def _wrap(tokenizer_object):
 
 def train_tokenizer(texts: list[str] | None = None, vocab_size: int = 512):
     """A byte-level BPE trained in-process on `texts` (default: a built-in corpus)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -62,8 +62,6 @@ def train_tokenizer(texts: list[str] | None = None, vocab_size: int = 512):
 
 def real_tokenizer(name: str):
     """GPT-2 or GPT-NeoX tokenizer from the shared data files."""
-    from tokenizers import Tokenizer
-
     if name not in REAL_TOKENIZERS:
         raise ValueError(
             f"unknown tokenizer {name!r}; choose trained, {', '.join(REAL_TOKENIZERS)}"
@@ -80,9 +78,6 @@ def tiny_model(
     tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0
 ):
     """A random Llama-shaped causal LM (no dropout layers) sized to the tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

@@ -13,7 +13,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import yaml
 from rich.console import Console
+from rich.table import Table
 
 from ..config import (
     DemoConfig,
@@ -286,8 +288,6 @@ def _results(demo: DemoConfig, arms: dict, start_metrics: dict) -> dict:
 
 
 def _yaml(data: dict) -> str:
-    import yaml
-
     return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -470,8 +470,6 @@ def _plots(out: Path, results: dict) -> None:
 
 
 def _print_table(console, results: dict) -> None:
-    from rich.table import Table
-
     table = Table(title="demo: mean ± std over seeds (p: paired t-test vs sft)")
     table.add_column("arm")
     for m in METRICS:

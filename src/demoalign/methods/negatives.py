@@ -4,6 +4,8 @@ RFT iterations both start here; each process samples its share and everyone gets
 
 from __future__ import annotations
 
+from accelerate.utils import gather_object
+
 from ..encoding import Encoder
 from ..generation import forward_batch_size, generate_ids
 from ..pairs import Pair, fill_reference_logps
@@ -78,7 +80,6 @@ def make_negatives(
     fill_reference_logps(model, forward if decode else mine, tok.pad_token_id, batch, acc.autocast)
     if acc.num_processes == 1:
         return mine
-    from accelerate.utils import gather_object
 
     return sorted(gather_object(mine), key=lambda p: p.index)
 
