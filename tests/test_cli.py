@@ -143,3 +143,26 @@ def test_generate_reads_a_file_of_prompts_alone(tiny_model_dir, tmp_path):
     )
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["Hi", "Name a fruit"]
+
+
+def test_generate_never_replaces_its_data_and_asks_before_replacing_a_file(
+    tiny_model_dir, tmp_path, capsys
+):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hi"}) + "\n")
+    base = [
+        "generate",
+        f"model={tiny_model_dir}",
+        f"data={prompts}",
+        "max_new_tokens=2",
+        "cpu=true",
+    ]
+    assert main([*base, f"output={prompts}", "overwrite=true"]) == 2
+    assert "data file itself" in capsys.readouterr().err
+    assert prompts.read_text() == json.dumps({"prompt": "Hi"}) + "\n"
+    existing = tmp_path / "mine.jsonl"
+    existing.write_text("keep\n")
+    assert main([*base, f"output={existing}"]) == 2
+    assert "overwrite=true" in capsys.readouterr().err and existing.read_text() == "keep\n"
+    assert main([*base, f"output={existing}", "overwrite=true"]) == 0
+    assert json.loads(existing.read_text().splitlines()[0])["prompt"] == "Hi"

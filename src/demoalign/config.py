@@ -551,6 +551,9 @@ class GenerateConfig:
     output: str = opt(
         "generations.jsonl", "JSONL file to write: prompt, response, tokens, finished."
     )
+    overwrite: bool = opt(
+        False, "Replace an existing `output` file (never the `data` file itself)."
+    )
     template: str = opt("auto", "Prompt rendering, as for training.")
     max_prompt_length: int = opt(128, "Prompts are cut from the left to this many tokens.")
     max_new_tokens: int = opt(256, "Tokens generated per prompt.")
@@ -569,6 +572,18 @@ class GenerateConfig:
             raise ValueError("generate needs model=PATH and data=FILE")
         validate_sampling(self)
         _check_backend(self.generation_backend)
+        self.check_output()
+
+    def check_output(self) -> None:
+        """Before any model is loaded: the output must not replace the prompts or, unasked, any
+        other file."""
+        out, data = Path(self.output).expanduser(), Path(self.data).expanduser()
+        if out.exists() and data.exists() and out.resolve() == data.resolve():
+            raise ValueError(f"output={self.output} is the data file itself; choose another file")
+        if out.is_dir():
+            raise ValueError(f"output={self.output} is a folder; expected a .jsonl file")
+        if out.exists() and not self.overwrite:
+            raise ValueError(f"output={self.output} exists; pass overwrite=true to replace it")
 
 
 # ---------------------------------------------------------------- evaluation
