@@ -58,3 +58,33 @@ def small_run_config(cls, tiny_model_dir, out, **overrides):
     from demoalign.config import build_config
 
     return build_config(cls, values)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is faster on a shared CPU, and the same thread count in
+    every run (and subprocess) keeps the arithmetic identical."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_metrics(folder) -> list[dict]:
+    """The records of a run folder's metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+class CharTokenizer:
+    """One id per character, BOS = 1 prepended, EOS = 2: lengths are easy to reason about."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [ord(c) for c in text]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}

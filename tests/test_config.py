@@ -16,17 +16,6 @@ from demoalign.config import (
 )
 
 
-class CharTokenizer:
-    """One id per character, BOS = 1 prepended, EOS = 2: lengths are easy to reason about."""
-
-    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
-    chat_template = None
-
-    def __call__(self, text, add_special_tokens=True):
-        ids = [ord(c) for c in text]
-        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
-
-
 @pytest.mark.parametrize("key, value", [("beta", "0"), ("top_p", "1.5"), ("temperature", "0")])
 def test_generation_and_loss_settings_are_checked_early(key, value):
     from demoalign.config import IRFTConfig, load_config

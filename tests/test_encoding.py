@@ -1,19 +1,9 @@
 """Encoding: prompt cut from the left keeping BOS, response cut to fit, labels on the response."""
 
+from conftest import CharTokenizer
 from demoalign.data import Example
 from demoalign.encoding import Encoder, Tokenized, collate
 from demoalign.logprobs import IGNORE_INDEX
-
-
-class CharTokenizer:
-    """One id per character, BOS = 1 prepended, EOS = 2: lengths are easy to reason about."""
-
-    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
-    chat_template = None
-
-    def __call__(self, text, add_special_tokens=True):
-        ids = [ord(c) for c in text]
-        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
 
 
 def test_prompt_cut_from_the_left_keeping_bos_and_response_cut_to_fit():

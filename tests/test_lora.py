@@ -2,7 +2,6 @@
 final/ is a plain merged model (and final_adapters/ the peft adapters on request), and an IRFT
 stage's reference is the stage-start adapted model (u = 0 at the first step of every stage)."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,22 +9,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import small_run_config
+from conftest import read_metrics, small_run_config
 from demoalign import IRFTConfig, SFTConfig, SPINConfig, train
 from demoalign import run as run_module
 from demoalign.runio import read_run_state
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _capture_unmerged(monkeypatch) -> dict:
@@ -85,7 +74,7 @@ def test_only_adapters_change_and_final_is_merged(
 
 
 def _epoch_means(out: Path) -> list[float]:
-    steps = [r for r in _records(out) if "loss" in r]
+    steps = [r for r in read_metrics(out) if "loss" in r]
     epochs = sorted({r["epoch"] for r in steps})
     losses = [[r["loss"] for r in steps if r["epoch"] == e] for e in epochs]
     return [sum(values) / len(values) for values in losses]
@@ -121,7 +110,7 @@ def test_irft_lora_reference_is_the_stage_start_adapted_model(tiny_model_dir, tm
     )
     config.learning_rate = 1e-2
     out = train(config)
-    records = _records(out)
+    records = read_metrics(out)
     steps = [r for r in records if "margin" in r]
     for stage in (1, 2):
         mine = [r for r in steps if r["stage"] == stage]

@@ -28,15 +28,7 @@ from demoalign.methods import rft as rft_module
 from demoalign.runio import RunFolderError, read_run_state
 from demoalign.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster on a shared CPU, and the same thread count in
-    every run (and in the subprocess) keeps the arithmetic identical."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _REFERENCES: dict = {}

@@ -1,11 +1,10 @@
 """train(): inputs checked before the folder is touched, a truthful run state, NaN stops."""
 
-import json
 from dataclasses import replace
 
 import pytest
 
-from conftest import small_run_config
+from conftest import read_metrics, small_run_config
 from demoalign import IRFTConfig, SFTConfig, train
 from demoalign import run as run_module
 from demoalign.models import check_model_path
@@ -13,16 +12,12 @@ from demoalign.runio import MARKER, RunFolderError, read_run_state
 from demoalign.trainer import NonFiniteError
 
 
-def _metrics(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_a_finished_run_is_marked_finished_and_unlocked(tiny_model_dir, tmp_path):
     out = train(small_run_config(SFTConfig, tiny_model_dir, tmp_path / "run"))
     state = read_run_state(out)
     assert state["state"] == "finished" and state["steps"] == 4
     assert (out / MARKER).exists() and not (out / ".lock").exists()
-    assert _metrics(out)[-1]["event"] == "run_end"
+    assert read_metrics(out)[-1]["event"] == "run_end"
 
 
 def test_starting_from_a_model_inside_the_run_folder_never_deletes_it(tiny_model_dir, tmp_path):
@@ -61,7 +56,7 @@ def test_a_crash_during_the_final_save_is_never_reported_as_finished(
     out = tmp_path / "run"
     assert read_run_state(out)["state"] == "failed"
     assert not (out / "final").exists()
-    assert all(m.get("event") != "run_end" for m in _metrics(out))
+    assert all(m.get("event") != "run_end" for m in read_metrics(out))
     monkeypatch.undo()
     train(replace(config, overwrite=True))
     assert not (out / ".final.tmp").exists(), "leftovers of the interrupted save are cleaned"
@@ -90,7 +85,7 @@ def test_a_non_finite_gradient_stops_the_run_with_the_step_and_strict_json(
         train(small_run_config(SFTConfig, tiny_model_dir, tmp_path / "run"))
     state = read_run_state(tmp_path / "run")
     assert state["state"] == "failed" and "step 3" in state["error"]
-    steps = [m for m in _metrics(tmp_path / "run") if "step" in m and "loss" in m]
+    steps = [m for m in read_metrics(tmp_path / "run") if "step" in m and "loss" in m]
     assert [m["step"] for m in steps] == [1, 2]
 
 

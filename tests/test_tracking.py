@@ -3,27 +3,14 @@ TensorBoard event file of a CPU run holds the loss of every step; a missing pack
 error before the run folder exists."""
 
 import importlib.util
-import json
-from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import small_run_config
+from conftest import read_metrics, small_run_config
 from demoalign import SFTConfig, tracking, train
 from demoalign.tracking import TrackerSink, parse_report_to
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_report_to_parsing():
@@ -91,7 +78,7 @@ def test_tensorboard_event_file_holds_the_loss(tiny_model_dir, tmp_path):
     tags = events.Tags()["scalars"]
     assert {"train/loss", "train/grad_norm", "event/run_end/steps"} <= set(tags)
     logged = {e.step: e.value for e in events.Scalars("train/loss")}
-    steps = {r["step"]: r["loss"] for r in _records(out) if "loss" in r}
+    steps = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
     assert len(steps) == 8 and logged.keys() == steps.keys()
     assert all(logged[s] == pytest.approx(steps[s], rel=1e-6) for s in steps)
     run_end = events.Scalars("event/run_end/steps")
@@ -116,5 +103,5 @@ def test_mlflow_local_store(tiny_model_dir, tmp_path, monkeypatch):
     experiment = client.get_experiment_by_name(tracking.PROJECT)
     (run,) = client.search_runs([experiment.experiment_id])
     history = client.get_metric_history(run.info.run_id, "train/loss")
-    steps = [r["step"] for r in _records(out) if "loss" in r]
+    steps = [r["step"] for r in read_metrics(out) if "loss" in r]
     assert sorted(m.step for m in history) == steps

@@ -7,17 +7,6 @@ import torch
 from demoalign.trainer import Trainer, disable_dropout, lr_factor
 
 
-class CharTokenizer:
-    """One id per character, BOS = 1 prepended, EOS = 2: lengths are easy to reason about."""
-
-    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
-    chat_template = None
-
-    def __call__(self, text, add_special_tokens=True):
-        ids = [ord(c) for c in text]
-        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
-
-
 def test_lr_schedule_by_hand():
     f = lr_factor(10, 0.2, "linear")  # 2 warm-up steps, then 8 decay steps
     assert [round(f(k), 4) for k in range(10)] == [

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_generate(config: GenerateConfig) -> None:
     from .data import load_examples, load_prompts, parse_columns
     from .encoding import Encoder
-    from .generation import generate_ids
+    from .generation import generate_responses
     from .models import load_model_and_tokenizer
     from .runio import atomic_write_jsonl
     from .templates import resolve_template
@@ -121,28 +121,7 @@ def run_generate(config: GenerateConfig) -> None:
         config.max_prompt_length + config.max_new_tokens,
         config.max_prompt_length,
     )
-    prompts = [encoder.prompt_ids(e) for e in examples]
-    out = generate_ids(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        greedy=config.greedy,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        backend=config.generation_backend,
-    )
-    records = [
-        {
-            "prompt": e.prompt,
-            "response": tokenizer.decode(out[i], skip_special_tokens=True),
-            "tokens": len(out[i]),
-            "finished": bool(out[i]) and out[i][-1] == tokenizer.eos_token_id,
-        }
-        for i, e in enumerate(examples)
-    ]
+    records = generate_responses(model, tokenizer, encoder, examples, config, show_progress=True)
     atomic_write_jsonl(config.output, records)
     print(f"wrote {len(records)} generations to {config.output}")
 

@@ -549,7 +549,7 @@ class GenerateConfig:
     columns: str = opt("", "Explicit column mapping, as for training.")
     max_examples: int = opt(0, "Use only the first N records (0 = all).")
     output: str = opt(
-        "generations.jsonl", "JSONL file to write: prompt, response, tokens, finished."
+        "generations.jsonl", "JSONL file to write: prompt, history, response, tokens, finished."
     )
     overwrite: bool = opt(
         False, "Replace an existing `output` file (never the `data` file itself)."

@@ -358,6 +358,38 @@ def generate_ids(
     return (results, logps) if return_logps else results
 
 
+def generate_responses(
+    model, tokenizer, encoder, prompts: list, config, show_progress: bool = False
+) -> list[dict]:
+    """One response per Example of `prompts` with the training rendering (`encoder`) and the
+    sampling options of `config` (`demoalign generate` and `demoalign eval`): records of prompt,
+    earlier turns, response, tokens and whether it ended with EOS."""
+    out = generate_ids(
+        model,
+        tokenizer,
+        [encoder.prompt_ids(p) for p in prompts],
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        greedy=config.greedy,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        show_progress=show_progress,
+        backend=config.generation_backend,
+    )
+    eos = tokenizer.eos_token_id
+    return [
+        {
+            "prompt": p.prompt,
+            "history": [list(t) for t in p.history],
+            "response": tokenizer.decode(out[i], skip_special_tokens=True),
+            "tokens": len(out[i]),
+            "finished": bool(out[i]) and out[i][-1] == eos,
+        }
+        for i, p in enumerate(prompts)
+    ]
+
+
 def _generate_mine(
     engine, target, config, prompt_ids, mine, padded, seed, sampling, tokenizer, desc, show_progress
 ):

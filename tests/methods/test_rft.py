@@ -27,20 +27,13 @@ from demoalign.models import load_reward_model as load_reward_model_from
 from demoalign.runio import MetricsLog
 from demoalign.trainer import Trainer, make_accelerator
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def load_reward_model(config, tokenizer):
     """RFT's reward model of `config`, as the run builds it."""
     path = config.reward_model or config.model
     return load_reward_model_from(path, same_ids_as=tokenizer, seed=config.seed)[0]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is many times faster than two on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rft_config(tiny_model_dir, out, **overrides):

@@ -19,7 +19,7 @@ from ..data import Example, load_prompts
 from ..data.sources import HELDOUT_SEED, data_root, preference_pairs
 from ..data.tasks import get_task, task_prompts
 from ..encoding import Encoder
-from ..generation import generate_ids
+from ..generation import generate_responses
 from ..models import check_reward_model, load_model_and_tokenizer, load_reward_model
 from ..runio import atomic_write_jsonl, atomic_write_text, atomic_write_yaml
 from ..templates import resolve_template
@@ -44,35 +44,6 @@ def model_names(paths: list[str]) -> list[str]:
 def load_pairs(spec: str, limit: int | None = None) -> list[tuple[Example, str]]:
     """Preference pairs from a file, or `task:NAME[:SEED]` (200 held-out pairs by default)."""
     return preference_pairs(spec, limit, HELDOUT_SEED, task_count=200)
-
-
-def generate_responses(
-    model, tokenizer, encoder: Encoder, prompts: list[Example], config: EvalConfig
-) -> list[dict]:
-    ids = [encoder.prompt_ids(p) for p in prompts]
-    out = generate_ids(
-        model,
-        tokenizer,
-        ids,
-        max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        greedy=config.greedy,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        show_progress=False,
-        backend=config.generation_backend,
-    )
-    return [
-        {
-            "prompt": p.prompt,
-            "history": [list(t) for t in p.history],
-            "response": tokenizer.decode(out[i], skip_special_tokens=True),
-            "tokens": len(out[i]),
-            "finished": bool(out[i]) and out[i][-1] == tokenizer.eos_token_id,
-        }
-        for i, p in enumerate(prompts)
-    ]
 
 
 def read_generations(path: Path, prompts: list[Example]) -> list[dict]:
