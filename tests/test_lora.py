@@ -22,10 +22,10 @@ def _capture_unmerged(monkeypatch) -> dict:
     seen = {}
     real = run_module._save_final
 
-    def spy(config, model, tokenizer, out):
+    def spy(config, model, *rest):
         seen["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
-        return real(config, model, tokenizer, out)
+        return real(config, model, *rest)
 
     monkeypatch.setattr(run_module, "_save_final", spy)
     return seen

@@ -134,11 +134,14 @@ class Checkpoints:
         final, tmp = root / str(step), root / f".{step}.tmp"
         if final.exists():  # e.g. a step boundary that is also a stage boundary
             return
+        # Every process takes part: a sharded trainer gathers its state (a collective).
+        states = {name: trainer.checkpoint_state() for name, trainer in self.trainers.items()}
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            for name, trainer in self.trainers.items():
-                torch.save(trainer.checkpoint_state(), tmp / f"{name}.pt")
+            for name, state in states.items():
+                torch.save(state, tmp / f"{name}.pt")
+        del states
         acc.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng_{acc.process_index}.pt")
         acc.wait_for_everyone()

@@ -33,6 +33,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 
 from .models import eval_mode
 from .progress import progress_bar
+from .sharding import is_sharded
 
 BACKENDS = ("auto", "hf", "static")
 DEFAULT_BATCH_SIZE = 16  # `auto` off CUDA: today's default, which the CPU demo is tuned for
@@ -161,14 +162,6 @@ def length_batches(prompt_ids: list[list[int]], batch_size: int) -> list[list[in
 # ---------------------------------------------------------------- the static engine
 
 
-def _is_sharded(model) -> bool:
-    """ZeRO-3 / FSDP parameters are shards: a copy of them would not be a model."""
-    return any(
-        hasattr(p, "ds_id") or type(p).__name__ in ("FlatParameter", "DTensor")
-        for p in model.parameters()
-    )
-
-
 def _half_copy(model, dtype: torch.dtype):
     """A copy of `model` whose parameters are `dtype` and never need grad. Built by deepcopy with
     the parameters pre-mapped, so no full-precision copy ever exists; tied weights stay tied and
@@ -195,7 +188,7 @@ class StaticEngine:
         fp32 = next(model.parameters()).dtype == torch.float32
         peft = hasattr(model, "get_base_model")
         if half is None:
-            half = device.type == "cuda" and fp32 and not peft and not _is_sharded(model)
+            half = device.type == "cuda" and fp32 and not peft
         self.half = half
         old_gpu = device.type == "cuda" and not torch.cuda.is_bf16_supported()
         dtype = torch.float16 if old_gpu else torch.bfloat16
@@ -422,9 +415,11 @@ def _generate_mine(
 
 def _select_engine(model, backend: str, device):
     """(the static engine or None, the model that generates: its bf16 copy, or `model`)."""
+    if is_sharded(model):
+        # Each decode step would be a collective, and processes finish after different numbers
+        # of steps: generation runs on the gathered copy of Trainer.inference_model instead.
+        raise ValueError("cannot generate from sharded parameters; gather the model first")
     backend = resolve_backend(backend, device)
-    if backend == "static" and _is_sharded(model):
-        backend = "hf"  # ZeRO-3/FSDP shards gather inside forward: no static copy of them exists
     engine = static_engine(model) if backend == "static" else None
     if engine is None:
         return None, model

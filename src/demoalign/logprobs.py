@@ -86,6 +86,8 @@ class SequenceScorer(torch.nn.Module):
         super().__init__()
         self.lm = lm
         self.tile_tokens = tile_tokens
+        # FSDP's transformer-based auto-wrap reads the wrapped module's layer classes from here.
+        self._no_split_modules = getattr(lm, "_no_split_modules", None)
         text_config = (
             lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         )
@@ -93,6 +95,11 @@ class SequenceScorer(torch.nn.Module):
         self.fused = isinstance(head, torch.nn.Linear) and not any(
             getattr(text_config, name, None) not in (None, 1.0) for name in _LOGIT_POSTPROCESSING
         )
+
+    def tie_weights(self, *args, **kwargs):
+        """accelerate's FSDP2 loading re-ties weights through the prepared module: without this
+        a tied LM head would come back as a second, separately trained matrix."""
+        return self.lm.tie_weights(*args, **kwargs)
 
     def forward(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.fused:

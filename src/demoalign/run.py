@@ -27,6 +27,7 @@ from .runio import (
     save_pretrained_atomic,
     write_run_state,
 )
+from .sharding import check_sharding_supported, plain_model, sharding_of
 from .templates import resolve_template
 from .tracking import start_trackers
 from .trainer import Trainer, make_accelerator
@@ -79,6 +80,7 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     check_model_path(config.model)
     library_progress_bars(config.show_progress)
     accelerator = make_accelerator(config)
+    check_sharding_supported(config, accelerator)
     set_seed(config.seed)
     out = Path(config.output_dir)
     folder, checkpoint = _resume_point(config)
@@ -129,6 +131,7 @@ def _start_record(config, checkpoint, template, accelerator, examples, data_coun
         "method": config.method,
         "template": template,
         "processes": accelerator.num_processes,
+        "sharding": sharding_of(accelerator),
         "mixed_precision": accelerator.mixed_precision,
         "examples": len(examples),
         **data_counts,
@@ -171,8 +174,9 @@ def _train_and_save(
     started = time.perf_counter()
     counts = _run_method(config, trainer, encoder, examples, out, on_stage_end, ckpt)
     accelerator.wait_for_everyone()
+    state = trainer.final_state()  # sharded: gathered by every process, held by the main one
     if accelerator.is_main_process:
-        _save_final(config, trainer.unwrapped, tokenizer, out)
+        _save_final(config, trainer.unwrapped, tokenizer, out, state)
         log.write(
             {
                 "event": "run_end",
@@ -185,10 +189,13 @@ def _train_and_save(
     accelerator.wait_for_everyone()
 
 
-def _save_final(config, model, tokenizer, out: Path) -> None:
+def _save_final(config, model, tokenizer, out: Path, state: dict | None = None) -> None:
     """final/: a plain model AutoModelForCausalLM loads (LoRA merged into the base); with
     lora_keep_adapters the adapters alone (peft's format) go to final_adapters/ first, since
-    merging changes the base weights in place."""
+    merging changes the base weights in place. `state`: the gathered weights of a sharded
+    model, saved through a plain model of the same architecture."""
+    if state is not None:
+        model = plain_model(model, state)
     if hasattr(model, "merge_and_unload"):
         if config.lora_keep_adapters:
             save_pretrained_atomic(model, tokenizer, out / "final_adapters")

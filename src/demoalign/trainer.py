@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
@@ -20,6 +20,7 @@ from accelerate import Accelerator
 
 from .logprobs import SequenceScorer
 from .progress import progress_bar
+from .sharding import full_state_dict, gathered_copy, is_sharded
 from .tracking import accelerator_options
 
 # (per-item losses, per-item statistics to log, tokens processed)
@@ -146,6 +147,7 @@ class Trainer:
             )
         # The scorer is what DDP wraps, so the one forward that yields log-probs is DDP's forward.
         self.model, self.optimizer = accelerator.prepare(wrapper(model), optimizer)
+        self.sharded = is_sharded(self.model)
         self.scheduler = None
         self.global_step = 0
         # Where `fit` is (epoch, steps done in it), and a hook called after every logged step
@@ -162,6 +164,32 @@ class Trainer:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model).lm
 
+    @contextmanager
+    def inference_model(self):
+        """The model generation and reference log-probs run on: the training model itself, or,
+        when its parameters are shards (FSDP2, ZeRO-3), a plain copy gathered from every process
+        in the forward's precision, freed on exit. Collective when sharded: every process
+        enters it, and nothing inside may call a collective of the sharded model."""
+        if not self.sharded:
+            yield self.unwrapped
+            return
+        copy = gathered_copy(self.unwrapped, self._forward_dtype())
+        try:
+            yield copy
+        finally:
+            del copy
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _forward_dtype(self) -> torch.dtype:
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        return half.get(self.accelerator.mixed_precision, torch.float32)
+
+    def final_state(self) -> dict | None:
+        """The full weights for final/ when sharded (collective; on the main process only),
+        else None: the unwrapped model saves itself."""
+        return full_state_dict(self.unwrapped) if self.sharded else None
+
     def start_schedule(self, num_steps: int) -> None:
         """A warm-up + decay schedule over `num_steps` optimiser steps (the run or one stage)."""
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -177,10 +205,15 @@ class Trainer:
         self.scheduler = None
 
     def checkpoint_state(self) -> dict:
-        """Weights, optimiser, schedule and step: what a checkpoint holds of this trainer."""
+        """Weights, optimiser, schedule and step: what a checkpoint holds of this trainer.
+        Collective when sharded: full tensors (keyed by parameter name) on the main process."""
+        if self.sharded:
+            model, optimizer = _full_sharded_state(self.model, self.optimizer)
+        else:
+            model, optimizer = self.unwrapped.state_dict(), self.optimizer.state_dict()
         return {
-            "model": self.unwrapped.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "global_step": self.global_step,
         }
@@ -189,8 +222,11 @@ class Trainer:
         """Inverse of `checkpoint_state`, in place (the optimiser keeps its parameters). The
         schedule of the current stage must exist already; a per-stage schedule that is not
         started yet (a stage-boundary checkpoint) is started afresh by the next stage."""
-        self.unwrapped.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            _load_full_sharded_state(self.model, self.optimizer, state)
+        else:
+            self.unwrapped.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.global_step = state["global_step"]
@@ -293,3 +329,32 @@ class Trainer:
         }
         record.update({k: totals[2 + j].item() / len(batch) for j, k in enumerate(keys)})
         return record
+
+
+def _full_sharded_state(model, optimizer) -> tuple[dict, dict]:
+    """torch's distributed state-dict API: full CPU tensors on the main process, keyed by
+    parameter name, so that the checkpoint does not depend on how the model was sharded."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (
+        get_model_state_dict(model, options=options),
+        get_optimizer_state_dict(model, optimizer, options=options),
+    )
+
+
+def _load_full_sharded_state(model, optimizer, state: dict) -> None:
+    """Every process read the full state; each keeps its own shard of it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)

@@ -184,8 +184,10 @@ def run_irft(
                 desc=f"stage {stage_id}: training",
                 start=resumed["fit"] if resumed else None,
             )
-            if on_stage_end is not None and trainer.accelerator.is_main_process:
-                on_stage_end(trainer.unwrapped, stage_id)
+            if on_stage_end is not None:
+                with trainer.inference_model() as model:  # collective when sharded
+                    if trainer.accelerator.is_main_process:
+                        on_stage_end(model, stage_id)
             at.update(done=True, pairs=[], cuts={})
             ckpt.save()
     return at["totals"]

@@ -12,14 +12,13 @@ from ..pairs import Pair, fill_reference_logps
 from ..trainer import Trainer
 
 
-def _sample(config, trainer: Trainer, encoder: Encoder, prompts: list, stage_id: int, decode: bool):
+def _sample(config, model, acc, encoder: Encoder, prompts: list, stage_id: int, decode: bool):
     """{index: negative ids} of this process's share, and (with decode) their token log-probs."""
-    acc = trainer.accelerator
     # Each negative is then cut to its own room by `encoder.fit`, like its demonstration.
     room = config.max_length - min(len(p) for p in prompts)
     with acc.autocast():
         generated = generate_ids(
-            trainer.unwrapped,
+            model,
             encoder.tokenizer,
             prompts,
             max_new_tokens=max(1, min(config.max_new_tokens, room)),
@@ -57,11 +56,19 @@ def make_negatives(
     """Sample one negative per prompt with the current model, then its reference log-probs with the
     SAME weights; each process does its share, and everyone gets all pairs. With
     reference_logps=decode the negatives' come from the logits they were sampled from."""
-    acc, model, tok = trainer.accelerator, trainer.unwrapped, encoder.tokenizer
+    with trainer.inference_model() as model:
+        mine = _my_pairs(config, model, trainer.accelerator, encoder, chunk, stage_id)
+    if trainer.accelerator.num_processes == 1:
+        return mine
+    return sorted(gather_object(mine), key=lambda p: p.index)
+
+
+def _my_pairs(config, model, acc, encoder: Encoder, chunk: list, stage_id: int) -> list[Pair]:
+    tok = encoder.tokenizer
     prompts = [encoder.prompt_ids(e) for e in chunk]
     # RFT's negatives train a reward model: no reference log-probs of theirs are used.
     decode = getattr(config, "reference_logps", "forward") == "decode"
-    generated, decoded = _sample(config, trainer, encoder, prompts, stage_id, decode)
+    generated, decoded = _sample(config, model, acc, encoder, prompts, stage_id, decode)
     mine, forward = [], []
     for i, neg_ids in sorted(generated.items()):
         pair = _pair(i, prompts[i], chunk[i], neg_ids or [tok.eos_token_id], encoder)
@@ -78,10 +85,7 @@ def make_negatives(
             model, decoded_pairs, tok.pad_token_id, batch, acc.autocast, negatives=False
         )
     fill_reference_logps(model, forward if decode else mine, tok.pad_token_id, batch, acc.autocast)
-    if acc.num_processes == 1:
-        return mine
-
-    return sorted(gather_object(mine), key=lambda p: p.index)
+    return mine
 
 
 def negative_records(pairs: list[Pair], chunk: list, tokenizer) -> list[dict]:

@@ -1,0 +1,129 @@
+"""Sharded training (FSDP2, DeepSpeed ZeRO-3): the places where a model's parameters are shards.
+
+Under FSDP2 every parameter is a DTensor holding this process's slice, and the full weights
+exist only inside a forward of the prepared (root) module; under ZeRO-3 a parameter outside its
+module's forward is an empty placeholder. Training itself needs nothing from here: the policy's
+forward is the prepared SequenceScorer's, whose root unit gathers the LM head it reads. What does
+need the full weights is everything else done with the model:
+
+- generation and the reference log-probs of a stage start run on a plain, unsharded copy
+  gathered from every process (`gathered_copy`). A sharded model cannot generate: every decode
+  step would be a collective, and processes finish their rows after different numbers of steps;
+- `final/` and checkpoints hold full tensors (`full_state_dict`), so that a folder written by 8
+  sharded processes loads into one plain model, or resumes on the same number of processes.
+
+Every function here that gathers is collective: every process must call it.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model`'s parameters are FSDP2 DTensor shards or ZeRO-3 partitions."""
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _zero3_gathered(model):
+    """ZeRO-3's context that materialises every parameter of `model` on every process."""
+    import deepspeed  # only present (and only reached) under DeepSpeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+def gathered_weights(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict:
+    """The full state dict of `model` on every process, floating tensors cast to `dtype`.
+    Parameters are gathered and cast one at a time, so at most one extra full-precision tensor
+    exists beside the result. Tied weights come back as one tensor under both names."""
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    state = {}
+    seen: dict[int, torch.Tensor] = {}
+    with _zero3_gathered(model) if zero3 else nullcontext():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if id(tensor) not in seen:
+                full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
+                cast = dtype is not None and full.is_floating_point()
+                seen[id(tensor)] = full.to(dtype) if cast else full.clone()
+            state[name] = seen[id(tensor)]
+    return state
+
+
+def plain_model(model: torch.nn.Module, state: dict, device=None) -> torch.nn.Module:
+    """A new, unsharded instance of `model`'s architecture holding `state` (no copy of it),
+    in eval mode without gradients. Built from the config on the meta device, so no random
+    initialisation is paid; buffers that are not in the state dict (rotary frequencies) are
+    computed by the constructor and moved to `device`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        copy = AutoModelForCausalLM.from_config(model.config)
+    copy.load_state_dict(state, strict=True, assign=True)
+    if getattr(copy.config, "tie_word_embeddings", False):
+        copy.tie_weights()
+    if device is not None:
+        copy.to(device)
+    copy.requires_grad_(False)
+    return copy.eval()
+
+
+def gathered_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A plain copy of a sharded causal LM on every process, in `dtype` (collective)."""
+    device = next(model.parameters()).device
+    return plain_model(model, gathered_weights(model, dtype), device)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """Full CPU tensors of a sharded model on the main process, an empty dict elsewhere
+    (collective). torch's distributed state-dict API does the gathering for FSDP2."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        state = gathered_weights(model)
+        return {k: v.cpu() for k, v in state.items()} if _rank() == 0 else {}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def sharding_of(accelerator) -> str | None:
+    """ "FSDP2", "ZeRO-3" or None (DDP, ZeRO-1/2 and one process keep whole parameters)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
+        return "FSDP2" if version == 2 else "FSDP1"
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        return "ZeRO-3" if stage == 3 else None
+    return None
+
+
+def check_sharding_supported(config, accelerator) -> None:
+    """Refuse, before anything is written, what does not run sharded (yet)."""
+    kind = sharding_of(accelerator)
+    if kind is None:
+        return
+    if kind == "FSDP1":
+        raise ValueError(
+            "FSDP version 1 is not supported: set `fsdp_version: 2` in the accelerate config "
+            "(recipes/accelerate/fsdp2.yaml)"
+        )
+    if config.method == "rft":
+        raise ValueError(
+            f"RFT does not run under {kind} yet (its reward model and frozen reference would "
+            "be sharded too); use DDP or ZeRO-2"
+        )
+    if config.lora_r:
+        raise ValueError(
+            f"LoRA under {kind} is not supported: the adapters are small, so DDP or ZeRO-2 "
+            "with LoRA holds the base model once per GPU in bf16 without sharding"
+        )

@@ -1,0 +1,188 @@
+"""Sharded training (FSDP2): two CPU processes over gloo reach the one-process run's losses,
+negatives and final weights, write full-tensor checkpoints, and resume from them bit for bit;
+plus the pieces on one process (the gathered plain copy, tied weights, the refusals)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DOLLY, fresh_model, small_run_config
+from demoalign import IRFTConfig, train
+from demoalign.generation import generate_ids
+from demoalign.logprobs import SequenceScorer
+from demoalign.sharding import check_sharding_supported, gathered_weights, is_sharded, plain_model
+
+HERE = Path(__file__).resolve().parent
+
+
+def _launch_fsdp(tiny_model_dir, out, *extra):
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    if accelerate is None:
+        pytest.skip("accelerate launcher not found beside the interpreter")
+    cmd = [
+        accelerate,
+        "launch",
+        "--use_fsdp",
+        "--fsdp_version",
+        "2",
+        "--fsdp_auto_wrap_policy",
+        "TRANSFORMER_BASED_WRAP",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29541",
+        str(HERE / "fsdp_run.py"),
+        "irft",
+        f"model={tiny_model_dir}",
+        f"data={DOLLY}",
+        "max_examples=16",
+        f"output_dir={out}",
+        "max_length=80",
+        "max_prompt_length=40",
+        "batch_size=2",
+        "learning_rate=1e-3",
+        "cpu=true",
+        "show_progress=false",
+        "max_new_tokens=10",
+        "generation_batch_size=8",
+        "stages=2",
+        "save_steps=1",
+        "keep_checkpoints=4",
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _records(out):
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _steps(out):
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in _records(out) if "loss" in r]
+
+
+def _negatives(out, stage):
+    lines = (Path(out) / "stages" / str(stage) / "negatives.jsonl").read_text().splitlines()
+    return [json.loads(x)["negative"] for x in lines]
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_matches_one_process_and_resumes(tiny_model_dir, tmp_path):
+    one = train(small_run_config(IRFTConfig, tiny_model_dir, tmp_path / "one", batch_size=4))
+    two = tmp_path / "fsdp"
+    _launch_fsdp(tiny_model_dir, two)
+
+    assert _records(two)[0]["sharding"] == "FSDP2"
+    a, b = _steps(one), _steps(two)
+    assert len(a) == len(b) == 4
+    assert [s[1] for s in b] == pytest.approx([s[1] for s in a], rel=1e-4, abs=1e-5)
+    # The grad norm would differ if sharding had untied the tiny model's tied LM head.
+    assert [s[2] for s in b] == pytest.approx([s[2] for s in a], rel=1e-3)
+    for stage in (1, 2):  # generated from the gathered copy: the same samples
+        assert _negatives(two, stage) == _negatives(one, stage)
+    final_one, final_two = (load_file(p / "final" / "model.safetensors") for p in (one, two))
+    assert sorted(final_one) == sorted(final_two)
+    for name, tensor in final_one.items():
+        torch.testing.assert_close(final_two[name], tensor, rtol=1e-4, atol=1e-5)
+
+    # Checkpoints hold full tensors keyed by name, not one process's shards.
+    state = torch.load(two / "checkpoints" / "4" / "policy.pt", weights_only=True)
+    embed = state["model"]["lm.model.embed_tokens.weight"]
+    assert embed.shape == final_one["model.embed_tokens.weight"].shape
+    assert state["optimizer"]["state"]["lm.model.embed_tokens.weight"]["exp_avg"].shape == (
+        embed.shape
+    )
+
+    # A crash after step 2: later checkpoints and final/ gone; resume continues bit for bit.
+    expected_final, expected_steps = final_two, _steps(two)
+    for step in ("3", "4"):
+        shutil.rmtree(two / "checkpoints" / step)
+    shutil.rmtree(two / "final")
+    (two / "run_state.json").write_text(json.dumps({"state": "failed", "method": "irft"}))
+    _launch_fsdp(tiny_model_dir, two, "resume=true")
+    assert [r["checkpoint"] for r in _records(two) if r.get("event") == "resume"] == ["2"]
+    assert _steps(two) == expected_steps
+    resumed = load_file(two / "final" / "model.safetensors")
+    assert all(torch.equal(resumed[k], v) for k, v in expected_final.items())
+
+
+def test_a_gathered_plain_copy_is_the_same_model_with_its_weights_still_tied(tiny_model_dir):
+    model = fresh_model(tiny_model_dir)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    copy = plain_model(model, gathered_weights(model, torch.bfloat16))
+    assert copy is not model and not is_sharded(copy)
+    assert copy.lm_head.weight is copy.get_input_embeddings().weight
+    assert {p.dtype for p in copy.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in copy.parameters())
+    exact = plain_model(model, gathered_weights(model))
+    ids = torch.tensor([[5, 9, 13, 21, 7]])
+    torch.testing.assert_close(exact(ids).logits, model(ids).logits, rtol=0, atol=0)
+    # The copy's tensors are its own: training the model afterwards leaves it as it was.
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    assert not torch.equal(exact.lm_head.weight, model.lm_head.weight)
+
+
+def test_the_scorer_reties_the_head_that_sharded_loading_untied(tiny_model_dir):
+    model = fresh_model(tiny_model_dir)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    assert model.lm_head.weight is not model.get_input_embeddings().weight
+    scorer = SequenceScorer(model)
+    scorer.tie_weights()
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    assert scorer._no_split_modules == model._no_split_modules
+
+
+def test_generation_refuses_sharded_parameters(tiny_model_dir, tokenizer):
+    model = fresh_model(tiny_model_dir)
+    next(model.parameters()).ds_id = 0  # what a ZeRO-3 partition carries
+    assert is_sharded(model)
+    with pytest.raises(ValueError, match="sharded"):
+        generate_ids(model, tokenizer, [[5, 6, 7]], max_new_tokens=2, greedy=True)
+
+
+def _accelerator(kind: str, version_or_stage: int):
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(fsdp_version=version_or_stage, zero_stage=version_or_stage)
+    state = SimpleNamespace(fsdp_plugin=plugin, deepspeed_plugin=plugin)
+    return SimpleNamespace(distributed_type=getattr(DistributedType, kind), state=state)
+
+
+@pytest.mark.parametrize(
+    "method, lora_r, kind, level, refused",
+    [
+        ("irft", 0, "FSDP", 2, None),
+        ("irft", 0, "FSDP", 1, "fsdp_version: 2"),
+        ("rft", 0, "FSDP", 2, "RFT does not run under FSDP2"),
+        ("sft", 8, "DEEPSPEED", 3, "LoRA under ZeRO-3"),
+        ("rft", 8, "DEEPSPEED", 2, None),  # ZeRO-2 keeps whole parameters
+        ("rft", 8, "MULTI_GPU", 0, None),
+    ],
+)
+def test_what_does_not_run_sharded_is_refused_before_anything_is_written(
+    method, lora_r, kind, level, refused
+):
+    config = SimpleNamespace(method=method, lora_r=lora_r)
+    accelerator = _accelerator(kind, level)
+    if refused is None:
+        check_sharding_supported(config, accelerator)
+    else:
+        with pytest.raises(ValueError, match=refused):
+            check_sharding_supported(config, accelerator)
