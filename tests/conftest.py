@@ -60,6 +60,33 @@ def small_run_config(cls, tiny_model_dir, out, **overrides):
     return build_config(cls, values)
 
 
+def small_rft_values(tiny_model_dir, out, **overrides) -> dict:
+    """RFT settings of a run of a few seconds on CPU (two outer iterations on the sort task), as
+    `key: value` pairs: for build_config, or for the command line."""
+    values = dict(
+        model=str(tiny_model_dir),
+        data="task:sort",
+        max_examples=16,
+        output_dir=str(out),
+        template="plain",
+        max_length=48,
+        max_prompt_length=24,
+        max_new_tokens=12,
+        batch_size=4,
+        generation_batch_size=16,
+        learning_rate=1e-3,
+        reward_learning_rate=3e-3,
+        reward_steps=4,
+        policy_steps=2,
+        rollouts=2,
+        outer_iterations=2,
+        cpu=True,
+        show_progress=False,
+    )
+    values.update(overrides)
+    return values
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models: one intra-op thread is faster on a shared CPU, and the same thread count in

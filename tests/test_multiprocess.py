@@ -9,9 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from conftest import DOLLY, small_run_config
-from demoalign import IRFTConfig, SFTConfig, train
+from conftest import DOLLY, read_metrics, small_rft_values, small_run_config
+from demoalign import IRFTConfig, RFTConfig, SFTConfig, train
+from demoalign.checkpoint import latest_checkpoint
+from demoalign.config import build_config
+from demoalign.runio import write_run_state
 
 HERE = Path(__file__).resolve().parent
 
@@ -21,11 +26,8 @@ def _step_metrics(run_dir):
     return [json.loads(line) for line in lines if '"step"' in line]
 
 
-def _launch_two_processes(method, tiny_model_dir, out, extra):
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    if accelerate is None:
-        pytest.skip("accelerate launcher not found beside the interpreter")
-    args = [
+def _small_args(tiny_model_dir, out, extra):
+    return [
         f"model={tiny_model_dir}",
         f"data={DOLLY}",
         "max_examples=16",
@@ -38,6 +40,12 @@ def _launch_two_processes(method, tiny_model_dir, out, extra):
         "show_progress=false",
         *extra,
     ]
+
+
+def _launch_two_processes(method, args, port="29517"):
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    if accelerate is None:
+        pytest.skip("accelerate launcher not found beside the interpreter")
     cmd = [
         accelerate,
         "launch",
@@ -54,17 +62,17 @@ def _launch_two_processes(method, tiny_model_dir, out, extra):
         method,
         *args,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    return out
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
     irft_extra = ["max_new_tokens=10", "generation_batch_size=8", "stages=2"]
-    two_irft = _launch_two_processes("irft", tiny_model_dir, tmp_path / "irft2", irft_extra)
-    two_sft = _launch_two_processes("sft", tiny_model_dir, tmp_path / "sft2", [])
+    two_irft, two_sft = tmp_path / "irft2", tmp_path / "sft2"
+    _launch_two_processes("irft", _small_args(tiny_model_dir, two_irft, irft_extra))
+    _launch_two_processes("sft", _small_args(tiny_model_dir, two_sft, []))
     one_irft = train(small_run_config(IRFTConfig, tiny_model_dir, tmp_path / "irft1", batch_size=4))
     one_sft = train(small_run_config(SFTConfig, tiny_model_dir, tmp_path / "sft1", batch_size=4))
 
@@ -85,3 +93,63 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
             for x in (two_irft / "stages" / stage / "negatives.jsonl").read_text().splitlines()
         ]
         assert negs == negs2
+
+
+def _phase(run_dir, phase):
+    return [m for m in read_metrics(run_dir) if m.get("phase") == phase]
+
+
+def _negatives(run_dir, k):
+    lines = (Path(run_dir) / "iterations" / k / "negatives.jsonl").read_text().splitlines()
+    return [json.loads(line)["negative"] for line in lines]
+
+
+def _assert_close(a: list[dict], b: list[dict], keys) -> None:
+    for key in keys:
+        expected = [m[key] for m in a]
+        assert [m[key] for m in b] == pytest.approx(expected, rel=1e-4, abs=1e-5), key
+
+
+def _resume_from_first_iteration(run_dir, args, port):
+    """Drop the run's last checkpoint and resume it with 2 processes from iteration 1's end."""
+    checkpoint = latest_checkpoint(run_dir)
+    assert sorted(p.name for p in checkpoint.glob("rng_*.pt")) == ["rng_0.pt", "rng_1.pt"]
+    shutil.rmtree(checkpoint)
+    write_run_state(run_dir, "failed", method="rft")
+    _launch_two_processes("rft", [*args, "resume=true"], port)
+
+
+@pytest.mark.slow
+def test_rft_two_processes_match_one_process(tiny_model_dir, tmp_path, one_thread):
+    """2 processes x batch 2 against 1 x batch 4: the same negatives, rollouts (their rewards, KL
+    and lengths), reward steps (with preference pairs) and policy steps, and reward-model
+    evaluations; then the 2-process run resumed from its first outer iteration's checkpoint
+    repeats the second exactly. Generation batches of 4 rows, so that both processes sample
+    negatives and rollouts."""
+    settings = dict(generation_batch_size=4, reward_steps=2, policy_steps=2)
+    settings.update(preference_data="task:sort:5", preference_weight=0.5)
+    two, one = tmp_path / "rft2", tmp_path / "rft1"
+    values = small_rft_values(tiny_model_dir, two, batch_size=2, **settings)
+    args = [f"{key}={value}" for key, value in values.items()]
+    _launch_two_processes("rft", args, port="29523")
+    train(build_config(RFTConfig, small_rft_values(tiny_model_dir, one, **settings)))
+
+    assert [_negatives(two, k) for k in "12"] == [_negatives(one, k) for k in "12"]
+    reward_keys = ("loss", "grad_norm", "pair_margin", "preference_margin")
+    policy_keys = ("loss", "grad_norm", "reward", "kl", "response_tokens")
+    for phase, keys in (("reward", reward_keys), ("policy", policy_keys)):
+        a, b = _phase(one, phase), _phase(two, phase)
+        assert len(a) == len(b) == 4
+        _assert_close(a, b, keys)
+    assert read_metrics(two)[0]["processes"] == 2
+    evals = [[m for m in read_metrics(r) if m.get("event") == "reward_eval"] for r in (one, two)]
+    _assert_close(*evals, ("before_train_margin", "after_train_margin", "after_heldout_margin"))
+
+    steps = [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(two) if "loss" in m]
+    final = load_file(two / "final" / "model.safetensors")
+    _resume_from_first_iteration(two, args, port="29523")
+    records = read_metrics(two)
+    assert {"event": "resume", "checkpoint": "4"} in records
+    assert [(m["step"], m["loss"], m["grad_norm"]) for m in records if "loss" in m] == steps
+    again = load_file(two / "final" / "model.safetensors")
+    assert all(torch.equal(again[k], v) for k, v in final.items())

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import fresh_model
+from conftest import fresh_model, small_rft_values
 from demoalign import RFTConfig, train
 from demoalign.config import build_config
 from demoalign.data.tasks import task_examples
@@ -37,28 +37,7 @@ def load_reward_model(config, tokenizer):
 
 
 def rft_config(tiny_model_dir, out, **overrides):
-    values = dict(
-        model=str(tiny_model_dir),
-        data="task:sort",
-        max_examples=16,
-        output_dir=str(out),
-        template="plain",
-        max_length=48,
-        max_prompt_length=24,
-        max_new_tokens=12,
-        batch_size=4,
-        generation_batch_size=16,
-        learning_rate=1e-3,
-        reward_learning_rate=3e-3,
-        reward_steps=4,
-        policy_steps=2,
-        rollouts=2,
-        outer_iterations=2,
-        cpu=True,
-        show_progress=False,
-    )
-    values.update(overrides)
-    return build_config(RFTConfig, values)
+    return build_config(RFTConfig, small_rft_values(tiny_model_dir, out, **overrides))
 
 
 def reward_trainer(config, tokenizer, tmp_path):

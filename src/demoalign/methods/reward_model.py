@@ -114,20 +114,30 @@ def _finish_reward_record(record: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate_reward_pairs(scorer, pairs: list[RewardPair], pad_id: int, batch_size: int) -> dict:
-    """Accuracy (ties ½) and mean margin r(chosen) − r(rejected) of a reward model on pairs."""
-    if not pairs:
-        return {}
+def pair_margins(scorer, pairs: list[RewardPair], pad_id: int, batch_size: int) -> list[float]:
+    """r(chosen) − r(rejected) of each pair, in eval mode."""
     margins = []
     with eval_mode(scorer):
         for start in range(0, len(pairs), batch_size):
             chosen, rejected = _scores(scorer, pairs[start : start + batch_size], pad_id)
             margins += (chosen - rejected).tolist()
+    return margins
+
+
+def margin_summary(margins: list[float]) -> dict:
+    """Accuracy (ties ½) and mean margin of a reward model's margins on pairs."""
+    if not margins:
+        return {}
     return {
         "accuracy": sum((m > 0) + 0.5 * (m == 0) for m in margins) / len(margins),
         "margin": sum(margins) / len(margins),
         "pairs": len(margins),
     }
+
+
+def evaluate_reward_pairs(scorer, pairs: list[RewardPair], pad_id: int, batch_size: int) -> dict:
+    """Accuracy (ties ½) and mean margin r(chosen) − r(rejected) of a reward model on pairs."""
+    return margin_summary(pair_margins(scorer, pairs, pad_id, batch_size))
 
 
 def score_rows(scorer, rows: list[Tokenized], pad_id: int, batch_size: int) -> list[float]:
@@ -208,10 +218,12 @@ class HeldOutDemonstrations:
         return train, held
 
 
-def evaluate_subsets(scorer, subsets: dict, pad_id: int, batch_size: int, prefix: str) -> dict:
-    """`evaluate_reward_pairs` on each named subset: {prefix_subset_metric: value}."""
+def evaluate_subsets(margins_of, subsets: dict, prefix: str) -> dict:
+    """`margin_summary` of each non-empty named subset, its margins from `margins_of(pairs)`:
+    {prefix_subset_metric: value}."""
     return {
         f"{prefix}_{name}_{key}": value
         for name, subset in subsets.items()
-        for key, value in evaluate_reward_pairs(scorer, subset, pad_id, batch_size).items()
+        if subset
+        for key, value in margin_summary(margins_of(subset)).items()
     }

@@ -8,6 +8,10 @@
 
 Every optimiser step of both models is `Trainer.step`; both read the same token ids. The
 state shared across iterations (reference, reward model, held-out split) is in rft_state.py.
+
+Under `accelerate launch` every process holds the policy, its reference and the reward model;
+negatives, rollouts and the scores of both are computed in shares and gathered, so every process
+sees the same pairs and groups, and `Trainer.step` splits each global batch between processes.
 """
 
 from __future__ import annotations
@@ -31,11 +35,14 @@ from .rloo import policy_step
 
 
 def _save_iteration(run: RFTRun, k: int, pairs, chunk, reward_pairs, held) -> None:
-    """Negatives with the scores of the reward model this iteration trained (r_k)."""
+    """Negatives with the scores of the reward model this iteration trained (r_k). Written by the
+    main process; no process reads them during the run, so nobody waits for them."""
     tokenizer = run.encoder.tokenizer
     records = negative_records(pairs, chunk, tokenizer)
-    r_demo = run.rewards([Tokenized(p.prompt_ids, p.demo_ids) for p in pairs])
-    r_neg = run.rewards([Tokenized(p.prompt_ids, p.negative_ids) for p in pairs])
+    rows = [Tokenized(p.prompt_ids, p.demo_ids) for p in pairs]
+    rows += [Tokenized(p.prompt_ids, p.negative_ids) for p in pairs]
+    scores = run.shared(rows, run.rewards)
+    r_demo, r_neg = scores[: len(pairs)], scores[len(pairs) :]
     held_ids = {id(p) for p in held}
     for rec, pair, rd, rn in zip(records, reward_pairs, r_demo, r_neg):
         rec["policy_logp_demonstration"] = rec.pop("ref_logp_demonstration")
@@ -53,8 +60,7 @@ def _reward_phase(run: RFTRun, k: int, pairs: list, chunk: list, chunk_idx: list
     reward_pairs = [RewardPair(p.prompt_ids, p.demo_ids, p.negative_ids) for p in pairs]
     train, held = run.heldout.split(k, reward_pairs, [chunk_idx[p.index] for p in pairs])
     subsets = {"train": train, "heldout": held, "preference_heldout": run.preference_eval}
-    evaluation = (run.scorer, subsets, tok.pad_token_id, run.batch)
-    before = evaluate_subsets(*evaluation, prefix="before")
+    before = evaluate_subsets(run.margins, subsets, prefix="before")
     run.trainer.log.write(
         {
             "event": "iteration_start",
@@ -69,7 +75,7 @@ def _reward_phase(run: RFTRun, k: int, pairs: list, chunk: list, chunk_idx: list
     context = {"method": "rft", "phase": "reward", "iteration": k}
     steps, prefs, seeds = config.reward_steps, run.preference_train, (config.seed, k)
     reward_step(run.reward_trainer, train, prefs, steps, loss_fn, seeds, context)
-    after = evaluate_subsets(*evaluation, prefix="after")
+    after = evaluate_subsets(run.margins, subsets, prefix="after")
     run.trainer.log.write({"event": "reward_eval", "iteration": k, **before, **after})
     _save_iteration(run, k, pairs, chunk, reward_pairs, held)
 
@@ -93,10 +99,6 @@ def run_rft(
 ) -> dict:
     """All outer iterations; `trainer` holds the policy. Returns counts for the run_end record.
     Checkpoints (both models) at every outer-iteration end; a resumed run skips those done."""
-    if trainer.accelerator.num_processes > 1:
-        raise ValueError(
-            "RFT runs in one process for now (rollouts are not yet sharded across processes)"
-        )
     chunks = iteration_chunks(
         len(examples), config.outer_iterations, config.prompts_per_iteration, config.seed
     )

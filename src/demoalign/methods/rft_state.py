@@ -8,6 +8,8 @@ from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from accelerate.utils import gather_object
+
 from ..checkpoint import Checkpoints
 from ..data.sources import TRAIN_SEED, preference_pairs
 from ..encoding import Encoder, Tokenized
@@ -19,9 +21,20 @@ from .reward_model import (
     RewardPair,
     RewardScorer,
     encode_preference_pairs,
+    pair_margins,
     score_rows,
 )
 from .rloo import sequence_logps_of
+
+
+def in_shares(accelerator, items: list, score) -> list:
+    """`score(items)`, one value per item, with each process scoring a contiguous share: every
+    process gets all values, in order. A collective: every process must call it."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world == 1:
+        return score(items)
+    share = items[len(items) * rank // world : len(items) * (rank + 1) // world]
+    return [value for part in gather_object([score(share)]) for value in part]
 
 
 def _param_bytes(model) -> int:
@@ -53,8 +66,10 @@ class RFTRun:
     def scorer(self):
         return self.trainer.accelerator.unwrap_model(self.reward_trainer.model)
 
-    # Rewards and reference log-probs run under the training's autocast, as the policy's own
-    # log-probs do in the loss: in one precision, KL = log π − log π_ref is 0 at the first step.
+    # Rewards and reference log-probs of the rows given, in this process (no communication: the
+    # rollouts call them on what each process sampled). They run under the training's autocast,
+    # as the policy's own log-probs do in the loss: in one precision, KL = log π − log π_ref is 0
+    # at the first step.
     def rewards(self, rows: list[Tokenized]) -> list[float]:
         pad = self.encoder.tokenizer.pad_token_id
         with self.trainer.accelerator.autocast():
@@ -67,6 +82,15 @@ class RFTRun:
                 with self.trainer.unwrapped.disable_adapter():
                     return sequence_logps_of(self.trainer.unwrapped, rows, pad, batch)
             return sequence_logps_of(self.reference, rows, pad, batch)
+
+    def shared(self, items: list, score) -> list:
+        """`score(items)` spread over the processes (`in_shares`)."""
+        return in_shares(self.trainer.accelerator, items, score)
+
+    def margins(self, pairs: list[RewardPair]) -> list[float]:
+        """The reward model's margin on each pair, each process scoring a share."""
+        pad = self.encoder.tokenizer.pad_token_id
+        return self.shared(pairs, lambda mine: pair_margins(self.scorer, mine, pad, self.batch))
 
 
 _REFERENCE_NOTE = {

@@ -8,6 +8,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import gather_object
 
 from ..encoding import Tokenized, collate
 from ..generation import generate_ids
@@ -79,10 +80,13 @@ def make_rollouts(
     batch_size: int | str,
     seed: int,
     backend: str = "hf",
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> list[RolloutGroup]:
     """k samples per prompt from `policy`; `reward_fn(rows)` and `ref_logps_fn(rows)` give one
     float per Tokenized row (prompt ids + response ids, the response's EOS included when it was
-    generated)."""
+    generated). With several processes each samples its share of the generation batches (the
+    samples do not depend on the number of processes) and every process gets every group."""
     repeated = [p for p in prompts for _ in range(k)]
     room = max_length - max(len(p) for p in prompts)
     generated = generate_ids(
@@ -94,18 +98,24 @@ def make_rollouts(
         top_p=top_p,
         batch_size=batch_size,
         seed=seed,
+        process_index=process_index,
+        num_processes=num_processes,
         show_progress=False,
         backend=backend,
     )
-    rows = [
-        Tokenized(repeated[i], generated[i] or [tokenizer.eos_token_id])
-        for i in range(len(repeated))
-    ]
-    rewards, refs = reward_fn(rows), ref_logps_fn(rows)
+    indices = sorted(generated)
+    rows = [Tokenized(repeated[i], generated[i] or [tokenizer.eos_token_id]) for i in indices]
+    # Each process scores what it sampled, then all is gathered: Trainer.step takes the global
+    # batch on every process and splits it itself. Scoring only the groups of one's own
+    # micro-batches would tie this to that split, and would still need the others' samples.
+    scored = list(zip(indices, [r.response_ids for r in rows], reward_fn(rows), ref_logps_fn(rows)))
+    if num_processes > 1:
+        scored = sorted(gather_object(scored), key=lambda s: s[0])
+    _, samples, rewards, refs = (list(column) for column in zip(*scored))
     return [
         RolloutGroup(
             prompts[g],
-            [rows[g * k + j].response_ids for j in range(k)],
+            samples[g * k : (g + 1) * k],
             rewards[g * k : (g + 1) * k],
             refs[g * k : (g + 1) * k],
         )
@@ -128,11 +138,12 @@ def policy_step(
     """`steps` RLOO steps; each samples `rollouts` responses for each of `global_batch` prompts
     with the current weights, then takes one optimiser step on them (strictly on-policy)."""
     loss_fn = rloo_loss_fn(config.beta, tokenizer.pad_token_id)
+    acc = trainer.accelerator
     batches = cyclic_batches(prompts, trainer.global_batch, *seed_parts)
     records = []
     for _ in range(steps):
         started = time.perf_counter()
-        with trainer.accelerator.autocast():  # sampled as negatives are: the run's precision
+        with acc.autocast():  # sampled as negatives are: the run's precision
             groups = make_rollouts(
                 trainer.unwrapped,
                 tokenizer,
@@ -147,6 +158,8 @@ def policy_step(
                 batch_size=config.generation_batch_size,
                 seed=config.seed * 7919 + 1_000_000 + trainer.global_step,
                 backend=config.generation_backend,
+                process_index=acc.process_index,
+                num_processes=acc.num_processes,
             )
         rollout_s = time.perf_counter() - started
         record = trainer.step(groups, loss_fn, float(len(groups)))
