@@ -108,3 +108,33 @@ def test_rft_kl_is_zero_at_the_first_policy_step_in_bf16(tiny_model_dir, tmp_pat
     assert metrics[0]["mixed_precision"] == "bf16"
     first = [m for m in metrics if m.get("phase") == "policy"][0]
     assert abs(first["kl"]) < 0.02, first
+
+
+def test_irft_under_fsdp2_on_one_gpu(tiny_model_dir, tmp_path):
+    """accelerate's own FSDP2 on CUDA (one process, bf16): the run takes the sharded paths (the
+    gathered generation copy, full-tensor checkpoints and final/) and saves a loadable model."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import DOLLY
+
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    runner = Path(__file__).resolve().parent / "ddp_run.py"
+    out = tmp_path / "fsdp"
+    cmd = [accelerate, "launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "1"]
+    cmd += ["--mixed_precision", "bf16", "--main_process_port", "29551", str(runner), "irft"]
+    cmd += [f"model={tiny_model_dir}", f"data={DOLLY}", "max_examples=16", f"output_dir={out}"]
+    cmd += ["max_length=80", "max_prompt_length=40", "batch_size=4", "max_new_tokens=10"]
+    cmd += ["stages=2", "save_steps=2", "show_progress=false"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["sharding"] == "FSDP2" and metrics[0]["mixed_precision"] == "bf16"
+    assert all(m["loss"] == m["loss"] for m in metrics if "loss" in m), "NaN loss"
+    assert (out / "checkpoints").is_dir()
+    AutoModelForCausalLM.from_pretrained(out / "final")

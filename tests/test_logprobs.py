@@ -109,3 +109,22 @@ def test_tiled_lm_head_equals_full_logits_in_value_and_gradient(tiny_model_dir, 
     assert torch.allclose(a, b, atol=1e-5)
     assert torch.allclose(ga, gb, atol=1e-6, rtol=1e-4)
     assert ga.abs().max() > 0
+
+
+def test_a_head_whose_weight_is_a_shard_is_applied_by_the_model_itself(tiny_model_dir, tokenizer):
+    """Outside its own forward a ZeRO-3 parameter is an empty placeholder (and an FSDP2 head of
+    its own unit a shard): then the logits come from the model's forward, which gathers it."""
+    from demoalign.logprobs import SequenceScorer
+
+    model = fresh_model(tiny_model_dir)
+    items = [Tokenized(tokenizer("Q: 2+2?")["input_ids"], [tokenizer.eos_token_id])]
+    batch = collate(items, tokenizer.pad_token_id)
+    calls = []
+    model.lm_head.register_forward_hook(lambda *args: calls.append(1))
+    scorer = SequenceScorer(model)
+    fused, _ = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert calls == []  # the tiled path reads the weight; the head module never runs
+    model.lm_head.weight.ds_id = 0
+    gathered, _ = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert calls == [1]
+    torch.testing.assert_close(gathered, fused, rtol=1e-5, atol=1e-5)

@@ -70,6 +70,14 @@ def _tile_logps(
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _whole(weight: torch.Tensor) -> bool:
+    """Whether this forward may read the head's weight directly. Under FSDP2 the root unit's
+    parameters are whole inside its forward, but a head wrapped as its own unit is still a
+    DTensor shard here, and a ZeRO-3 parameter is an empty placeholder outside its module's
+    forward: then the model's own forward (which gathers them) computes the logits."""
+    return type(weight).__name__ != "DTensor" and not hasattr(weight, "ds_id")
+
+
 class SequenceScorer(torch.nn.Module):
     """Wraps a causal LM so that its forward returns (summed response log-prob, scored tokens) per
     row.
@@ -102,7 +110,7 @@ class SequenceScorer(torch.nn.Module):
         return self.lm.tie_weights(*args, **kwargs)
 
     def forward(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.fused:
+        if not self.fused or not _whole(self.lm.get_output_embeddings().weight):
             logits = self.lm(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             ).logits
