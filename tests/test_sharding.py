@@ -18,7 +18,13 @@ from conftest import DOLLY, fresh_model, small_run_config
 from demoalign import IRFTConfig, train
 from demoalign.generation import generate_ids
 from demoalign.logprobs import SequenceScorer
-from demoalign.sharding import check_sharding_supported, gathered_weights, is_sharded, plain_model
+from demoalign.sharding import (
+    GatheredCopy,
+    check_sharding_supported,
+    gathered_weights,
+    is_sharded,
+    plain_model,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -186,3 +192,22 @@ def test_what_does_not_run_sharded_is_refused_before_anything_is_written(
     else:
         with pytest.raises(ValueError, match=refused):
             check_sharding_supported(config, accelerator)
+
+
+def test_the_gathered_copy_is_refreshed_in_place_and_holds_no_memory_between_uses(
+    tiny_model_dir,
+):
+    model = fresh_model(tiny_model_dir)
+    holder = GatheredCopy(torch.float32)
+    copy = holder.materialise(model)
+    tensors = [id(p) for p in copy.parameters()]
+    holder.release()
+    assert all(p.untyped_storage().nbytes() == 0 for p in copy.parameters())
+    with torch.no_grad():  # a training step happens meanwhile
+        for p in model.parameters():
+            p.mul_(0.5)
+    again = holder.materialise(model)
+    assert again is copy and [id(p) for p in again.parameters()] == tensors
+    for (name, p), q in zip(again.named_parameters(), model.parameters()):
+        assert torch.equal(p, q), name
+    assert again.lm_head.weight is again.get_input_embeddings().weight

@@ -47,7 +47,10 @@ def gathered_weights(model: torch.nn.Module, dtype: torch.dtype | None = None) -
             if id(tensor) not in seen:
                 full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
                 cast = dtype is not None and full.is_floating_point()
-                seen[id(tensor)] = full.to(dtype) if cast else full.clone()
+                out = full.to(dtype) if cast else full
+                if not isinstance(tensor, DTensor) and out.data_ptr() == tensor.data_ptr():
+                    out = out.clone()  # never the model's own storage: a copy must be a copy
+                seen[id(tensor)] = out
             state[name] = seen[id(tensor)]
     return state
 
@@ -75,6 +78,50 @@ def gathered_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
     """A plain copy of a sharded causal LM on every process, in `dtype` (collective)."""
     device = next(model.parameters()).device
     return plain_model(model, gathered_weights(model, dtype), device)
+
+
+class GatheredCopy:
+    """The plain copy generation and reference log-probs use under sharding, kept for the whole
+    run: built at the first stage start, then refreshed in place from the sharded weights (the
+    same tensors, so a compiled decode graph stays valid: compilation is paid once per run), and
+    its weights' storage released in between, so training never holds it."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.model: torch.nn.Module | None = None
+        self._nbytes: dict[int, int] = {}
+        self.released = False
+
+    @torch.no_grad()
+    def materialise(self, sharded: torch.nn.Module) -> torch.nn.Module:
+        """The copy holding `sharded`'s current weights (collective)."""
+        if self.model is None:
+            self.model = gathered_copy(sharded, self.dtype)
+            self._nbytes = {id(p): p.untyped_storage().nbytes() for p in self.model.parameters()}
+            return self.model
+        targets = self.model.state_dict(keep_vars=True)
+        done: set[int] = set()
+        zero3 = any(hasattr(p, "ds_id") for p in sharded.parameters())
+        with _zero3_gathered(sharded) if zero3 else nullcontext():
+            for name, source in sharded.state_dict(keep_vars=True).items():
+                target = targets[name]
+                if id(target) in done:
+                    continue  # a tied weight: its other name was copied already
+                done.add(id(target))
+                if self.released and id(target) in self._nbytes:
+                    target.untyped_storage().resize_(self._nbytes[id(target)])
+                full = source.full_tensor() if isinstance(source, DTensor) else source
+                target.copy_(full.detach())
+        self.released = False
+        return self.model
+
+    def release(self) -> None:
+        """Free the copy's weights; the tensor objects (and a graph compiled on them) stay."""
+        if self.model is None or self.released:
+            return
+        for p in self.model.parameters():
+            p.untyped_storage().resize_(0)
+        self.released = True
 
 
 def full_state_dict(model: torch.nn.Module) -> dict:

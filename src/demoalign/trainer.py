@@ -20,7 +20,7 @@ from accelerate import Accelerator
 
 from .logprobs import SequenceScorer
 from .progress import progress_bar
-from .sharding import full_state_dict, gathered_copy, is_sharded
+from .sharding import GatheredCopy, full_state_dict, is_sharded
 from .tracking import accelerator_options
 
 # (per-item losses, per-item statistics to log, tokens processed)
@@ -148,6 +148,7 @@ class Trainer:
         # The scorer is what DDP wraps, so the one forward that yields log-probs is DDP's forward.
         self.model, self.optimizer = accelerator.prepare(wrapper(model), optimizer)
         self.sharded = is_sharded(self.model)
+        self._gathered: GatheredCopy | None = None
         self.scheduler = None
         self.global_step = 0
         # Where `fit` is (epoch, steps done in it), and a hook called after every logged step
@@ -168,16 +169,18 @@ class Trainer:
     def inference_model(self):
         """The model generation and reference log-probs run on: the training model itself, or,
         when its parameters are shards (FSDP2, ZeRO-3), a plain copy gathered from every process
-        in the forward's precision, freed on exit. Collective when sharded: every process
-        enters it, and nothing inside may call a collective of the sharded model."""
+        in the forward's precision, its weights freed on exit (sharding.GatheredCopy).
+        Collective when sharded: every process enters it, and nothing inside may call a
+        collective of the sharded model."""
         if not self.sharded:
             yield self.unwrapped
             return
-        copy = gathered_copy(self.unwrapped, self._forward_dtype())
+        if self._gathered is None:
+            self._gathered = GatheredCopy(self._forward_dtype())
         try:
-            yield copy
+            yield self._gathered.materialise(self.unwrapped)
         finally:
-            del copy
+            self._gathered.release()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
