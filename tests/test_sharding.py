@@ -20,7 +20,7 @@ from demoalign.generation import generate_ids
 from demoalign.logprobs import SequenceScorer
 from demoalign.sharding import (
     GatheredCopy,
-    check_sharding_supported,
+    check_distributed_setup,
     gathered_weights,
     is_sharded,
     plain_model,
@@ -180,18 +180,22 @@ def _accelerator(kind: str, version_or_stage: int):
         ("sft", 8, "DEEPSPEED", 3, "LoRA under ZeRO-3"),
         ("rft", 8, "DEEPSPEED", 2, None),  # ZeRO-2 keeps whole parameters
         ("rft", 8, "MULTI_GPU", 0, None),
+        ("irft", 0, "DEEPSPEED", 2, "keep_checkpoints=0"),
     ],
 )
 def test_what_does_not_run_sharded_is_refused_before_anything_is_written(
     method, lora_r, kind, level, refused
 ):
-    config = SimpleNamespace(method=method, lora_r=lora_r)
+    checkpoints = 2 if refused and "keep_checkpoints" in refused else 0
+    config = SimpleNamespace(
+        method=method, lora_r=lora_r, gradient_accumulation_steps=1, keep_checkpoints=checkpoints
+    )
     accelerator = _accelerator(kind, level)
     if refused is None:
-        check_sharding_supported(config, accelerator)
+        check_distributed_setup(config, accelerator)
     else:
         with pytest.raises(ValueError, match=refused):
-            check_sharding_supported(config, accelerator)
+            check_distributed_setup(config, accelerator)
 
 
 def test_the_gathered_copy_is_refreshed_in_place_and_holds_no_memory_between_uses(
@@ -211,3 +215,11 @@ def test_the_gathered_copy_is_refreshed_in_place_and_holds_no_memory_between_use
     for (name, p), q in zip(again.named_parameters(), model.parameters()):
         assert torch.equal(p, q), name
     assert again.lm_head.weight is again.get_input_embeddings().weight
+
+
+def test_deepspeed_refuses_accumulation_it_would_step_through():
+    config = SimpleNamespace(
+        method="irft", lora_r=0, gradient_accumulation_steps=4, keep_checkpoints=0
+    )
+    with pytest.raises(ValueError, match="gradient_accumulation_steps must be 1"):
+        check_distributed_setup(config, _accelerator("DEEPSPEED", 3))

@@ -102,6 +102,9 @@ class Checkpoints:
         self._resume_from = resume_from
         self._record = json.loads((resume_from / STATE_FILE).read_text()) if resume_from else None
         self.pending = self._record["method"] if self._record else None
+        # The step last saved, known alike to every process: whether to skip a save is never
+        # read from the filesystem, where another machine may not see a rename yet.
+        self._saved_step = self._record["step"] if self._record else None
 
     @classmethod
     def disabled(cls) -> Checkpoints:
@@ -132,8 +135,9 @@ class Checkpoints:
         acc, step = self.accelerator, self.total_steps()
         root = self.out / CHECKPOINTS
         final, tmp = root / str(step), root / f".{step}.tmp"
-        if final.exists():  # e.g. a step boundary that is also a stage boundary
+        if step == self._saved_step:  # e.g. a step boundary that is also a stage boundary
             return
+        self._saved_step = step
         # Every process takes part: a sharded trainer gathers its state (a collective).
         states = {name: trainer.checkpoint_state() for name, trainer in self.trainers.items()}
         if acc.is_main_process:

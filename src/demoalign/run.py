@@ -27,7 +27,7 @@ from .runio import (
     save_pretrained_atomic,
     write_run_state,
 )
-from .sharding import check_sharding_supported, plain_model, sharding_of
+from .sharding import check_distributed_setup, plain_model, sharding_of
 from .templates import resolve_template
 from .tracking import start_trackers
 from .trainer import Trainer, make_accelerator
@@ -80,7 +80,7 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     check_model_path(config.model)
     library_progress_bars(config.show_progress)
     accelerator = make_accelerator(config)
-    check_sharding_supported(config, accelerator)
+    check_distributed_setup(config, accelerator)
     set_seed(config.seed)
     out = Path(config.output_dir)
     folder, checkpoint = _resume_point(config)

@@ -154,8 +154,12 @@ def sharding_of(accelerator) -> str | None:
     return None
 
 
-def check_sharding_supported(config, accelerator) -> None:
-    """Refuse, before anything is written, what does not run sharded (yet)."""
+def check_distributed_setup(config, accelerator) -> None:
+    """Refuse, before anything is written, what does not run under this engine (yet)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _check_deepspeed(config)
     kind = sharding_of(accelerator)
     if kind is None:
         return
@@ -173,4 +177,20 @@ def check_sharding_supported(config, accelerator) -> None:
         raise ValueError(
             f"LoRA under {kind} is not supported: the adapters are small, so DDP or ZeRO-2 "
             "with LoRA holds the base model once per GPU in bf16 without sharding"
+        )
+
+
+def _check_deepspeed(config) -> None:
+    """DeepSpeed steps its optimiser inside `accelerator.backward`, once per call, and keeps
+    each process's optimiser partition in its own format: demoalign's hand-written accumulation
+    and its full-state checkpoints do not hold there."""
+    if config.gradient_accumulation_steps != 1:
+        raise ValueError(
+            "under DeepSpeed gradient_accumulation_steps must be 1 (DeepSpeed would step at "
+            "every micro-batch): raise batch_size or the number of processes, or use FSDP2"
+        )
+    if config.keep_checkpoints:
+        raise ValueError(
+            "checkpoints are not supported under DeepSpeed (its optimiser state is partitioned "
+            "per process): set keep_checkpoints=0, or use FSDP2 or DDP to resume runs"
         )

@@ -302,11 +302,13 @@ class Trainer:
                 stat_sums[key] = stat_sums.get(key, 0) + value.detach().float().sum() * weight
         clip = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
+        # DeepSpeed has stepped inside backward and may not know the norm yet (None).
+        grad_norm = None if grad_norm is None else float(grad_norm)
         # The norm is all-reduced, so every process stops at the same step, before the update.
-        if not math.isfinite(float(grad_norm)):
+        if grad_norm is not None and not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(
-                f"non-finite gradient (norm {float(grad_norm)}) at optimiser step "
+                f"non-finite gradient (norm {grad_norm}) at optimiser step "
                 f"{self.global_step + 1}; the model was not updated with it. Lower the learning "
                 "rate, enable clipping, or check the data of this step"
             )
@@ -326,7 +328,7 @@ class Trainer:
             "step": self.global_step,
             "loss": totals[0].item() / global_units,
             "lr": lr,
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
             "examples": len(batch),
             "tokens_per_s": totals[1].item() / elapsed,
         }
