@@ -59,7 +59,8 @@ def _launch_fsdp(tiny_model_dir, out, *extra):
         f"output_dir={out}",
         "max_length=80",
         "max_prompt_length=40",
-        "batch_size=2",
+        "batch_size=1",  # 2 processes x 1 x accumulation 2: the global batch of 4, and
+        "gradient_accumulation_steps=2",  # FSDP2's no-sync path for the first micro-batch
         "learning_rate=1e-3",
         "cpu=true",
         "show_progress=false",
