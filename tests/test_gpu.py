@@ -113,8 +113,6 @@ def test_rft_kl_is_zero_at_the_first_policy_step_in_bf16(tiny_model_dir, tmp_pat
 def test_irft_under_fsdp2_on_one_gpu(tiny_model_dir, tmp_path):
     """accelerate's own FSDP2 on CUDA (one process, bf16): the run takes the sharded paths (the
     gathered generation copy, full-tensor checkpoints and final/) and saves a loadable model."""
-    import os
-    import shutil
     import subprocess
     import sys
     from pathlib import Path
@@ -123,10 +121,11 @@ def test_irft_under_fsdp2_on_one_gpu(tiny_model_dir, tmp_path):
 
     from conftest import DOLLY
 
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     runner = Path(__file__).resolve().parent / "ddp_run.py"
     out = tmp_path / "fsdp"
-    cmd = [accelerate, "launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "1"]
+    # The launcher's module, not its console script: a system Python may put that elsewhere.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version"]
+    cmd += ["2", "--num_processes", "1"]
     cmd += ["--mixed_precision", "bf16", "--main_process_port", "29551", str(runner), "irft"]
     cmd += [f"model={tiny_model_dir}", f"data={DOLLY}", "max_examples=16", f"output_dir={out}"]
     cmd += ["max_length=80", "max_prompt_length=40", "batch_size=4", "max_new_tokens=10"]
