@@ -224,3 +224,15 @@ def test_deepspeed_refuses_accumulation_it_would_step_through():
     )
     with pytest.raises(ValueError, match="gradient_accumulation_steps must be 1"):
         check_distributed_setup(config, _accelerator("DEEPSPEED", 3))
+
+
+def test_a_refused_setup_stops_the_run_before_its_folder_exists(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import demoalign.sharding
+
+    monkeypatch.setattr(demoalign.sharding, "sharding_of", lambda accelerator: "FSDP1")
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        train(small_run_config(IRFTConfig, tiny_model_dir, out))
+    assert not out.exists()
