@@ -7,7 +7,6 @@ loader checks the top-level keys but not those inside fsdp_config / deepspeed_co
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -136,9 +135,7 @@ def test_recipe_runs_on_a_tiny_model(name, tiny_model_dir, tmp_path, one_thread)
     out = tmp_path / "run"
     overrides = tiny_overrides(tiny_model_dir, out) + small
     config = load_config(CONFIGS[method], str(path), overrides)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers: gradient_checkpointing_*
-        train(config)
+    train(config)
     steps = [r for r in read_metrics(out) if "loss" in r]
     stages = [r for r in read_metrics(out) if r.get("event") == "stage_start"]
     assert len(stages) == config.stages * config.iterations

@@ -134,7 +134,9 @@ class Trainer:
         if config.disable_dropout:
             disable_dropout(model)
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            # transformers renamed it (the old name warns, and goes in v6); older 5.x lack the new.
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            (enable or model.gradient_checkpointing_enable)()
             model.config.use_cache = False
         params = [p for p in model.parameters() if p.requires_grad]
         if config.optimizer == "adamw":
