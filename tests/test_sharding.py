@@ -164,34 +164,46 @@ def test_generation_refuses_sharded_parameters(tiny_model_dir, tokenizer):
         generate_ids(model, tokenizer, [[5, 6, 7]], max_new_tokens=2, greedy=True)
 
 
-def _accelerator(kind: str, version_or_stage: int):
+def _accelerator(kind: str, version_or_stage: int, clipping="auto"):
     from accelerate.utils import DistributedType
 
-    plugin = SimpleNamespace(fsdp_version=version_or_stage, zero_stage=version_or_stage)
+    plugin = SimpleNamespace(
+        fsdp_version=version_or_stage,
+        zero_stage=version_or_stage,
+        deepspeed_config={"gradient_clipping": clipping},
+    )
     state = SimpleNamespace(fsdp_plugin=plugin, deepspeed_plugin=plugin)
     return SimpleNamespace(distributed_type=getattr(DistributedType, kind), state=state)
 
 
+def _setup(method="irft", lora_r=0, accumulation=1, checkpoints=0, max_grad_norm=1.0):
+    return SimpleNamespace(
+        method=method,
+        lora_r=lora_r,
+        gradient_accumulation_steps=accumulation,
+        keep_checkpoints=checkpoints,
+        max_grad_norm=max_grad_norm,
+    )
+
+
 @pytest.mark.parametrize(
-    "method, lora_r, kind, level, refused",
+    "config, accelerator, refused",
     [
-        ("irft", 0, "FSDP", 2, None),
-        ("irft", 0, "FSDP", 1, "fsdp_version: 2"),
-        ("rft", 0, "FSDP", 2, "RFT does not run under FSDP2"),
-        ("sft", 8, "DEEPSPEED", 3, "LoRA under ZeRO-3"),
-        ("rft", 8, "DEEPSPEED", 2, None),  # ZeRO-2 keeps whole parameters
-        ("rft", 8, "MULTI_GPU", 0, None),
-        ("irft", 0, "DEEPSPEED", 2, "keep_checkpoints=0"),
+        (_setup(), _accelerator("FSDP", 2), None),
+        (_setup(lora_r=8, method="rft"), _accelerator("MULTI_GPU", 0), None),
+        (_setup(accumulation=4, checkpoints=2), _accelerator("FSDP", 2), None),
+        (_setup(), _accelerator("FSDP", 1), "fsdp_version: 2"),
+        (_setup(method="rft"), _accelerator("FSDP", 2), "RFT does not run under FSDP2"),
+        (_setup(method="sft", lora_r=8), _accelerator("DEEPSPEED", 3), "LoRA under ZeRO-3"),
+        (_setup(lora_r=8), _accelerator("DEEPSPEED", 2), None),  # ZeRO-2: whole parameters
+        (_setup(method="rft"), _accelerator("DEEPSPEED", 2), "RFT does not run under DeepSpeed"),
+        (_setup(checkpoints=2), _accelerator("DEEPSPEED", 2), "keep_checkpoints=0"),
+        (_setup(accumulation=4), _accelerator("DEEPSPEED", 3), "accumulation_steps must be 1"),
+        (_setup(), _accelerator("DEEPSPEED", 3, clipping=1.0), None),
+        (_setup(), _accelerator("DEEPSPEED", 3, clipping=0.5), "make them equal"),
     ],
 )
-def test_what_does_not_run_sharded_is_refused_before_anything_is_written(
-    method, lora_r, kind, level, refused
-):
-    checkpoints = 2 if refused and "keep_checkpoints" in refused else 0
-    config = SimpleNamespace(
-        method=method, lora_r=lora_r, gradient_accumulation_steps=1, keep_checkpoints=checkpoints
-    )
-    accelerator = _accelerator(kind, level)
+def test_what_does_not_run_under_an_engine_is_refused(config, accelerator, refused):
     if refused is None:
         check_distributed_setup(config, accelerator)
     else:
@@ -218,14 +230,6 @@ def test_the_gathered_copy_is_refreshed_in_place_and_holds_no_memory_between_use
     assert again.lm_head.weight is again.get_input_embeddings().weight
 
 
-def test_deepspeed_refuses_accumulation_it_would_step_through():
-    config = SimpleNamespace(
-        method="irft", lora_r=0, gradient_accumulation_steps=4, keep_checkpoints=0
-    )
-    with pytest.raises(ValueError, match="gradient_accumulation_steps must be 1"):
-        check_distributed_setup(config, _accelerator("DEEPSPEED", 3))
-
-
 def test_a_refused_setup_stops_the_run_before_its_folder_exists(
     tiny_model_dir, tmp_path, monkeypatch
 ):
@@ -236,3 +240,14 @@ def test_a_refused_setup_stops_the_run_before_its_folder_exists(
     with pytest.raises(ValueError, match="fsdp_version: 2"):
         train(small_run_config(IRFTConfig, tiny_model_dir, out))
     assert not out.exists()
+
+
+def test_on_one_fp32_process_the_gathered_copy_never_shares_the_training_weights(
+    tiny_model_dir, tmp_path
+):
+    script = HERE / "fsdp_one_process.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(script), str(tiny_model_dir), str(tmp_path / "rendezvous")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gathered copy ok" in result.stdout

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint
 
+from .sharding import is_shard
+
 IGNORE_INDEX = -100
 
 
@@ -75,7 +77,7 @@ def _whole(weight: torch.Tensor) -> bool:
     parameters are whole inside its forward, but a head wrapped as its own unit is still a
     DTensor shard here, and a ZeRO-3 parameter is an empty placeholder outside its module's
     forward: then the model's own forward (which gathers them) computes the logits."""
-    return type(weight).__name__ != "DTensor" and not hasattr(weight, "ds_id")
+    return not is_shard(weight)
 
 
 class SequenceScorer(torch.nn.Module):

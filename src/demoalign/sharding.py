@@ -23,48 +23,81 @@ import torch
 from torch.distributed.tensor import DTensor
 
 
+def is_shard(tensor: torch.Tensor) -> bool:
+    """An FSDP2 DTensor shard or a ZeRO-3 partition (an empty placeholder outside its forward)."""
+    return isinstance(tensor, DTensor) or hasattr(tensor, "ds_id")
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether `model`'s parameters are FSDP2 DTensor shards or ZeRO-3 partitions."""
-    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
+    return any(is_shard(p) for p in model.parameters())
 
 
-def _zero3_gathered(model):
-    """ZeRO-3's context that materialises every parameter of `model` on every process."""
+def _is_zero3(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _all_gathered(model):
+    """Under ZeRO-3, the context in which every parameter of `model` is whole on every process
+    (all of them at once: DeepSpeed gathers per call); otherwise nothing to do."""
+    if not _is_zero3(model):
+        return nullcontext()
     import deepspeed  # only present (and only reached) under DeepSpeed
 
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP2 shard all-gathered (collective), anything else as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
+
+
+def _own_storage(tensor: torch.Tensor):
+    """The storage a parameter keeps on this process (its local shard under FSDP2)."""
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.untyped_storage()
+
+
 def gathered_weights(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict:
-    """The full state dict of `model` on every process, floating tensors cast to `dtype`.
-    Parameters are gathered and cast one at a time, so at most one extra full-precision tensor
-    exists beside the result. Tied weights come back as one tensor under both names."""
-    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    """The full state dict of `model` on every process, in new storage, floating tensors cast
+    to `dtype`. Under FSDP2 tensors are gathered and cast one at a time, so at most one extra
+    full-precision tensor exists beside the result; under ZeRO-3 DeepSpeed gathers them all at
+    once. Tied weights come back as one tensor under both names."""
     state = {}
     seen: dict[int, torch.Tensor] = {}
-    with _zero3_gathered(model) if zero3 else nullcontext():
+    with _all_gathered(model):
         for name, tensor in model.state_dict(keep_vars=True).items():
             if id(tensor) not in seen:
-                full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
-                cast = dtype is not None and full.is_floating_point()
-                out = full.to(dtype) if cast else full
-                if not isinstance(tensor, DTensor) and out.data_ptr() == tensor.data_ptr():
-                    out = out.clone()  # never the model's own storage: a copy must be a copy
+                full = _full(tensor)
+                out = full.to(dtype) if dtype is not None and full.is_floating_point() else full
+                # One process's "gather" of a full shard, or a cast to the same dtype, returns
+                # the parameter's own storage: a copy must never share it (releasing the copy
+                # would free the training weights).
+                if out.untyped_storage().data_ptr() == _own_storage(tensor).data_ptr():
+                    out = out.clone()
                 seen[id(tensor)] = out
             state[name] = seen[id(tensor)]
     return state
 
 
+def _architecture(model: torch.nn.Module) -> type:
+    """The model's own transformers class: FSDP2 may have swapped in a subclass of it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
 def plain_model(model: torch.nn.Module, state: dict, device=None) -> torch.nn.Module:
     """A new, unsharded instance of `model`'s architecture holding `state` (no copy of it),
-    in eval mode without gradients. Built from the config on the meta device, so no random
-    initialisation is paid; buffers that are not in the state dict (rotary frequencies) are
-    computed by the constructor and moved to `device`."""
+    in eval mode without gradients. Built by the class's constructor on the meta device: no
+    random initialisation is paid, and no DeepSpeed ZeRO-3 partitioning applies (transformers'
+    `from_config` would partition it under zero3_init, a collective the main process alone
+    cannot make). Buffers that are not in the state dict (rotary frequencies) are computed by
+    the constructor and moved to `device`."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        copy = AutoModelForCausalLM.from_config(model.config)
+        copy = _architecture(model)(model.config)
     copy.load_state_dict(state, strict=True, assign=True)
     if getattr(copy.config, "tie_word_embeddings", False):
         copy.tie_weights()
@@ -101,8 +134,7 @@ class GatheredCopy:
             return self.model
         targets = self.model.state_dict(keep_vars=True)
         done: set[int] = set()
-        zero3 = any(hasattr(p, "ds_id") for p in sharded.parameters())
-        with _zero3_gathered(sharded) if zero3 else nullcontext():
+        with _all_gathered(sharded):
             for name, source in sharded.state_dict(keep_vars=True).items():
                 target = targets[name]
                 if id(target) in done:
@@ -110,8 +142,7 @@ class GatheredCopy:
                 done.add(id(target))
                 if self.released and id(target) in self._nbytes:
                     target.untyped_storage().resize_(self._nbytes[id(target)])
-                full = source.full_tensor() if isinstance(source, DTensor) else source
-                target.copy_(full.detach())
+                target.copy_(_full(source))
         self.released = False
         return self.model
 
@@ -127,13 +158,46 @@ class GatheredCopy:
 def full_state_dict(model: torch.nn.Module) -> dict:
     """Full CPU tensors of a sharded model on the main process, an empty dict elsewhere
     (collective). torch's distributed state-dict API does the gathering for FSDP2."""
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
+    if _is_zero3(model):
         state = gathered_weights(model)
         return {k: v.cpu() for k, v in state.items()} if _rank() == 0 else {}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+    return get_model_state_dict(model, options=_full_to_cpu())
+
+
+def _full_to_cpu():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_training_state(model, optimizer) -> tuple[dict, dict]:
+    """Weights and optimiser state of a sharded trainer as full CPU tensors on the main process,
+    keyed by parameter name (torch's distributed state-dict API; collective), so that the
+    checkpoint does not depend on how the model was sharded."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    return (
+        get_model_state_dict(model, options=_full_to_cpu()),
+        get_optimizer_state_dict(model, optimizer, options=_full_to_cpu()),
+    )
+
+
+def load_full_training_state(model, optimizer, state: dict) -> None:
+    """Every process read the full state; each keeps its own shard of it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
 
 
 def _rank() -> int:
@@ -159,7 +223,7 @@ def check_distributed_setup(config, accelerator) -> None:
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        _check_deepspeed(config)
+        _check_deepspeed(config, accelerator.state.deepspeed_plugin.deepspeed_config)
     kind = sharding_of(accelerator)
     if kind is None:
         return
@@ -171,7 +235,7 @@ def check_distributed_setup(config, accelerator) -> None:
     if config.method == "rft":
         raise ValueError(
             f"RFT does not run under {kind} yet (its reward model and frozen reference would "
-            "be sharded too); use DDP or ZeRO-2"
+            "be sharded too); use DDP"
         )
     if config.lora_r:
         raise ValueError(
@@ -180,10 +244,22 @@ def check_distributed_setup(config, accelerator) -> None:
         )
 
 
-def _check_deepspeed(config) -> None:
-    """DeepSpeed steps its optimiser inside `accelerator.backward`, once per call, and keeps
-    each process's optimiser partition in its own format: demoalign's hand-written accumulation
-    and its full-state checkpoints do not hold there."""
+def _check_deepspeed(config, ds_config: dict) -> None:
+    """DeepSpeed steps its optimiser inside `accelerator.backward`, once per call, clips by its
+    own setting, keeps each process's optimiser partition in its own format, and drives one
+    model per accelerator: demoalign's hand-written accumulation, its full-state checkpoints and
+    RFT's second trained model do not hold there."""
+    if config.method == "rft":
+        raise ValueError(
+            "RFT does not run under DeepSpeed (accelerate drives one DeepSpeed engine, and RFT "
+            "trains two models): use DDP"
+        )
+    clipping = ds_config.get("gradient_clipping", "auto")
+    if clipping != "auto" and float(clipping) != float(config.max_grad_norm):
+        raise ValueError(
+            f"DeepSpeed clips at gradient_clipping={clipping}, but max_grad_norm is "
+            f"{config.max_grad_norm}: make them equal (DeepSpeed's is the one applied)"
+        )
     if config.gradient_accumulation_steps != 1:
         raise ValueError(
             "under DeepSpeed gradient_accumulation_steps must be 1 (DeepSpeed would step at "

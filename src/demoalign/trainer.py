@@ -17,10 +17,17 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from .logprobs import SequenceScorer
 from .progress import progress_bar
-from .sharding import GatheredCopy, full_state_dict, is_sharded
+from .sharding import (
+    GatheredCopy,
+    full_state_dict,
+    full_training_state,
+    is_sharded,
+    load_full_training_state,
+)
 from .tracking import accelerator_options
 
 # (per-item losses, per-item statistics to log, tokens processed)
@@ -147,6 +154,7 @@ class Trainer:
             optimizer = torch.optim.RMSprop(
                 params, lr=config.learning_rate, weight_decay=config.weight_decay
             )
+        _fill_deepspeed_batch(accelerator, config)
         # The scorer is what DDP wraps, so the one forward that yields log-probs is DDP's forward.
         self.model, self.optimizer = accelerator.prepare(wrapper(model), optimizer)
         self.sharded = is_sharded(self.model)
@@ -173,7 +181,8 @@ class Trainer:
         when its parameters are shards (FSDP2, ZeRO-3), a plain copy gathered from every process
         in the forward's precision, its weights freed on exit (sharding.GatheredCopy).
         Collective when sharded: every process enters it, and nothing inside may call a
-        collective of the sharded model."""
+        collective of the sharded model. The copy's weights are released on exit: whoever
+        keeps a reference to it past the block (an `on_stage_end` callback) sees empty ones."""
         if not self.sharded:
             yield self.unwrapped
             return
@@ -213,7 +222,7 @@ class Trainer:
         """Weights, optimiser, schedule and step: what a checkpoint holds of this trainer.
         Collective when sharded: full tensors (keyed by parameter name) on the main process."""
         if self.sharded:
-            model, optimizer = _full_sharded_state(self.model, self.optimizer)
+            model, optimizer = full_training_state(self.model, self.optimizer)
         else:
             model, optimizer = self.unwrapped.state_dict(), self.optimizer.state_dict()
         return {
@@ -228,7 +237,7 @@ class Trainer:
         schedule of the current stage must exist already; a per-stage schedule that is not
         started yet (a stage-boundary checkpoint) is started afresh by the next stage."""
         if self.sharded:
-            _load_full_sharded_state(self.model, self.optimizer, state)
+            load_full_training_state(self.model, self.optimizer, state)
         else:
             self.unwrapped.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -309,10 +318,13 @@ class Trainer:
         # The norm is all-reduced, so every process stops at the same step, before the update.
         if grad_norm is not None and not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
+            # DeepSpeed steps inside backward: there the update has already happened.
+            taken = acc.distributed_type == DistributedType.DEEPSPEED
             raise NonFiniteError(
                 f"non-finite gradient (norm {grad_norm}) at optimiser step "
-                f"{self.global_step + 1}; the model was not updated with it. Lower the learning "
-                "rate, enable clipping, or check the data of this step"
+                f"{self.global_step + 1}; "
+                + ("DeepSpeed has already applied it" if taken else "the model was not updated")
+                + ". Lower the learning rate, enable clipping, or check the data of this step"
             )
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
@@ -338,30 +350,14 @@ class Trainer:
         return record
 
 
-def _full_sharded_state(model, optimizer) -> tuple[dict, dict]:
-    """torch's distributed state-dict API: full CPU tensors on the main process, keyed by
-    parameter name, so that the checkpoint does not depend on how the model was sharded."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (
-        get_model_state_dict(model, options=options),
-        get_optimizer_state_dict(model, optimizer, options=options),
-    )
-
-
-def _load_full_sharded_state(model, optimizer, state: dict) -> None:
-    """Every process read the full state; each keeps its own shard of it."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, state["model"], options=options)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+def _fill_deepspeed_batch(accelerator: Accelerator, config) -> None:
+    """DeepSpeed's config needs the per-GPU micro-batch and the clipping, which accelerate fills
+    from a prepared DataLoader; demoalign batches by hand and prepares none, so it fills them
+    itself. Under DeepSpeed the clipping is DeepSpeed's (sharding.check_distributed_setup keeps
+    a number given there equal to max_grad_norm)."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds_config["train_micro_batch_size_per_gpu"] = config.batch_size
+    if ds_config.get("gradient_clipping") == "auto":
+        ds_config["gradient_clipping"] = config.max_grad_norm
