@@ -310,3 +310,12 @@ def test_hf_batches_are_not_padded_with_extra_rows(tiny_model_dir, tokenizer, mo
             backend=backend,
         )
         assert shapes == [4, 2], backend
+
+
+def test_gathered_samples_must_cover_every_prompt_once():
+    from demoalign.generation import check_one_each
+
+    check_one_each([0, 1, 2], 3, "negatives")
+    for wrong in ([0, 1], [0, 1, 1, 2], [0, 2, 1, 3]):
+        with pytest.raises(RuntimeError, match="different batches"):
+            check_one_each(wrong, 3, "negatives")

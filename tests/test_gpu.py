@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import small_run_config
+from conftest import read_metrics, small_run_config
 from demoalign import IRFTConfig, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -110,9 +110,12 @@ def test_rft_kl_is_zero_at_the_first_policy_step_in_bf16(tiny_model_dir, tmp_pat
     assert abs(first["kl"]) < 0.02, first
 
 
-def test_irft_under_fsdp2_on_one_gpu(tiny_model_dir, tmp_path):
-    """accelerate's own FSDP2 on CUDA (one process, bf16): the run takes the sharded paths (the
-    gathered generation copy, full-tensor checkpoints and final/) and saves a loadable model."""
+@pytest.mark.parametrize("precision", ["bf16", "no"])
+def test_irft_under_fsdp2_on_one_gpu(tiny_model_dir, tmp_path, precision):
+    """accelerate's own FSDP2 on CUDA, one process: the run takes the sharded paths (the gathered
+    generation copy, full-tensor checkpoints and final/), and in fp32 it takes the steps of the
+    same run without FSDP (one process: the gathered copy is the shard's own size, where a copy
+    sharing its storage once freed the training weights)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -123,17 +126,26 @@ def test_irft_under_fsdp2_on_one_gpu(tiny_model_dir, tmp_path):
 
     runner = Path(__file__).resolve().parent / "ddp_run.py"
     out = tmp_path / "fsdp"
+    args = [f"model={tiny_model_dir}", f"data={DOLLY}", "max_examples=16", "max_length=80"]
+    args += ["max_prompt_length=40", "batch_size=4", "max_new_tokens=10", "stages=2"]
+    args += ["save_steps=2", "show_progress=false", f"mixed_precision={precision}", "cpu=false"]
     # The launcher's module, not its console script: a system Python may put that elsewhere.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version"]
-    cmd += ["2", "--num_processes", "1"]
-    cmd += ["--mixed_precision", "bf16", "--main_process_port", "29551", str(runner), "irft"]
-    cmd += [f"model={tiny_model_dir}", f"data={DOLLY}", "max_examples=16", f"output_dir={out}"]
-    cmd += ["max_length=80", "max_prompt_length=40", "batch_size=4", "max_new_tokens=10"]
-    cmd += ["stages=2", "save_steps=2", "show_progress=false"]
+    cmd += ["2", "--num_processes", "1", "--mixed_precision", precision]
+    cmd += ["--main_process_port", "29551", str(runner), "irft", f"output_dir={out}", *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[0]["sharding"] == "FSDP2" and metrics[0]["mixed_precision"] == "bf16"
-    assert all(m["loss"] == m["loss"] for m in metrics if "loss" in m), "NaN loss"
+    assert metrics[0]["sharding"] == "FSDP2" and metrics[0]["mixed_precision"] == precision
+    assert [m["sharded_parameters"] for m in metrics if m.get("event") == "run_end"] == [True]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses and all(loss == loss for loss in losses), "NaN loss"
     assert (out / "checkpoints").is_dir()
     AutoModelForCausalLM.from_pretrained(out / "final")
+    if precision == "no":
+        from demoalign.config import CONFIGS, load_config
+
+        overrides = [f"output_dir={tmp_path / 'plain'}", *args]
+        plain = train(load_config(CONFIGS["irft"], None, overrides))
+        expected = [m["loss"] for m in read_metrics(plain) if "loss" in m]
+        assert losses == pytest.approx(expected, rel=1e-3, abs=1e-4)

@@ -96,6 +96,10 @@ def test_fsdp2_on_two_processes_matches_one_process_and_resumes(tiny_model_dir, 
     _launch_fsdp(tiny_model_dir, two)
 
     assert _records(two)[0]["sharding"] == "FSDP2"
+    # What the model became, not what the engine was called: its parameters were shards.
+    ends = {run: [r for r in _records(run) if r.get("event") == "run_end"] for run in (one, two)}
+    assert [r["sharded_parameters"] for r in ends[two]] == [True]
+    assert [r["sharded_parameters"] for r in ends[one]] == [False]
     a, b = _steps(one), _steps(two)
     assert len(a) == len(b) == 4
     assert [s[1] for s in b] == pytest.approx([s[1] for s in a], rel=1e-4, abs=1e-5)
@@ -251,3 +255,17 @@ def test_on_one_fp32_process_the_gathered_copy_never_shares_the_training_weights
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gathered copy ok" in result.stdout
+
+
+def test_a_sharded_checkpoint_is_not_resumed_by_unsharded_training(tmp_path):
+    from demoalign.checkpoint import Checkpoints
+
+    folder = tmp_path / "checkpoints" / "2"
+    folder.mkdir(parents=True)
+    record = {"step": 2, "processes": 1, "sharded": True, "metrics_bytes": 0, "method": {}}
+    (folder / "state.json").write_text(json.dumps(record))
+    accelerator = SimpleNamespace(num_processes=1, process_index=0)
+    ckpt = Checkpoints(SimpleNamespace(), tmp_path, accelerator, None, resume_from=folder)
+    ckpt.register("policy", SimpleNamespace(sharded=False, after_step=None))
+    with pytest.raises(ValueError, match="same kind of engine"):
+        ckpt.restore()

@@ -113,6 +113,9 @@ class Checkpoints:
         ckpt.save_at_epoch_end = False
         return ckpt
 
+    def _sharded(self) -> bool:
+        return any(getattr(t, "sharded", False) for t in self.trainers.values())
+
     def register(self, name: str, trainer) -> None:
         self.trainers[name] = trainer
         trainer.after_step = self._after_step
@@ -153,6 +156,7 @@ class Checkpoints:
             record = {
                 "step": step,
                 "processes": acc.num_processes,
+                "sharded": self._sharded(),
                 "metrics_bytes": self.log.size(),
                 "method": self.state_fn(),
             }
@@ -179,9 +183,18 @@ class Checkpoints:
                 f"{folder} was written by {state['processes']} processes; resume with as many "
                 f"(this run has {acc.num_processes})"
             )
+        if state.get("sharded", False) != self._sharded():
+            written = "sharded (FSDP2)" if state.get("sharded") else "unsharded (one process, DDP)"
+            raise ValueError(
+                f"{folder} was written by {written} training, whose checkpoints key the state "
+                "differently: resume under the same kind of engine"
+            )
         for name, trainer in self.trainers.items():
+            # Sharded, every process of a machine reads the full state: memory-mapped, they share
+            # the page cache instead of holding one copy each (each then keeps its own shard).
+            path, mmap = folder / f"{name}.pt", getattr(trainer, "sharded", False)
             trainer.load_checkpoint_state(
-                torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=True)
+                torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
             )
         rng = torch.load(folder / f"rng_{acc.process_index}.pt", weights_only=True)
         _set_rng_state(rng)

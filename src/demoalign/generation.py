@@ -443,15 +443,16 @@ def _batch_shape(engine, target, batch_size, prompt_ids, max_new_tokens, num_pro
     # count, so that the samples do not either.
     n = len(prompt_ids)
     n_mine_max = -(-n // max(1, num_processes)) if device.type == "cuda" else n
+    shared = num_processes > 1  # the processes split these prompts: they must agree on batches
     width = max((len(p) for p in prompt_ids), default=1)
     size = parse_batch_size(batch_size)
     if size is None:
         if engine is not None and engine.auto_size is None:
-            engine.auto_size = auto_batch_size(target, n_mine_max, width, max_new_tokens)
+            engine.auto_size = _agreed_auto_size(target, n_mine_max, width, max_new_tokens, shared)
         size = (
             engine.auto_size
             if engine is not None
-            else auto_batch_size(target, n_mine_max, width, max_new_tokens)
+            else _agreed_auto_size(target, n_mine_max, width, max_new_tokens, shared)
         )
         full, size = size, min(size, n_mine_max)
     else:
@@ -460,6 +461,30 @@ def _batch_shape(engine, target, batch_size, prompt_ids, max_new_tokens, num_pro
     if engine is not None and engine.compile:  # random numbers and change the samples
         padded = engine.graph_batch(size, margin=size < full)
     return size, padded
+
+
+def check_one_each(indices: list[int], n: int, what: str) -> None:
+    """After processes gathered their shares: exactly one sample per prompt, or the processes
+    disagreed on the batches (the pairs would silently be wrong)."""
+    if indices != list(range(n)):
+        raise RuntimeError(
+            f"the processes' {what} do not cover the {n} prompts once each "
+            f"({len(indices)} gathered): the processes cut the prompts into different batches"
+        )
+
+
+def _agreed_auto_size(target, n_prompts: int, width: int, max_new_tokens: int, shared: bool) -> int:
+    """`auto_batch_size`; when processes split the prompts (`shared`: every one of them is here)
+    the smallest over them, since batches are dealt out by index, so every process must cut the
+    prompts into the same batches (each one's free memory differs)."""
+    size = auto_batch_size(target, n_prompts, width, max_new_tokens)
+    dist = torch.distributed
+    if shared and dist.is_available() and dist.is_initialized():
+        device = next(target.parameters()).device
+        agreed = torch.tensor([size], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        size = int(agreed.item())
+    return size
 
 
 def _collect(new, row_logps, idx: list[int], tokenizer, results: dict, logps: dict) -> None:

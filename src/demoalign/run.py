@@ -181,6 +181,7 @@ def _train_and_save(
             {
                 "event": "run_end",
                 "steps": trainer.global_step,
+                "sharded_parameters": trainer.sharded,
                 "wall_s": time.perf_counter() - started,
                 **counts,
             }

@@ -7,7 +7,7 @@ from __future__ import annotations
 from accelerate.utils import gather_object
 
 from ..encoding import Encoder
-from ..generation import forward_batch_size, generate_ids
+from ..generation import check_one_each, forward_batch_size, generate_ids
 from ..pairs import Pair, fill_reference_logps
 from ..trainer import Trainer
 
@@ -60,7 +60,9 @@ def make_negatives(
         mine = _my_pairs(config, model, trainer.accelerator, encoder, chunk, stage_id)
     if trainer.accelerator.num_processes == 1:
         return mine
-    return sorted(gather_object(mine), key=lambda p: p.index)
+    pairs = sorted(gather_object(mine), key=lambda p: p.index)
+    check_one_each([p.index for p in pairs], len(chunk), "negatives")
+    return pairs
 
 
 def _my_pairs(config, model, acc, encoder: Encoder, chunk: list, stage_id: int) -> list[Pair]:

@@ -11,7 +11,7 @@ import torch
 from accelerate.utils import gather_object
 
 from ..encoding import Tokenized, collate
-from ..generation import generate_ids
+from ..generation import check_one_each, generate_ids
 from ..logprobs import model_sequence_logps
 from ..losses import rloo_advantages
 from ..pairs import in_eval_batches
@@ -111,6 +111,7 @@ def make_rollouts(
     scored = list(zip(indices, [r.response_ids for r in rows], reward_fn(rows), ref_logps_fn(rows)))
     if num_processes > 1:
         scored = sorted(gather_object(scored), key=lambda s: s[0])
+        check_one_each([s[0] for s in scored], len(repeated), "rollouts")
     _, samples, rewards, refs = (list(column) for column in zip(*scored))
     return [
         RolloutGroup(
