@@ -269,3 +269,17 @@ def test_a_sharded_checkpoint_is_not_resumed_by_unsharded_training(tmp_path):
     ckpt.register("policy", SimpleNamespace(sharded=False, after_step=None))
     with pytest.raises(ValueError, match="same kind of engine"):
         ckpt.restore()
+
+
+def test_deepspeed_gets_the_micro_batch_and_clipping_accelerate_would_take_from_a_dataloader():
+    from accelerate.utils import DistributedType
+
+    from demoalign.trainer import _fill_deepspeed_batch
+
+    ds_config = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto"}
+    plugin = SimpleNamespace(deepspeed_config=ds_config)
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin)
+    )
+    _fill_deepspeed_batch(accelerator, SimpleNamespace(batch_size=8, max_grad_norm=0.5))
+    assert ds_config == {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.5}
