@@ -179,10 +179,10 @@ class Trainer:
     def inference_model(self):
         """The model generation and reference log-probs run on: the training model itself, or,
         when its parameters are shards (FSDP2, ZeRO-3), a plain copy gathered from every process
-        in the forward's precision, its weights freed on exit (sharding.GatheredCopy).
-        Collective when sharded: every process enters it, and nothing inside may call a
-        collective of the sharded model. The copy's weights are released on exit: whoever
-        keeps a reference to it past the block (an `on_stage_end` callback) sees empty ones."""
+        in the forward's precision (sharding.GatheredCopy). Collective when sharded: every
+        process enters it, and nothing inside may call a collective of the sharded model. The
+        copy's weights are released on exit: whoever keeps a reference to it past the block (an
+        `on_stage_end` callback) sees empty ones."""
         if not self.sharded:
             yield self.unwrapped
             return
