@@ -29,7 +29,7 @@ from demoalign.sharding import (
 HERE = Path(__file__).resolve().parent
 
 
-def _launch_fsdp(tiny_model_dir, out, *extra):
+def _launch_fsdp(tiny_model_dir, out, *extra, precision="no", port=29541):
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     if accelerate is None:
         pytest.skip("accelerate launcher not found beside the interpreter")
@@ -46,11 +46,11 @@ def _launch_fsdp(tiny_model_dir, out, *extra):
         "--num_machines",
         "1",
         "--mixed_precision",
-        "no",
+        precision,
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        "29541",
+        str(port),
         str(HERE / "fsdp_run.py"),
         "irft",
         f"model={tiny_model_dir}",
@@ -69,6 +69,7 @@ def _launch_fsdp(tiny_model_dir, out, *extra):
         "stages=2",
         "save_steps=1",
         "keep_checkpoints=4",
+        f"mixed_precision={precision}",
         *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -131,6 +132,25 @@ def test_fsdp2_on_two_processes_matches_one_process_and_resumes(tiny_model_dir, 
     assert _steps(two) == expected_steps
     resumed = load_file(two / "final" / "model.safetensors")
     assert all(torch.equal(resumed[k], v) for k, v in expected_final.items())
+
+
+@pytest.mark.slow
+def test_fsdp2_in_bf16_policy_and_reference_agree_at_every_stage_start(tiny_model_dir, tmp_path):
+    """bf16 on CPU: FSDP2 computes the policy with bf16 parameters, the stage's reference comes
+    from the gathered bf16 copy; at the first step of a stage they are the same weights, so
+    the implicit-reward margin is ~0 (a copy in another precision, or stale, would show)."""
+    out = tmp_path / "bf16"
+    _launch_fsdp(tiny_model_dir, out, "keep_checkpoints=0", precision="bf16", port=29543)
+    records = _records(out)
+    assert records[0]["mixed_precision"] == "bf16"
+    assert [r["sharded_parameters"] for r in records if r.get("event") == "run_end"] == [True]
+    steps = [r for r in records if "loss" in r]
+    for stage in (1, 2):
+        first = [r for r in steps if r["stage"] == stage][0]
+        assert abs(first["margin"]) < 1e-3, first
+    fp32 = train(small_run_config(IRFTConfig, tiny_model_dir, tmp_path / "fp32", batch_size=4))
+    expected = [s[1] for s in _steps(fp32)]
+    assert [r["loss"] for r in steps] == pytest.approx(expected, rel=1e-2)
 
 
 def test_a_gathered_plain_copy_is_the_same_model_with_its_weights_still_tied(tiny_model_dir):
