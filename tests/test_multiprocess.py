@@ -42,7 +42,7 @@ def _small_args(tiny_model_dir, out, extra):
     ]
 
 
-def _launch_two_processes(method, args, port="29517"):
+def _launch_two_processes(method, args, port="29517", script="ddp_run.py", env=None, ok=True):
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     if accelerate is None:
         pytest.skip("accelerate launcher not found beside the interpreter")
@@ -58,13 +58,15 @@ def _launch_two_processes(method, args, port="29517"):
         "no",
         "--dynamo_backend",
         "no",
-        str(HERE / "ddp_run.py"),
+        str(HERE / script),
         method,
         *args,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port, **(env or {})}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    if ok:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 @pytest.mark.slow
@@ -153,3 +155,29 @@ def test_rft_two_processes_match_one_process(tiny_model_dir, tmp_path, one_threa
     assert [(m["step"], m["loss"], m["grad_norm"]) for m in records if "loss" in m] == steps
     again = load_file(two / "final" / "model.safetensors")
     assert all(torch.equal(again[k], v) for k, v in final.items())
+
+
+@pytest.mark.slow
+def test_the_main_process_alone_decides_whether_the_run_folder_may_be_used(
+    tiny_model_dir, tmp_path
+):
+    """Each process sees the folder through its own machine's filesystem: the main process's
+    view decides for all, and its refusal reaches every process (none waits for it forever)."""
+    run = dict(script="main_decides_run.py", port="29519")
+    out = tmp_path / "other_refuses"
+    _launch_two_processes("sft", _small_args(tiny_model_dir, out, []), **run, env=_refusing(1))
+    assert (out / "final" / "config.json").is_file()
+
+    out = tmp_path / "main_refuses"
+    result = _launch_two_processes(
+        "sft", _small_args(tiny_model_dir, out, []), **run, env=_refusing(0), ok=False
+    )
+    assert result.returncode != 0
+    # Process 1, whose own view had no objection, stops with the main process's reason.
+    refusal = "RunFolderError: process 0 sees a folder it may not use"
+    assert f"[rank1]: demoalign.runio.{refusal}" in result.stderr, result.stderr[-3000:]
+    assert not out.exists()
+
+
+def _refusing(rank: int) -> dict:
+    return {"REFUSING_RANK": str(rank)}

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 
 from .checkpoint import STATE_FILE, Checkpoints, clean_leftovers, latest_checkpoint
 from .config import IRFTConfig, RFTConfig, SFTConfig, TrainConfig, config_to_dict
@@ -53,6 +53,43 @@ def _resume_point(config: TrainConfig) -> tuple[Path | None, Path | None]:
     return folder, (latest_checkpoint(folder) if folder is not None else None)
 
 
+def _start_point(config: TrainConfig) -> tuple[Path | None, Path | None, bool]:
+    """(the run folder to continue, its checkpoint, whether that run is finished) after checking
+    that the output folder may be used; changes nothing."""
+    folder, checkpoint = _resume_point(config)
+    if folder is not None and (read_run_state(folder) or {}).get("state") == "finished":
+        return folder, checkpoint, True
+    if checkpoint is None:
+        overwrite = config.overwrite or folder is not None
+        check_output_dir(Path(config.output_dir), overwrite, run_inputs(config))
+    return folder, checkpoint, False
+
+
+def decided_by_main(accelerator, decide):
+    """`decide()` run on the main process; its result for every process, or its error raised on
+    every process (as the same exception type where that type takes a message)."""
+    if accelerator.num_processes == 1:
+        return decide()
+    box: list = [None, None]
+    own_error = None
+    if accelerator.is_main_process:
+        try:
+            box[0] = decide()
+        except Exception as exc:  # every process must learn it, or they wait for the main one
+            own_error, box[1] = exc, (type(exc), str(exc))
+    broadcast_object_list(box)
+    if own_error is not None:
+        raise own_error
+    if box[1] is not None:
+        kind, message = box[1]
+        try:
+            error = kind(message)
+        except Exception:
+            error = RuntimeError(message)
+        raise error
+    return box[0]
+
+
 def _claim(config: TrainConfig, folder: Path | None, checkpoint: Path | None, main: bool) -> None:
     """Take the run folder: a resumed run keeps it (only an interrupted save's leftovers go);
     otherwise it is created or cleared (resume=true with no checkpoint yet restarts the run)."""
@@ -83,14 +120,14 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     check_distributed_setup(config, accelerator)
     set_seed(config.seed)
     out = Path(config.output_dir)
-    folder, checkpoint = _resume_point(config)
-    if folder is not None and (read_run_state(folder) or {}).get("state") == "finished":
+    # The main process alone looks at the folder and decides (its lock, its checkpoints); every
+    # process gets its decision or its error, so processes on machines that see the folder late,
+    # or differently, neither start another way nor wait forever for one that stopped.
+    folder, checkpoint, finished = decided_by_main(accelerator, lambda: _start_point(config))
+    if finished:
         if accelerator.is_main_process and config.show_progress:
             print(f"{out} holds a finished run (final/ is complete); nothing to resume")
         return out
-    if checkpoint is None:
-        check_output_dir(out, config.overwrite or folder is not None, run_inputs(config))
-    accelerator.wait_for_everyone()  # every process checked before the main one clears
 
     examples, summary, data_counts = demonstrations(
         config.data, config.columns, config.max_examples
