@@ -8,6 +8,8 @@ one epoch of pairwise training. The stage goes through the package's own code (`
 - `hf-b16-fp32`: the old default: `hf` backend, batch 16, fp32 master weights under bf16 autocast.
   On a GPU it is measured on `--old-prompts` prompts (it is slow) and its time is scaled to all.
 - `hf-bf16-b256`: `hf` backend on a bf16 copy of the weights, batch 256 (fp32, no copy, on CPU).
+- `hf-cb`: transformers' continuous batching (`generate_batch`, paged KV cache, finished rows
+  refilled) on the same copy, for comparison only (on CPU on 8 prompts, time scaled).
 - `static`: the new engine as a stage runs it (`generation_backend=static`,
   `generation_batch_size=auto`). Stage 1 pays the compile; stage 2 (after training changed the
   weights) is the warm figure reported. Stage 2 takes its reference log-probs at decode time and
@@ -208,6 +210,44 @@ def gib(value) -> str:
     return "n/a" if value is None else f"{value:.1f} GiB"
 
 
+def continuous_batching_row(model, tok, prompts, args, device, clock_type) -> dict | None:
+    """transformers' `generate_batch` (continuous batching over a paged KV cache) on the same
+    prompts, sampled, for comparison: the package does not use it (it takes no per-batch seed,
+    so its samples would not be reproducible run to run). On CPU only a few prompts (it is slow
+    there); None where this transformers lacks it or it fails, with the reason printed."""
+    from transformers import GenerationConfig
+
+    if not hasattr(model, "generate_batch"):
+        log("[hf-cb] this transformers has no generate_batch: skipped")
+        return None
+    subset = prompts if device.type == "cuda" else prompts[:8]
+    config = GenerationConfig(
+        max_new_tokens=args.new_tokens,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    log(f"[hf-cb] generating {len(subset)} prompts ...")
+    try:
+        with clock_type(device) as clock:
+            out = model.generate_batch(subset, generation_config=config, progress_bar=False)
+    except Exception as error:  # a comparison row: its failure must not end the benchmark
+        log(f"[hf-cb] failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        return None
+    made = sum(len(o.generated_tokens) for o in out.values())
+    row = dict(
+        rate=made / clock.seconds,
+        seconds=clock.seconds * len(prompts) / len(subset),
+        peak=clock.peak,
+        note=f"generate_batch, {len(subset)} prompts"
+        + (", time scaled" if subset is not prompts else ""),
+    )
+    log(f"[hf-cb] {row['rate']:.0f} new tok/s ({clock.seconds:.1f} s)")
+    return row
+
+
 def new_tokens(generated: dict) -> int:
     return sum(len(v) for v in generated.values())
 
@@ -281,10 +321,15 @@ def main(argv=None) -> None:
         peak=clock.peak,
         note="bf16 copy" if half is not model else "fp32 (CPU)",
     )
+    log(f"[hf-bf16-b256] {rows['hf-bf16-b256']['rate']:.0f} new tok/s ({clock.seconds:.1f} s)")
+
+    # ---- transformers' continuous batching (paged attention, finished rows refilled)
+    cb = continuous_batching_row(half, tok, prompts, args, device, Clock)
+    if cb is not None:
+        rows["hf-cb"] = cb
     del half, out
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    log(f"[hf-bf16-b256] {rows['hf-bf16-b256']['rate']:.0f} new tok/s ({clock.seconds:.1f} s)")
 
     # ---- the new engine, as a stage runs it: two stages on the package's own code
     config = IRFTConfig(
