@@ -153,6 +153,46 @@ def test_fsdp2_in_bf16_policy_and_reference_agree_at_every_stage_start(tiny_mode
     assert [r["loss"] for r in steps] == pytest.approx(expected, rel=1e-2)
 
 
+@pytest.mark.slow
+def test_lora_under_fsdp2_matches_lora_on_one_process(tiny_model_dir, tmp_path):
+    """Adapters sharded with their base: the same steps as one process, the stage reference from
+    the gathered copy with the adapters merged (margin 0 at each stage start), final/ merged."""
+    lora = ["lora_r=4"]
+    one = train(small_run_config(IRFTConfig, tiny_model_dir, tmp_path / "one", lora_r=4))
+    two = tmp_path / "fsdp_lora"
+    _launch_fsdp(tiny_model_dir, two, *lora, port=29545)
+    ends = [r for r in _records(two) if r.get("event") == "run_end"]
+    assert [r["sharded_parameters"] for r in ends] == [True]
+    a, b = _steps(one), _steps(two)
+    flat = [x for s in a for x in s[1:]]  # loss and grad norm of every step
+    assert [x for s in b for x in s[1:]] == pytest.approx(flat, rel=1e-4, abs=1e-5)
+    firsts = [r for r in _records(two) if "loss" in r and r["step"] in (1, 3)]
+    assert [abs(r["margin"]) < 1e-5 for r in firsts] == [True, True]
+    for stage in (1, 2):
+        assert _negatives(two, stage) == _negatives(one, stage)
+    final_one, final_two = (load_file(p / "final" / "model.safetensors") for p in (one, two))
+    assert sorted(final_two) == sorted(final_one)  # merged: plain names, no lora_ keys
+    for name, tensor in final_one.items():
+        torch.testing.assert_close(final_two[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_merging_lora_by_hand_equals_peft_merging(tiny_model_dir):
+    from demoalign.lora import add_lora
+    from demoalign.sharding import merged_lora_state
+
+    config = SimpleNamespace(lora_r=4, lora_alpha=8, lora_target_modules="q_proj,v_proj")
+    model = add_lora(fresh_model(tiny_model_dir), config)
+    with torch.no_grad():  # B starts at zero: give the adapters something to merge
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    merged = merged_lora_state(model, dict(model.state_dict()))
+    expected = model.merge_and_unload().state_dict()
+    assert sorted(merged) == sorted(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6)
+
+
 def test_a_gathered_plain_copy_is_the_same_model_with_its_weights_still_tied(tiny_model_dir):
     model = fresh_model(tiny_model_dir)
     assert model.lm_head.weight is model.get_input_embeddings().weight
@@ -204,10 +244,17 @@ def _setup(method="irft", lora_r=0, accumulation=1, checkpoints=0, max_grad_norm
     return SimpleNamespace(
         method=method,
         lora_r=lora_r,
+        lora_keep_adapters=False,
         gradient_accumulation_steps=accumulation,
         keep_checkpoints=checkpoints,
         max_grad_norm=max_grad_norm,
     )
+
+
+def _keep_adapters():
+    config = _setup(lora_r=8)
+    config.lora_keep_adapters = True
+    return config
 
 
 @pytest.mark.parametrize(
@@ -218,7 +265,8 @@ def _setup(method="irft", lora_r=0, accumulation=1, checkpoints=0, max_grad_norm
         (_setup(accumulation=4, checkpoints=2), _accelerator("FSDP", 2), None),
         (_setup(), _accelerator("FSDP", 1), "fsdp_version: 2"),
         (_setup(method="rft"), _accelerator("FSDP", 2), "RFT does not run under FSDP2"),
-        (_setup(method="sft", lora_r=8), _accelerator("DEEPSPEED", 3), "LoRA under ZeRO-3"),
+        (_setup(method="sft", lora_r=8), _accelerator("DEEPSPEED", 3), None),
+        (_keep_adapters(), _accelerator("FSDP", 2), "lora_keep_adapters under FSDP2"),
         (_setup(lora_r=8), _accelerator("DEEPSPEED", 2), None),  # ZeRO-2: whole parameters
         (_setup(method="rft"), _accelerator("DEEPSPEED", 2), "RFT does not run under DeepSpeed"),
         (_setup(checkpoints=2), _accelerator("DEEPSPEED", 2), "keep_checkpoints=0"),

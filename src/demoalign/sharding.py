@@ -96,6 +96,7 @@ def plain_model(model: torch.nn.Module, state: dict, device=None) -> torch.nn.Mo
     the constructor and moved to `device`."""
     from accelerate import init_empty_weights
 
+    model = _base(model)  # a LoRA model's plain copy is its base (`state` has them merged)
     with init_empty_weights(include_buffers=False):
         copy = _architecture(model)(model.config)
     copy.load_state_dict(state, strict=True, assign=True)
@@ -108,9 +109,47 @@ def plain_model(model: torch.nn.Module, state: dict, device=None) -> torch.nn.Mo
 
 
 def gathered_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A plain copy of a sharded causal LM on every process, in `dtype` (collective)."""
+    """A plain copy of a sharded causal LM on every process, in `dtype` (collective); a LoRA
+    model's copy is its base with the adapters merged."""
     device = next(model.parameters()).device
-    return plain_model(model, gathered_weights(model, dtype), device)
+    return plain_model(model, plain_state(model, dtype), device)
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def plain_state(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict:
+    """`gathered_weights`, with a LoRA model's adapters merged into its base weights: the state
+    dict of the plain model it computes (collective)."""
+    state = gathered_weights(model, dtype)
+    return merged_lora_state(model, state) if hasattr(model, "get_base_model") else state
+
+
+def merged_lora_state(peft_model, state: dict) -> dict:
+    """The base model's state dict from a LoRA model's full one: W + scaling · B A for every
+    adapted linear layer. Written by hand because peft merges only in place, into the modules
+    of a model, and these are shards; the scaling and layout come from the live modules."""
+    from peft.tuners.lora import LoraLayer
+
+    state = dict(state)
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        (adapter,) = module.active_adapters
+        if f"{name}.lora_A.{adapter}.weight" not in state or module.use_dora.get(adapter):
+            raise ValueError(f"{name}: only plain LoRA on linear layers can be merged here")
+        a = state.pop(f"{name}.lora_A.{adapter}.weight")
+        b = state.pop(f"{name}.lora_B.{adapter}.weight")
+        weight = state.pop(f"{name}.base_layer.weight")
+        delta = module.scaling[adapter] * (b.float() @ a.float())
+        state[f"{name}.weight"] = weight + (delta.T if module.fan_in_fan_out else delta).to(
+            weight.dtype
+        )
+        if f"{name}.base_layer.bias" in state:
+            state[f"{name}.bias"] = state.pop(f"{name}.base_layer.bias")
+    prefix = "base_model.model."
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
 
 
 class GatheredCopy:
@@ -135,7 +174,14 @@ class GatheredCopy:
         targets = self.model.state_dict(keep_vars=True)
         done: set[int] = set()
         with _all_gathered(sharded):
-            for name, source in sharded.state_dict(keep_vars=True).items():
+            # A LoRA model's weights are merged first (a whole second copy, briefly); any
+            # other's are gathered one tensor at a time, straight into the copy.
+            sources = (
+                plain_state(sharded, self.dtype).items()
+                if hasattr(sharded, "get_base_model")
+                else sharded.state_dict(keep_vars=True).items()
+            )
+            for name, source in sources:
                 target = targets[name]
                 if id(target) in done:
                     continue  # a tied weight: its other name was copied already
@@ -157,13 +203,17 @@ class GatheredCopy:
 
 def full_state_dict(model: torch.nn.Module) -> dict:
     """Full CPU tensors of a sharded model on the main process, an empty dict elsewhere
-    (collective). torch's distributed state-dict API does the gathering for FSDP2."""
+    (collective); a LoRA model's are its base's with the adapters merged. torch's distributed
+    state-dict API does the gathering for FSDP2."""
     if _is_zero3(model):
-        state = gathered_weights(model)
-        return {k: v.cpu() for k, v in state.items()} if _rank() == 0 else {}
+        state = {k: v.cpu() for k, v in plain_state(model).items()}
+        return state if _rank() == 0 else {}
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(model, options=_full_to_cpu())
+    state = get_model_state_dict(model, options=_full_to_cpu())
+    if state and hasattr(model, "get_base_model"):
+        state = merged_lora_state(model, state)
+    return state
 
 
 def _full_to_cpu():
@@ -237,10 +287,10 @@ def check_distributed_setup(config, accelerator) -> None:
             f"RFT does not run under {kind} yet (its reward model and frozen reference would "
             "be sharded too); use DDP"
         )
-    if config.lora_r:
+    if config.lora_r and config.lora_keep_adapters:
         raise ValueError(
-            f"LoRA under {kind} is not supported: the adapters are small, so DDP or ZeRO-2 "
-            "with LoRA holds the base model once per GPU in bf16 without sharding"
+            f"lora_keep_adapters under {kind} is not supported: final/ holds the merged model; "
+            "train with DDP to keep the adapters apart"
         )
 
 
