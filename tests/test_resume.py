@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import small_run_config
+from conftest import small_rft_values, small_run_config
 from demoalign import IRFTConfig, RFTConfig, SFTConfig, SPINConfig, train
 from demoalign import checkpoint as checkpoint_module
 from demoalign import run as run_module
@@ -191,26 +191,7 @@ RFT_CASES = [
 def test_rft_resume_is_bitwise_equal(
     tiny_model_dir, tmp_path, tmp_path_factory, monkeypatch, kill, n
 ):
-    values = dict(
-        model=str(tiny_model_dir),
-        data="task:sort",
-        max_examples=16,
-        output_dir=str(tmp_path / "run"),
-        template="plain",
-        max_length=48,
-        max_prompt_length=24,
-        max_new_tokens=12,
-        batch_size=4,
-        generation_batch_size=16,
-        learning_rate=1e-3,
-        reward_learning_rate=3e-3,
-        reward_steps=4,
-        policy_steps=2,
-        rollouts=2,
-        cpu=True,
-        show_progress=False,
-        resume=True,
-    )
+    values = small_rft_values(tiny_model_dir, tmp_path / "run", resume=True)
     config = build_config(RFTConfig, values)
     out = _interrupt_and_resume(config, kill, n, monkeypatch)
     _assert_same_as_uninterrupted(out, _reference(config, tmp_path_factory))

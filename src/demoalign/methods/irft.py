@@ -129,6 +129,26 @@ def _start_stage_optimisation(config, trainer: Trainer, steps: int) -> None:
         trainer.start_schedule(steps)
 
 
+def _stages_done(ckpt: Checkpoints, at: dict) -> int:
+    """Stages a resumed run skips. A checkpoint at a stage boundary is restored here (into
+    `at`); one inside a stage is restored when that stage, rebuilt from its stored pairs,
+    starts."""
+    pending = ckpt.pending
+    if pending is None:
+        return 0
+    if pending["done"]:
+        at.update(ckpt.restore())
+        return at["stage"]
+    return pending["stage"] - 1
+
+
+def _call_stage_end(on_stage_end, trainer: Trainer, stage_id: int) -> None:
+    if on_stage_end is not None:
+        with trainer.inference_model() as model:  # collective when sharded
+            if trainer.accelerator.is_main_process:
+                on_stage_end(model, stage_id)
+
+
 def run_irft(
     config,
     trainer: Trainer,
@@ -150,12 +170,7 @@ def run_irft(
     keys = ("prompts_truncated", "demonstrations_truncated", "negatives_truncated", "pairs")
     at = {"stage": 0, "done": True, "totals": dict.fromkeys(keys, 0), "pairs": [], "cuts": {}}
     ckpt.state_fn = lambda: {**at, "fit": trainer.position}
-    pending, skip_through = ckpt.pending, 0
-    if pending is not None and pending["done"]:  # a stage boundary: continue after that stage
-        at.update(ckpt.restore())
-        skip_through = at["stage"]
-    elif pending is not None:  # inside a stage: continue it with its stored pairs
-        skip_through = pending["stage"] - 1
+    skip_through = _stages_done(ckpt, at)
     stage_id = 0
     for iteration, chunks in enumerate(chunks_per_iteration):
         for t, chunk_idx in enumerate(chunks):
@@ -184,10 +199,7 @@ def run_irft(
                 desc=f"stage {stage_id}: training",
                 start=resumed["fit"] if resumed else None,
             )
-            if on_stage_end is not None:
-                with trainer.inference_model() as model:  # collective when sharded
-                    if trainer.accelerator.is_main_process:
-                        on_stage_end(model, stage_id)
+            _call_stage_end(on_stage_end, trainer, stage_id)
             at.update(done=True, pairs=[], cuts={})
             ckpt.save()
     return at["totals"]
