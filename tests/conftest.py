@@ -38,6 +38,13 @@ def fresh_model(tiny_model_dir):
 
 def small_run_config(cls, tiny_model_dir, out, **overrides):
     """A config for a run of a few seconds on CPU."""
+    from demoalign.config import build_config
+
+    return build_config(cls, small_run_values(cls, tiny_model_dir, out, **overrides))
+
+
+def small_run_values(cls, tiny_model_dir, out, **overrides) -> dict:
+    """The settings of `small_run_config`, as `key: value` pairs (see `command_line`)."""
     values = dict(
         model=str(tiny_model_dir),
         data=str(DOLLY),
@@ -55,9 +62,28 @@ def small_run_config(cls, tiny_model_dir, out, **overrides):
     values.update(overrides)
     if cls.method == "spin":
         values.pop("stages", None)
-    from demoalign.config import build_config
+    return values
 
-    return build_config(cls, values)
+
+def command_line(values: dict) -> list[str]:
+    """`key=value` arguments, as `demoalign <method>` and the launched test runners take them."""
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def launch_processes(flags: list[str], script: str, args: list[str], port: int, env=None, ok=True):
+    """`accelerate launch FLAGS tests/SCRIPT ARGS` on CPU, one thread per process; the finished
+    process (its return code asserted to be 0 unless `ok` is False)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_machines", "1"]
+    cmd += ["--dynamo_backend", "no", "--main_process_port", str(port)]
+    cmd += [str(Path(__file__).resolve().parent / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    if ok:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def small_rft_values(tiny_model_dir, out, **overrides) -> dict:

@@ -2,23 +2,25 @@
 global batch (gloo on CPU; on 2 cores this is a correctness test, not a speed one)."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DOLLY, read_metrics, small_rft_values, small_run_config
+from conftest import (
+    command_line,
+    launch_processes,
+    read_metrics,
+    small_rft_values,
+    small_run_config,
+    small_run_values,
+)
 from demoalign import IRFTConfig, RFTConfig, SFTConfig, train
 from demoalign.checkpoint import latest_checkpoint
 from demoalign.config import build_config
 from demoalign.runio import write_run_state
-
-HERE = Path(__file__).resolve().parent
 
 
 def _step_metrics(run_dir):
@@ -26,55 +28,21 @@ def _step_metrics(run_dir):
     return [json.loads(line) for line in lines if '"step"' in line]
 
 
-def _small_args(tiny_model_dir, out, extra):
-    return [
-        f"model={tiny_model_dir}",
-        f"data={DOLLY}",
-        "max_examples=16",
-        f"output_dir={out}",
-        "max_length=80",
-        "max_prompt_length=40",
-        "batch_size=2",
-        "learning_rate=1e-3",
-        "cpu=true",
-        "show_progress=false",
-        *extra,
-    ]
+def _small_args(cls, tiny_model_dir, out):
+    """conftest's small run with the global batch of 4 split over the 2 processes."""
+    return command_line(small_run_values(cls, tiny_model_dir, out, batch_size=2))
 
 
-def _launch_two_processes(method, args, port="29517", script="ddp_run.py", env=None, ok=True):
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    if accelerate is None:
-        pytest.skip("accelerate launcher not found beside the interpreter")
-    cmd = [
-        accelerate,
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(HERE / script),
-        method,
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port, **(env or {})}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    if ok:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def _launch_two_processes(method, args, port=29517, script="ddp_run.py", env=None, ok=True):
+    flags = ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no"]
+    return launch_processes(flags, script, [method, *args], port, env=env, ok=ok)
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
-    irft_extra = ["max_new_tokens=10", "generation_batch_size=8", "stages=2"]
     two_irft, two_sft = tmp_path / "irft2", tmp_path / "sft2"
-    _launch_two_processes("irft", _small_args(tiny_model_dir, two_irft, irft_extra))
-    _launch_two_processes("sft", _small_args(tiny_model_dir, two_sft, []))
+    _launch_two_processes("irft", _small_args(IRFTConfig, tiny_model_dir, two_irft))
+    _launch_two_processes("sft", _small_args(SFTConfig, tiny_model_dir, two_sft))
     one_irft = train(small_run_config(IRFTConfig, tiny_model_dir, tmp_path / "irft1", batch_size=4))
     one_sft = train(small_run_config(SFTConfig, tiny_model_dir, tmp_path / "sft1", batch_size=4))
 
@@ -132,8 +100,8 @@ def test_rft_two_processes_match_one_process(tiny_model_dir, tmp_path, one_threa
     settings.update(preference_data="task:sort:5", preference_weight=0.5)
     two, one = tmp_path / "rft2", tmp_path / "rft1"
     values = small_rft_values(tiny_model_dir, two, batch_size=2, **settings)
-    args = [f"{key}={value}" for key, value in values.items()]
-    _launch_two_processes("rft", args, port="29523")
+    args = command_line(values)
+    _launch_two_processes("rft", args, port=29523)
     train(build_config(RFTConfig, small_rft_values(tiny_model_dir, one, **settings)))
 
     assert [_negatives(two, k) for k in "12"] == [_negatives(one, k) for k in "12"]
@@ -149,7 +117,7 @@ def test_rft_two_processes_match_one_process(tiny_model_dir, tmp_path, one_threa
 
     steps = [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(two) if "loss" in m]
     final = load_file(two / "final" / "model.safetensors")
-    _resume_from_first_iteration(two, args, port="29523")
+    _resume_from_first_iteration(two, args, port=29523)
     records = read_metrics(two)
     assert {"event": "resume", "checkpoint": "4"} in records
     assert [(m["step"], m["loss"], m["grad_norm"]) for m in records if "loss" in m] == steps
@@ -163,14 +131,15 @@ def test_the_main_process_alone_decides_whether_the_run_folder_may_be_used(
 ):
     """Each process sees the folder through its own machine's filesystem: the main process's
     view decides for all, and its refusal reaches every process (none waits for it forever)."""
-    run = dict(script="main_decides_run.py", port="29519")
+    run = dict(script="main_decides_run.py", port=29519)
     out = tmp_path / "other_refuses"
-    _launch_two_processes("sft", _small_args(tiny_model_dir, out, []), **run, env=_refusing(1))
+    args = _small_args(SFTConfig, tiny_model_dir, out)
+    _launch_two_processes("sft", args, **run, env=_refusing(1))
     assert (out / "final" / "config.json").is_file()
 
     out = tmp_path / "main_refuses"
     result = _launch_two_processes(
-        "sft", _small_args(tiny_model_dir, out, []), **run, env=_refusing(0), ok=False
+        "sft", _small_args(SFTConfig, tiny_model_dir, out), **run, env=_refusing(0), ok=False
     )
     assert result.returncode != 0
     # Process 1, whose own view had no objection, stops with the main process's reason.

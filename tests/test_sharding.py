@@ -14,7 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DOLLY, fresh_model, small_run_config
+from conftest import (
+    command_line,
+    fresh_model,
+    launch_processes,
+    small_run_config,
+    small_run_values,
+)
 from demoalign import IRFTConfig, train
 from demoalign.generation import generate_ids
 from demoalign.logprobs import SequenceScorer
@@ -29,52 +35,16 @@ from demoalign.sharding import (
 HERE = Path(__file__).resolve().parent
 
 
-def _launch_fsdp(tiny_model_dir, out, *extra, precision="no", port=29541):
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    if accelerate is None:
-        pytest.skip("accelerate launcher not found beside the interpreter")
-    cmd = [
-        accelerate,
-        "launch",
-        "--use_fsdp",
-        "--fsdp_version",
-        "2",
-        "--fsdp_auto_wrap_policy",
-        "TRANSFORMER_BASED_WRAP",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        precision,
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-        str(HERE / "fsdp_run.py"),
-        "irft",
-        f"model={tiny_model_dir}",
-        f"data={DOLLY}",
-        "max_examples=16",
-        f"output_dir={out}",
-        "max_length=80",
-        "max_prompt_length=40",
-        "batch_size=1",  # 2 processes x 1 x accumulation 2: the global batch of 4, and
-        "gradient_accumulation_steps=2",  # FSDP2's no-sync path for the first micro-batch
-        "learning_rate=1e-3",
-        "cpu=true",
-        "show_progress=false",
-        "max_new_tokens=10",
-        "generation_batch_size=8",
-        "stages=2",
-        "save_steps=1",
-        "keep_checkpoints=4",
-        f"mixed_precision={precision}",
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+def _launch_fsdp(tiny_model_dir, out, precision="no", port=29541, **overrides):
+    """IRFT under FSDP2 on 2 CPU processes (tests/fsdp_run.py), conftest's small run with its
+    global batch of 4 as 2 processes x 1 x accumulation 2 (FSDP2's no-sync path for the first
+    micro-batch), a checkpoint at every step."""
+    values = small_run_values(IRFTConfig, tiny_model_dir, out, batch_size=1)
+    values.update(gradient_accumulation_steps=2, save_steps=1, keep_checkpoints=4)
+    values.update(mixed_precision=precision, **overrides)
+    flags = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy"]
+    flags += ["TRANSFORMER_BASED_WRAP", "--num_processes", "2", "--mixed_precision", precision]
+    launch_processes(flags, "fsdp_run.py", ["irft", *command_line(values)], port)
 
 
 def _records(out):
@@ -127,7 +97,7 @@ def test_fsdp2_on_two_processes_matches_one_process_and_resumes(tiny_model_dir, 
         shutil.rmtree(two / "checkpoints" / step)
     shutil.rmtree(two / "final")
     (two / "run_state.json").write_text(json.dumps({"state": "failed", "method": "irft"}))
-    _launch_fsdp(tiny_model_dir, two, "resume=true")
+    _launch_fsdp(tiny_model_dir, two, resume=True)
     assert [r["checkpoint"] for r in _records(two) if r.get("event") == "resume"] == ["2"]
     assert _steps(two) == expected_steps
     resumed = load_file(two / "final" / "model.safetensors")
@@ -140,7 +110,7 @@ def test_fsdp2_in_bf16_policy_and_reference_agree_at_every_stage_start(tiny_mode
     from the gathered bf16 copy; at the first step of a stage they are the same weights, so
     the implicit-reward margin is ~0 (a copy in another precision, or stale, would show)."""
     out = tmp_path / "bf16"
-    _launch_fsdp(tiny_model_dir, out, "keep_checkpoints=0", precision="bf16", port=29543)
+    _launch_fsdp(tiny_model_dir, out, precision="bf16", port=29543, keep_checkpoints=0)
     records = _records(out)
     assert records[0]["mixed_precision"] == "bf16"
     assert [r["sharded_parameters"] for r in records if r.get("event") == "run_end"] == [True]
@@ -157,10 +127,9 @@ def test_fsdp2_in_bf16_policy_and_reference_agree_at_every_stage_start(tiny_mode
 def test_lora_under_fsdp2_matches_lora_on_one_process(tiny_model_dir, tmp_path):
     """Adapters sharded with their base: the same steps as one process, the stage reference from
     the gathered copy with the adapters merged (margin 0 at each stage start), final/ merged."""
-    lora = ["lora_r=4"]
     one = train(small_run_config(IRFTConfig, tiny_model_dir, tmp_path / "one", lora_r=4))
     two = tmp_path / "fsdp_lora"
-    _launch_fsdp(tiny_model_dir, two, *lora, port=29545)
+    _launch_fsdp(tiny_model_dir, two, port=29545, lora_r=4)
     ends = [r for r in _records(two) if r.get("event") == "run_end"]
     assert [r["sharded_parameters"] for r in ends] == [True]
     a, b = _steps(one), _steps(two)
