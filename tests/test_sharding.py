@@ -64,9 +64,11 @@ def _negatives(out, stage):
 def test_fsdp2_on_two_processes_matches_one_process_and_resumes(tiny_model_dir, tmp_path):
     one = train(small_run_config(IRFTConfig, tiny_model_dir, tmp_path / "one", batch_size=4))
     two = tmp_path / "fsdp"
-    _launch_fsdp(tiny_model_dir, two)
+    _launch_fsdp(tiny_model_dir, two, park_optimizer_state="on")  # sharded state parked too
 
     assert _records(two)[0]["sharding"] == "FSDP2"
+    starts = [r for r in _records(two) if r.get("event") == "stage_start"]
+    assert [r["optimizer_state_parked_bytes"] > 0 for r in starts] == [False, True]
     # What the model became, not what the engine was called: its parameters were shards.
     ends = {run: [r for r in _records(run) if r.get("event") == "run_end"] for run in (one, two)}
     assert [r["sharded_parameters"] for r in ends[two]] == [True]
@@ -97,7 +99,7 @@ def test_fsdp2_on_two_processes_matches_one_process_and_resumes(tiny_model_dir, 
         shutil.rmtree(two / "checkpoints" / step)
     shutil.rmtree(two / "final")
     (two / "run_state.json").write_text(json.dumps({"state": "failed", "method": "irft"}))
-    _launch_fsdp(tiny_model_dir, two, resume=True)
+    _launch_fsdp(tiny_model_dir, two, resume=True, park_optimizer_state="on")
     assert [r["checkpoint"] for r in _records(two) if r.get("event") == "resume"] == ["2"]
     assert _steps(two) == expected_steps
     resumed = load_file(two / "final" / "model.safetensors")
@@ -209,8 +211,9 @@ def _accelerator(kind: str, version_or_stage: int, clipping="auto"):
     return SimpleNamespace(distributed_type=getattr(DistributedType, kind), state=state)
 
 
-def _setup(method="irft", lora_r=0, accumulation=1, checkpoints=0, max_grad_norm=1.0):
+def _setup(method="irft", lora_r=0, accumulation=1, checkpoints=0, max_grad_norm=1.0, park="auto"):
     return SimpleNamespace(
+        park_optimizer_state=park,
         method=method,
         lora_r=lora_r,
         lora_keep_adapters=False,
@@ -242,6 +245,8 @@ def _keep_adapters():
         (_setup(accumulation=4), _accelerator("DEEPSPEED", 3), "accumulation_steps must be 1"),
         (_setup(), _accelerator("DEEPSPEED", 3, clipping=1.0), None),
         (_setup(), _accelerator("DEEPSPEED", 3, clipping=0.5), "make them equal"),
+        (_setup(park="on"), _accelerator("DEEPSPEED", 2), "park_optimizer_state=on does not"),
+        (_setup(park="on"), _accelerator("FSDP", 2), None),
     ],
 )
 def test_what_does_not_run_under_an_engine_is_refused(config, accelerator, refused):

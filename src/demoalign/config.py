@@ -214,6 +214,16 @@ GENERATION_BACKEND_HELP = (
 )
 
 
+PARK_CHOICES = ("auto", "on", "off")
+PARK_HELP = (
+    "While negatives and their reference log-probs are computed, move the optimiser's state "
+    "(Adam's moments, RMSprop's averages) to host memory and back, so that generation's KV cache "
+    "can use that GPU memory and generation's peak stays below training's: auto (on when training "
+    "on a GPU, except under DeepSpeed, which owns its optimiser's memory), on, or off. Costs one "
+    "copy of the state each way per stage; results are unchanged."
+)
+
+
 def _check_backend(backend: str) -> None:
     from .generation import BACKENDS  # here: generation imports torch, `--help` should not
 
@@ -247,6 +257,11 @@ def validate_generation(config) -> None:
     from .generation import parse_batch_size
 
     _check_backend(config.generation_backend)
+    if config.park_optimizer_state not in PARK_CHOICES:
+        raise ValueError(
+            f"park_optimizer_state={config.park_optimizer_state!r}: "
+            f"choose one of {', '.join(PARK_CHOICES)}"
+        )
     try:
         parse_batch_size(config.generation_batch_size)
     except ValueError:
@@ -288,6 +303,7 @@ class IRFTConfig(TrainConfig):
         "memory; 16 on CPU). Also the batch of the reference forward (16 with auto).",
     )
     generation_backend: str = opt("auto", GENERATION_BACKEND_HELP)
+    park_optimizer_state: str = opt("auto", PARK_HELP)
     reference_logps: str = opt(
         "forward",
         "Reference log-probs of the negatives: forward (a forward pass over them after "
@@ -409,6 +425,7 @@ class RFTConfig(TrainConfig):
         "batch (16 with auto).",
     )
     generation_backend: str = opt("auto", GENERATION_BACKEND_HELP)
+    park_optimizer_state: str = opt("auto", PARK_HELP)
     method = "rft"
 
     def __post_init__(self):

@@ -304,6 +304,12 @@ def _check_deepspeed(config, ds_config: dict) -> None:
             "RFT does not run under DeepSpeed (accelerate drives one DeepSpeed engine, and RFT "
             "trains two models): use DDP"
         )
+    if getattr(config, "park_optimizer_state", "off") == "on":
+        raise ValueError(
+            "park_optimizer_state=on does not work under DeepSpeed (its optimiser keeps the state "
+            "in its own partitioned buffers): use auto or off, or DeepSpeed's own "
+            "offload_optimizer, which keeps the state on the host for the whole run"
+        )
     clipping = ds_config.get("gradient_clipping", "auto")
     if clipping != "auto" and float(clipping) != float(config.max_grad_norm):
         raise ValueError(

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from .logprobs import SequenceScorer
+from .parking import OptimizerParking, parking_enabled
 from .progress import progress_bar
 from .sharding import (
     GatheredCopy,
@@ -158,6 +159,11 @@ class Trainer:
         # The scorer is what DDP wraps, so the one forward that yields log-probs is DDP's forward.
         self.model, self.optimizer = accelerator.prepare(wrapper(model), optimizer)
         self.sharded = is_sharded(self.model)
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        park = getattr(config, "park_optimizer_state", "off")
+        self.parking = (
+            OptimizerParking() if parking_enabled(park, accelerator.device, deepspeed) else None
+        )
         self._gathered: GatheredCopy | None = None
         self.scheduler = None
         self.global_step = 0
@@ -182,18 +188,40 @@ class Trainer:
         in the forward's precision (sharding.GatheredCopy). Collective when sharded: every
         process enters it, and nothing inside may call a collective of the sharded model. The
         copy's weights are released on exit: whoever keeps a reference to it past the block (an
-        `on_stage_end` callback) sees empty ones."""
-        if not self.sharded:
-            yield self.unwrapped
+        `on_stage_end` callback) sees empty ones. With `park_optimizer_state`, the optimiser's
+        state waits in host memory meanwhile (parking.py)."""
+        with self._optimizer_parked():
+            if not self.sharded:
+                yield self.unwrapped
+                return
+            if self._gathered is None:
+                self._gathered = GatheredCopy(self._forward_dtype())
+            try:
+                yield self._gathered.materialise(self.unwrapped)
+            finally:
+                self._gathered.release()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+    def parking_record(self) -> dict:
+        """What the last `inference_model` block parked, for a stage's metrics record."""
+        if self.parking is None:
+            return {}
+        return {
+            "optimizer_state_parked_bytes": self.parking.bytes,
+            "optimizer_parking_s": self.parking.seconds,
+        }
+
+    @contextmanager
+    def _optimizer_parked(self):
+        if self.parking is None:
+            yield
             return
-        if self._gathered is None:
-            self._gathered = GatheredCopy(self._forward_dtype())
+        self.parking.park(self.optimizer)
         try:
-            yield self._gathered.materialise(self.unwrapped)
+            yield
         finally:
-            self._gathered.release()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            self.parking.unpark()
 
     def _forward_dtype(self) -> torch.dtype:
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -118,13 +118,12 @@ def _stage_pairs(config, trainer, encoder, chunk, where: dict, out_dir, resumed)
     if resumed is not None:
         return [Pair(**p) for p in resumed["pairs"]], resumed["cuts"]
     pairs, cuts, gen_time = _sample_stage(config, trainer, encoder, chunk, where["stage"], out_dir)
-    trainer.log.write(_stage_start_record(pairs, gen_time, cuts, **where))
+    record = _stage_start_record(pairs, gen_time, cuts, **where)
+    trainer.log.write({**record, **trainer.parking_record()})
     return pairs, cuts
 
 
-def _start_stage_optimisation(config, trainer: Trainer, steps: int) -> None:
-    if config.optimizer_scope == "stage":
-        trainer.reset_optimizer()
+def _start_stage_schedule(config, trainer: Trainer, steps: int) -> None:
     if config.schedule_scope == "stage" or config.optimizer_scope == "stage":
         trainer.start_schedule(steps)
 
@@ -180,12 +179,14 @@ def run_irft(
             inside = ckpt.pending if stage_id == skip_through + 1 else None
             chunk = [examples[i] for i in chunk_idx]
             where = {"stage": stage_id, "iteration": iteration, "stage_in_iteration": t}
+            if config.optimizer_scope == "stage":  # before sampling: frees the state meanwhile
+                trainer.reset_optimizer()
             pairs, cuts = _stage_pairs(config, trainer, encoder, chunk, where, out_dir, inside)
             if inside is None:
                 totals = {k: at["totals"][k] + v for k, v in cuts.items()}
                 at.update(stage=stage_id, done=False, totals=totals)
                 at.update(pairs=_pair_dicts(pairs), cuts=cuts)
-            _start_stage_optimisation(config, trainer, steps[stage_id - 1])
+            _start_stage_schedule(config, trainer, steps[stage_id - 1])
             resumed = ckpt.restore() if inside is not None else None
             if resumed is not None:
                 at.update({k: v for k, v in resumed.items() if k != "fit"})

@@ -1,0 +1,155 @@
+"""The optimiser's state parked in host memory while negatives are generated: emptied while
+parked, back bit for bit afterwards, and a run with parking equal to one without."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import fresh_model, read_metrics, small_rft_values, small_run_config
+from demoalign import IRFTConfig, train
+from demoalign.parking import OptimizerParking, parking_enabled
+
+
+def _stepped_adamw(model, steps=3):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return optimizer, ids
+
+
+def _state_snapshot(optimizer):
+    return [
+        {k: v.clone() for k, v in optimizer.state[p].items()}
+        for g in optimizer.param_groups
+        for p in g["params"]
+    ]
+
+
+def test_parked_state_is_emptied_and_comes_back_bit_for_bit(tiny_model_dir):
+    model = fresh_model(tiny_model_dir)
+    optimizer, ids = _stepped_adamw(model)
+    before = _state_snapshot(optimizer)
+    tensors = [id(v) for s in optimizer.state.values() for v in s.values()]
+    parking = OptimizerParking()
+
+    parking.park(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for p in params:
+        state = optimizer.state[p]
+        assert state["exp_avg"].untyped_storage().nbytes() == 0
+        assert state["exp_avg_sq"].untyped_storage().nbytes() == 0
+        assert state["step"].item() == 3  # scalars stay where they are
+    # Adam's two fp32 moments per parameter: twice the weights' bytes.
+    assert parking.bytes == 2 * sum(p.numel() * 4 for p in params)
+
+    parking.unpark()
+    assert not parking.parked
+    assert [id(v) for s in optimizer.state.values() for v in s.values()] == tensors
+    for old, p in zip(before, params):
+        for key, value in old.items():
+            assert torch.equal(optimizer.state[p][key], value), key
+
+
+def test_training_after_a_park_equals_training_without_one(tiny_model_dir):
+    runs = []
+    for park in (False, True):
+        model = fresh_model(tiny_model_dir)
+        optimizer, ids = _stepped_adamw(model)
+        if park:
+            parking = OptimizerParking()
+            for _ in range(2):  # buffers reused on the second park
+                parking.park(optimizer)
+                parking.unpark()
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_an_empty_optimiser_parks_nothing(tiny_model_dir):
+    model = fresh_model(tiny_model_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    parking = OptimizerParking()
+    parking.park(optimizer)
+    assert parking.bytes == 0 and not parking.parked
+    parking.unpark()
+
+
+@pytest.mark.parametrize(
+    "choice, device, deepspeed, parks",
+    [
+        ("auto", "cuda", False, True),
+        ("auto", "cpu", False, False),
+        ("auto", "cuda", True, False),
+        ("on", "cpu", False, True),
+        ("off", "cuda", False, False),
+    ],
+)
+def test_auto_parks_on_a_gpu_unless_deepspeed_owns_the_optimiser(choice, device, deepspeed, parks):
+    assert parking_enabled(choice, torch.device(device), deepspeed) is parks
+
+
+def test_a_bad_choice_is_refused_by_the_config(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="park_optimizer_state='yes': choose one of auto, on, off"):
+        small_run_config(IRFTConfig, tiny_model_dir, tmp_path, park_optimizer_state="yes")
+
+
+def _run(tiny_model_dir, out, **overrides):
+    train(small_run_config(IRFTConfig, tiny_model_dir, out, **overrides))
+    records = read_metrics(out)
+    steps = [(r["loss"], r["grad_norm"]) for r in records if "loss" in r]
+    starts = [r for r in records if r.get("event") == "stage_start"]
+    return steps, starts, load_file(out / "final" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_an_irft_run_with_parking_equals_one_without(tiny_model_dir, tmp_path):
+    plain_steps, plain_starts, plain_final = _run(
+        tiny_model_dir, tmp_path / "off", park_optimizer_state="off"
+    )
+    steps, starts, final = _run(tiny_model_dir, tmp_path / "on", park_optimizer_state="on")
+    assert steps == plain_steps
+    assert all(torch.equal(final[k], v) for k, v in plain_final.items())
+    n_params = sum(v.numel() for v in final.values() if v.dtype == torch.float32)
+    # Stage 1 starts before any step (no state yet); stage 2 parks both AdamW moments.
+    assert [r["optimizer_state_parked_bytes"] for r in starts] == [0, 2 * 4 * n_params]
+    assert "optimizer_state_parked_bytes" not in plain_starts[1]
+
+
+def test_a_per_stage_optimiser_is_reset_before_the_negatives_so_nothing_is_parked(
+    tiny_model_dir, tmp_path
+):
+    _, starts, _ = _run(
+        tiny_model_dir, tmp_path / "stage", park_optimizer_state="on", optimizer_scope="stage"
+    )
+    assert [r["optimizer_state_parked_bytes"] for r in starts] == [0, 0]
+
+
+@pytest.mark.slow
+def test_an_rft_run_with_parking_equals_one_without(tiny_model_dir, tmp_path, monkeypatch):
+    """RFT's negatives come from the policy trainer's inference model too: its state is parked
+    at the second outer iteration and the run is unchanged."""
+    from demoalign import RFTConfig
+    from demoalign.config import build_config
+
+    parked, real_park = [], OptimizerParking.park
+
+    def recorded_park(self, optimizer):
+        real_park(self, optimizer)
+        parked.append(self.bytes)
+
+    monkeypatch.setattr(OptimizerParking, "park", recorded_park)
+    finals = []
+    for park in ("off", "on"):
+        out = tmp_path / park
+        values = small_rft_values(tiny_model_dir, out, park_optimizer_state=park)
+        train(build_config(RFTConfig, values))
+        finals.append(load_file(out / "final" / "model.safetensors"))
+    assert len(parked) == 2 and parked[0] == 0 and parked[1] > 0
+    assert all(torch.equal(finals[1][k], v) for k, v in finals[0].items())
