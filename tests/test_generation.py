@@ -319,3 +319,44 @@ def test_gathered_samples_must_cover_every_prompt_once():
     for wrong in ([0, 1], [0, 1, 1, 2], [0, 2, 1, 3]):
         with pytest.raises(RuntimeError, match="different batches"):
             check_one_each(wrong, 3, "negatives")
+
+
+def test_an_engine_outlives_its_model_for_the_next_one_of_the_same_architecture(
+    tiny_model_dir, tokenizer, monkeypatch, tmp_path
+):
+    """A sweep of runs in one process: when a training model goes away its bf16 copy (and so,
+    on CUDA, its compiled decode step) serves the next model of the same architecture, with that
+    model's weights; a model of another architecture gets an engine of its own."""
+    import copy
+    import gc
+
+    from demoalign import generation
+    from demoalign.tiny import make_tiny_model
+
+    monkeypatch.setattr(generation, "wants_half_copy", lambda model: True)  # CUDA's choice
+    monkeypatch.setattr(generation, "_IDLE", [])
+    ids = _mixed_prompts(tokenizer)
+    common = dict(max_new_tokens=6, greedy=True, batch_size=2, show_progress=False)
+    first = fresh_model(tiny_model_dir)
+    generate_ids(first, tokenizer, ids, backend="static", **common)
+    engine = generation.static_engine(first)
+    copy_tensors = [id(p) for p in engine.model.parameters()]
+    del first
+    gc.collect()
+    assert generation._IDLE == [engine] and engine.released
+
+    second = fresh_model(tiny_model_dir)
+    with torch.no_grad():  # other weights than the first model's
+        for p in second.parameters():
+            p.mul_(0.5)
+    got = generate_ids(second, tokenizer, ids, backend="static", **common)
+    assert generation.static_engine(second) is engine and generation._IDLE == []
+    assert [id(p) for p in engine.model.parameters()] == copy_tensors
+    half = copy.deepcopy(second).to(torch.bfloat16)
+    assert got == generate_ids(half, tokenizer, ids, backend="hf", **common)
+    del second
+    gc.collect()
+
+    wider = fresh_model(make_tiny_model(tmp_path / "wider", vocab_size=384, hidden_size=48))
+    assert generation.static_engine(wider) is not engine
+    assert generation._IDLE == [engine], "the idle engine waits for its own architecture"

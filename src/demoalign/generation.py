@@ -16,8 +16,9 @@ every row has produced EOS.
 Compile cost is paid once per run: the compiled decode step lives on the inference copy
 (transformers keeps it as `_compiled_call`), the copy is kept per training model in `_ENGINES`,
 and its weights are refreshed with `copy_` into the same tensors, so the compiled graph stays
-valid. Between calls the
-copy's storage is released (resized to 0 bytes, tensors kept), so training never holds it.
+valid. Between calls the copy's storage is released (resized to 0 bytes, tensors kept), so
+training never holds it. When a training model goes away its copy waits (released) for the next
+model of the same architecture in the process, so a sweep of runs compiles once.
 """
 
 from __future__ import annotations
@@ -182,14 +183,11 @@ class StaticEngine:
     compilation works here. The copy's tensors are kept across calls, their storage is not."""
 
     def __init__(self, model, half: bool | None = None):
-        """half: generate on a bf16 copy; None = where it pays (fp32 weights on CUDA)."""
+        """half: generate on a bf16 copy; None = where it pays (`wants_half_copy`)."""
         self.source = weakref.ref(model)
+        self.architecture = architecture(model)
         device = next(model.parameters()).device
-        fp32 = next(model.parameters()).dtype == torch.float32
-        peft = hasattr(model, "get_base_model")
-        if half is None:
-            half = device.type == "cuda" and fp32 and not peft
-        self.half = half
+        self.half = wants_half_copy(model) if half is None else half
         old_gpu = device.type == "cuda" and not torch.cuda.is_bf16_supported()
         dtype = torch.float16 if old_gpu else torch.bfloat16
         self.model = _half_copy(model, dtype) if self.half else None
@@ -254,14 +252,63 @@ class StaticEngine:
         self.compile = False
         self.compile_config = None
 
+    def adopt(self, model) -> None:
+        """Serve `model` (of this engine's architecture) from now on: its weights are copied in
+        at the next refresh, into the same tensors, so the compiled decode step stays valid."""
+        self.source = weakref.ref(model)
+        self.auto_size = None  # the new run's prompts, lengths and memory may differ
+
+
+def wants_half_copy(model) -> bool:
+    """Where a bf16 copy pays: fp32 weights on CUDA (a peft model generates as it is)."""
+    param = next(model.parameters())
+    peft = hasattr(model, "get_base_model")
+    return param.device.type == "cuda" and param.dtype == torch.float32 and not peft
+
+
+def architecture(model) -> tuple:
+    """What must be equal for a copy (and its compiled graph) made for one model to serve
+    another: class, device, configuration (not where it was loaded from), generation defaults and
+    every parameter's name, shape and dtype."""
+    generation = getattr(model, "generation_config", None)
+    where_from = ("_name_or_path", "_commit_hash", "transformers_version")
+    config = {k: v for k, v in model.config.to_dict().items() if k not in where_from}
+    return (
+        type(model),
+        next(model.parameters()).device,
+        repr(sorted(config.items())),
+        repr(sorted(generation.to_dict().items())) if generation is not None else "",
+        tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()),
+    )
+
 
 _ENGINES: weakref.WeakKeyDictionary[torch.nn.Module, StaticEngine] = weakref.WeakKeyDictionary()
+# The engine (weights released) of the last training model that went away, kept for the next
+# model of the same architecture in this process: a sweep of runs (several arms and seeds, or
+# `demoalign eval` over several models) then compiles its decode step once, not once per model.
+_IDLE: list[StaticEngine] = []
+
+
+def _keep_idle(engine: StaticEngine) -> None:
+    engine.release()
+    _IDLE[:] = [engine]
 
 
 def static_engine(model) -> StaticEngine:
     engine = _ENGINES.get(model)
     if engine is None:
-        engine = _ENGINES[model] = StaticEngine(model)
+        engine = _reusable_engine(model) or StaticEngine(model)
+        _ENGINES[model] = engine
+        if engine.half:  # only a separate copy outlives its model
+            weakref.finalize(model, _keep_idle, engine).atexit = False
+    return engine
+
+
+def _reusable_engine(model) -> StaticEngine | None:
+    if not _IDLE or not wants_half_copy(model) or _IDLE[0].architecture != architecture(model):
+        return None
+    engine = _IDLE.pop()
+    engine.adopt(model)
     return engine
 
 
