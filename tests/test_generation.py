@@ -360,3 +360,5 @@ def test_an_engine_outlives_its_model_for_the_next_one_of_the_same_architecture(
     wider = fresh_model(make_tiny_model(tmp_path / "wider", vocab_size=384, hidden_size=48))
     assert generation.static_engine(wider) is not engine
     assert generation._IDLE == [engine], "the idle engine waits for its own architecture"
+    generation.drop_idle_engine()
+    assert generation._IDLE == []

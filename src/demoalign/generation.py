@@ -289,6 +289,12 @@ _ENGINES: weakref.WeakKeyDictionary[torch.nn.Module, StaticEngine] = weakref.Wea
 _IDLE: list[StaticEngine] = []
 
 
+def drop_idle_engine() -> None:
+    """Let the waiting engine go (its compiled graphs hold some GPU memory of their own): for a
+    process that generates no more, or moves on to other models."""
+    _IDLE.clear()
+
+
 def _keep_idle(engine: StaticEngine) -> None:
     engine.release()
     _IDLE[:] = [engine]
