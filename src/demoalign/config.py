@@ -663,7 +663,7 @@ class EvalConfig:
     leaderboard: str = opt(
         "",
         "lm-evaluation-harness tasks on local files (extra `demoalign[eval]`): `all` or a comma "
-        "list of arc_challenge, truthfulqa_mc2, winogrande, gsm8k, hellaswag, mmlu.",
+        "list of arc_easy, arc_challenge, truthfulqa_mc2, winogrande, gsm8k, hellaswag, mmlu.",
     )
     leaderboard_data: str = opt(
         "",

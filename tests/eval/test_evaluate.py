@@ -549,6 +549,7 @@ def test_leaderboard_bridge_end_to_end(tmp_path, tiny_model_dir):
     )
     metrics = res["models"][0]["metrics"]
     expected = {
+        "arc_easy": ("acc_norm", 25),
         "arc_challenge": ("acc_norm", 25),
         "truthfulqa_mc2": ("acc", 0),
         "winogrande": ("acc", 5),

@@ -8,6 +8,7 @@ the config expects. Nothing is downloaded. Per-item scores come back from lm-eva
 and get the same bootstrap interval as every other figure of `demoalign eval`.
 
 Task (lm-eval config): metric, shots; local data (few-shot pool):
+- arc_easy: acc_norm, 25; arc/arc_easy.jsonl (pool: the same file, the item itself excluded)
 - arc_challenge: acc_norm, 25; arc/arc_challenge.jsonl (pool: arc/arc_easy.jsonl; ARC's train
   split is not local)
 - truthfulqa_mc2: acc (mc2), 0; truthfulqa/mc_task.json
@@ -28,6 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 
 TASKS = {  # name: (metric key in lm-eval's samples, filter, default shots)
+    "arc_easy": ("acc_norm", "none", 25),
     "arc_challenge": ("acc_norm", "none", 25),
     "truthfulqa_mc2": ("acc", "none", 0),
     "winogrande": ("acc", "none", 5),
@@ -172,6 +174,12 @@ def _arc_challenge(root: Path, shots: int) -> list[dict]:
     return [_local("arc_challenge", shots, "test", "train", test=test, train=pool)]
 
 
+def _arc_easy(root: Path, shots: int) -> list[dict]:
+    docs = [_arc(r) for r in _jsonl(root / "arc" / "arc_easy.jsonl")]
+    # test_split = fewshot_split makes lm-eval exclude the item itself from its examples.
+    return [_local("arc_easy", shots, "test", "test", test=docs)]
+
+
 def _truthfulqa_mc2(root: Path, shots: int) -> list[dict]:
     raw = json.loads((root / "truthfulqa" / "mc_task.json").read_text(encoding="utf-8"))
     docs = [
@@ -229,6 +237,7 @@ def _mmlu_configs(root: Path, shots: int) -> list[dict]:
 
 
 _BUILDERS = {
+    "arc_easy": _arc_easy,
     "arc_challenge": _arc_challenge,
     "truthfulqa_mc2": _truthfulqa_mc2,
     "winogrande": _winogrande,
