@@ -543,7 +543,7 @@ def test_leaderboard_bridge_end_to_end(tmp_path, tiny_model_dir):
         models=str(tiny_model_dir),
         leaderboard="all",
         leaderboard_limit=1,
-        mmlu_shots=0,
+        mmlu_shots=4,  # the default: the most the local dev split allows
         output_dir=str(tmp_path / "lb"),
         **{**SMALL, "bootstrap_resamples": 20},
     )
@@ -555,7 +555,7 @@ def test_leaderboard_bridge_end_to_end(tmp_path, tiny_model_dir):
         "winogrande": ("acc", 5),
         "gsm8k": ("exact_match,strict-match", 5),
         "hellaswag": ("acc_norm", 10),
-        "mmlu": ("acc", 0),
+        "mmlu": ("acc", 4),
     }
     assert set(metrics) == set(expected)
     for task, (metric, shots) in expected.items():
@@ -569,3 +569,19 @@ def test_leaderboard_bridge_end_to_end(tmp_path, tiny_model_dir):
         "lm-evaluation-harness arc_challenge: acc_norm, 25-shot"
         in (tmp_path / "lb" / "report.md").read_text()
     )
+
+
+def test_mmlu_subjects_get_at_most_their_other_distinct_dev_questions_as_examples():
+    """college_physics's dev split repeats a question: lm-eval leaves out both copies when one
+    is asked, so 4 examples would be refused for that subject (it stopped `mmlu_shots=4`)."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed")
+    from conftest import SHARED_DATA
+    from demoalign.eval.leaderboard import task_configs
+
+    configs = {c["task"]: c for c in task_configs("mmlu", SHARED_DATA, 4)}
+    assert len(configs) == 57
+    shots = {task: c["num_fewshot"] for task, c in configs.items()}
+    assert shots.pop("mmlu_college_physics") == 3
+    assert set(shots.values()) == {4}
+    docs = configs["mmlu_college_physics"]["custom_dataset"]()["dev"]
+    assert len(docs) == 4 and len(set(docs["question"])) == 4

@@ -112,14 +112,15 @@ def _mmlu(root: str) -> dict[str, list[dict]]:
     ds = datasets.load_from_disk(str(Path(root) / "mmlu" / "mmlu_dev_dataset"))
     by_subject: dict[str, list[dict]] = {}
     for rec in ds:
-        by_subject.setdefault(rec["subject"], []).append(
-            {
-                "question": rec["question"],
-                "subject": rec["subject"],
-                "choices": rec["choices"],
-                "answer": int(rec["answer"]),
-            }
-        )
+        doc = {
+            "question": rec["question"],
+            "subject": rec["subject"],
+            "choices": rec["choices"],
+            "answer": int(rec["answer"]),
+        }
+        docs = by_subject.setdefault(rec["subject"], [])
+        if doc not in docs:  # college_physics's dev split holds one question twice
+            docs.append(doc)
     return by_subject
 
 
@@ -230,8 +231,10 @@ def _mmlu_configs(root: Path, shots: int) -> list[dict]:
             "mmlu_shots must be <= 4: only MMLU's dev split (5 questions per "
             "subject) is local, and the question being asked is never its own example"
         )
+    # A subject with fewer than 5 distinct dev questions gets at most all its others as examples
+    # (lm-eval leaves out every copy of the question asked, and refuses a larger request).
     return [
-        _local(f"mmlu_{subject}", shots, "dev", "dev", dev=docs)
+        _local(f"mmlu_{subject}", min(shots, len(docs) - 1), "dev", "dev", dev=docs)
         for subject, docs in sorted(_mmlu(str(root)).items())
     ]
 
