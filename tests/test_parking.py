@@ -1,6 +1,8 @@
 """The optimiser's state parked in host memory while negatives are generated: emptied while
 parked, back bit for bit afterwards, and a run with parking equal to one without."""
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -52,6 +54,59 @@ def test_parked_state_is_emptied_and_comes_back_bit_for_bit(tiny_model_dir):
     for old, p in zip(before, params):
         for key, value in old.items():
             assert torch.equal(optimizer.state[p][key], value), key
+
+
+def test_state_spanning_host_chunks_comes_back_bit_for_bit(tiny_model_dir, monkeypatch):
+    """Host memory is chunked (a power of two each, for the pinned allocator): a storage split
+    over several chunks, and storages sharing one, are copied back to the right bytes."""
+    from demoalign import parking as parking_module
+
+    monkeypatch.setattr(parking_module, "CHUNK_BYTES", 1000)  # not a multiple of any storage
+    model = fresh_model(tiny_model_dir)
+    optimizer, _ = _stepped_adamw(model)
+    before = _state_snapshot(optimizer)
+    parking = OptimizerParking()
+    parking.park(optimizer)
+    assert parking.host_bytes == -(-parking.bytes // 1000) * 1000
+    parking.unpark()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for old, p in zip(before, params):
+        for key, value in old.items():
+            assert torch.equal(optimizer.state[p][key], value), key
+
+
+def test_parking_twice_is_refused_and_a_trainer_parks_once_when_blocks_nest(
+    tiny_model_dir, tmp_path
+):
+    """A second park would find empty storages and lose the state (the next step would read
+    freed memory); an inference block inside another leaves the parking to the outer one, and
+    an error inside a block still brings the state back."""
+    from demoalign.runio import MetricsLog
+    from demoalign.trainer import Trainer, make_accelerator
+
+    model = fresh_model(tiny_model_dir)
+    optimizer, _ = _stepped_adamw(model)
+    parking = OptimizerParking()
+    parking.park(optimizer)
+    with pytest.raises(RuntimeError, match="parked already"):
+        parking.park(optimizer)
+    parking.unpark()
+
+    config = small_run_config(IRFTConfig, tiny_model_dir, tmp_path, park_optimizer_state="on")
+    log = MetricsLog(os.devnull, enabled=False)
+    trainer = Trainer(config, fresh_model(tiny_model_dir), make_accelerator(config), log)
+    trainer.optimizer.load_state_dict(optimizer.state_dict())  # the same shapes: a stepped state
+    exp_avg = next(iter(trainer.optimizer.state.values()))["exp_avg"]
+    expected = exp_avg.clone()
+    with trainer.inference_model():
+        with trainer.inference_model():
+            assert exp_avg.untyped_storage().nbytes() == 0
+        assert exp_avg.untyped_storage().nbytes() == 0, "the inner block unparked"
+    assert torch.equal(exp_avg, expected)
+    with pytest.raises(ZeroDivisionError):
+        with trainer.inference_model():
+            1 / 0
+    assert torch.equal(exp_avg, expected) and not trainer.parking.parked
 
 
 def test_training_after_a_park_equals_training_without_one(tiny_model_dir):

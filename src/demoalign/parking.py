@@ -7,7 +7,7 @@ computed. Parking them on the host for that time hands their GPU memory to gener
 cache, so generation's peak stays below training's (whose peak includes them anyway) without a
 smaller generation batch.
 
-The state tensors stay the same objects: their storage is copied to a pinned host buffer and
+The state tensors stay the same objects: their storage is copied to pinned host memory and
 emptied, then refilled in place. The optimiser, a fused kernel's cached pointers to the tensor
 objects, or anything else holding them sees no difference once they are back. Written by hand:
 torch has no such call, and accelerate's and DeepSpeed's CPU offload keep the state on the host
@@ -16,6 +16,7 @@ for the whole run and take the optimiser step there (slower every step, not just
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -49,54 +50,104 @@ def _state_storages(optimizer) -> list[torch.UntypedStorage]:
     return storages
 
 
-class OptimizerParking:
-    """Parks one optimiser's state on the host and brings it back. The host buffers are kept for
-    the run (pinned allocation is slow) and reused while the state's sizes do not change."""
+# Host memory comes in chunks of a power of two bytes: torch's pinned-memory allocator rounds
+# every request up to one, so a buffer per state tensor would waste up to half of each.
+CHUNK_BYTES = 1 << 26  # 64 MiB
+
+
+def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A uint8 tensor over the whole storage (valid until the storage is resized)."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+
+class _HostSpace:
+    """Host bytes addressed from 0, in chunks kept for the run (pinned allocation is slow);
+    pinned where the state is on a GPU, ordinary memory if pinning fails."""
 
     def __init__(self):
-        self._buffers: list[torch.Tensor] = []
-        self._parked: list[tuple[torch.UntypedStorage, int]] = []
+        self.chunks: list[torch.Tensor] = []
+        self.pin = torch.cuda.is_available()
+
+    def reserve(self, nbytes: int) -> None:
+        while len(self.chunks) * CHUNK_BYTES < nbytes:
+            self.chunks.append(self._chunk())
+
+    def _chunk(self) -> torch.Tensor:
+        if self.pin:
+            try:
+                return torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError as error:
+                self.pin = False
+                print(
+                    f"demoalign: pinned host memory for the parked optimiser state failed "
+                    f"({str(error).splitlines()[0]}); using ordinary memory (slower copies)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return torch.empty(CHUNK_BYTES, dtype=torch.uint8)
+
+    def pieces(self, offset: int, nbytes: int):
+        """(host slice, start, end) covering host bytes [offset, offset + nbytes), where start
+        and end count from `offset`."""
+        done = 0
+        while done < nbytes:
+            chunk, inside = divmod(offset + done, CHUNK_BYTES)
+            length = min(nbytes - done, CHUNK_BYTES - inside)
+            yield self.chunks[chunk][inside : inside + length], done, done + length
+            done += length
+
+
+class OptimizerParking:
+    """Parks one optimiser's state on the host and brings it back."""
+
+    def __init__(self):
+        self._host = _HostSpace()
+        self._parked: list[tuple[torch.UntypedStorage, int, int]] = []  # storage, offset, bytes
         self.bytes = 0  # moved at the last park
         self.seconds = 0.0  # the last park and unpark together
 
-    def _buffer(self, i: int, storage: torch.UntypedStorage) -> torch.Tensor:
-        nbytes = storage.nbytes()
-        if i < len(self._buffers) and self._buffers[i].numel() == nbytes:
-            return self._buffers[i]
-        pin = storage.device.type == "cuda"
-        buffer = torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=pin)
-        if i < len(self._buffers):
-            self._buffers[i] = buffer
-        else:
-            self._buffers.append(buffer)
-        return buffer
+    @property
+    def parked(self) -> bool:
+        return bool(self._parked)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory held for the run."""
+        return len(self._host.chunks) * CHUNK_BYTES
 
     def park(self, optimizer) -> None:
         """Copy every state storage to the host, then empty it. No-op when there is no state yet
         (before the first step, or after a reset)."""
+        if self._parked:
+            raise RuntimeError("the optimiser state is parked already: unpark it first")
         started = time.perf_counter()
         storages = _state_storages(optimizer)
-        for i, storage in enumerate(storages):
-            self._buffer(i, storage).untyped_storage().copy_(storage, non_blocking=True)
+        parked, offset = [], 0
+        for storage in storages:
+            parked.append((storage, offset, storage.nbytes()))
+            offset += storage.nbytes()
+        self._host.reserve(offset)
+        for storage, start, nbytes in parked:
+            device_bytes = _bytes_of(storage)
+            for host, a, b in self._host.pieces(start, nbytes):
+                host.copy_(device_bytes[a:b], non_blocking=True)
         if any(s.device.type == "cuda" for s in storages):
             torch.cuda.synchronize()  # the copies read the storages about to be emptied
-        self._parked = [(s, s.nbytes()) for s in storages]
         for storage in storages:
             storage.resize_(0)
-        self.bytes = sum(n for _, n in self._parked)
+        self._parked = parked
+        self.bytes = offset
         self.seconds = time.perf_counter() - started
 
     def unpark(self) -> None:
         """Refill the parked storages in place."""
         started = time.perf_counter()
-        for i, (storage, nbytes) in enumerate(self._parked):
+        for storage, start, nbytes in self._parked:
             storage.resize_(nbytes)
-            storage.copy_(self._buffers[i].untyped_storage(), non_blocking=True)
-        if any(s.device.type == "cuda" for s, _ in self._parked):
+            device_bytes = _bytes_of(storage)
+            for host, a, b in self._host.pieces(start, nbytes):
+                device_bytes[a:b].copy_(host, non_blocking=True)
+        if any(s.device.type == "cuda" for s, _, _ in self._parked):
             torch.cuda.synchronize()  # so that `seconds` is the transfer's time, not its launch's
         self._parked = []
         self.seconds += time.perf_counter() - started
-
-    @property
-    def parked(self) -> bool:
-        return bool(self._parked)

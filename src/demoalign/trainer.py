@@ -214,7 +214,7 @@ class Trainer:
 
     @contextmanager
     def _optimizer_parked(self):
-        if self.parking is None:
+        if self.parking is None or self.parking.parked:  # off, or inside an outer block
             yield
             return
         self.parking.park(self.optimizer)
