@@ -338,8 +338,9 @@ def test_an_engine_outlives_its_model_for_the_next_one_of_the_same_architecture(
     ids = _mixed_prompts(tokenizer)
     common = dict(max_new_tokens=6, greedy=True, batch_size=2, show_progress=False)
     first = fresh_model(tiny_model_dir)
-    generate_ids(first, tokenizer, ids, backend="static", **common)
+    generate_ids(first, tokenizer, ids, backend="static", **{**common, "max_new_tokens": 70})
     engine = generation.static_engine(first)
+    long_cache = engine.model._previous_max_cache_length
     copy_tensors = [id(p) for p in engine.model.parameters()]
     del first
     gc.collect()
@@ -352,6 +353,7 @@ def test_an_engine_outlives_its_model_for_the_next_one_of_the_same_architecture(
     got = generate_ids(second, tokenizer, ids, backend="static", **common)
     assert generation.static_engine(second) is engine and generation._IDLE == []
     assert [id(p) for p in engine.model.parameters()] == copy_tensors
+    assert engine.model._previous_max_cache_length < long_cache, "a cache sized by the last run"
     half = copy.deepcopy(second).to(torch.bfloat16)
     assert got == generate_ids(half, tokenizer, ids, backend="hf", **common)
     del second

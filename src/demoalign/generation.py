@@ -257,6 +257,10 @@ class StaticEngine:
         at the next refresh, into the same tensors, so the compiled decode step stays valid."""
         self.source = weakref.ref(model)
         self.auto_size = None  # the new run's prompts, lengths and memory may differ
+        if self.model is not None:
+            # transformers never makes a static cache shorter than the copy's last one: the new
+            # run's would be sized by the old run's lengths, not by what `auto` measures.
+            self.model.__dict__.pop("_previous_max_cache_length", None)
 
 
 def wants_half_copy(model) -> bool:
