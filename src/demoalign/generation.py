@@ -24,6 +24,7 @@ model of the same architecture in the process, so a sweep of runs compiles once.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import sys
 import weakref
@@ -307,6 +308,10 @@ def _keep_idle(engine: StaticEngine) -> None:
 def static_engine(model) -> StaticEngine:
     engine = _ENGINES.get(model)
     if engine is None:
+        if not _IDLE and wants_half_copy(model):
+            # A finished run's model sits in reference cycles: collected, it hands its engine
+            # over (about to build and compile a new one, a collection costs nothing in comparison).
+            gc.collect()
         engine = _reusable_engine(model) or StaticEngine(model)
         _ENGINES[model] = engine
         if engine.half:  # only a separate copy outlives its model
