@@ -459,6 +459,7 @@ def main(argv=None) -> None:
         f"mean |diff| {mean:.4f} nats, max {worst:.4f} nats per sequence; decode stage reference "
         f"{warm['reference']:.1f} s vs forward {reference_s:.1f} s"
     )
+
     def engine_line(key: str, row: dict) -> float:
         """Logs one engine's figures; returns its generation share of the stage."""
         share = row["seconds"] / (row["seconds"] + reference_s + train_s)
@@ -479,6 +480,9 @@ def main(argv=None) -> None:
     # ---- last, since it has not run on a GPU here yet and might not return: everything above
     # is printed by then. transformers' continuous batching (paged attention, finished rows
     # refilled) on a bf16 copy of the trained weights.
+    trainer.reset_optimizer()  # as before the other rows: no optimiser state in memory
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     half = _half_copy(trainer.unwrapped, torch.bfloat16) if device.type == "cuda" else model
     cb = continuous_batching_row(half, tok, prompts, args, device, Clock)
     if cb is not None:

@@ -220,7 +220,10 @@ PARK_HELP = (
     "(Adam's moments, RMSprop's averages) to host memory and back, so that generation's KV cache "
     "can use that GPU memory and generation's peak stays below training's: auto (on when training "
     "on a GPU, except under DeepSpeed, which owns its optimiser's memory), on, or off. Costs one "
-    "copy of the state each way per stage; results are unchanged. With off on a GPU, "
+    "copy of the state each way per stage (RFT: for its negatives, not for the rollouts of its "
+    "policy steps). Training is unchanged; only with generation_backend=hf and an auto batch "
+    "on a GPU can the freed memory make larger generation batches, and so other samples. With "
+    "off on a GPU, "
     "generation_batch_size=auto is still sized at the first stage, before the optimiser holds "
     "any state: give an integer batch if memory is tight."
 )
