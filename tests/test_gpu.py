@@ -99,6 +99,32 @@ def test_static_engine_on_gpu_compiles_once_and_frees_its_copy(tiny_model_dir):
     engine.release()
 
 
+def test_a_second_model_of_the_same_architecture_reuses_the_compiled_engine(tiny_model_dir):
+    """A sweep of runs in one process: the next model adopts the released bf16 copy and its
+    compiled decode step, so generating from it compiles nothing new."""
+    from transformers import AutoTokenizer
+
+    from conftest import fresh_model
+    from demoalign.generation import generate_ids, static_engine
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [tokenizer(p)["input_ids"] for p in ("Hello", "sort 3 1 2")]
+    common = dict(max_new_tokens=16, batch_size=4, seed=0, show_progress=False, backend="static")
+    first = fresh_model(tiny_model_dir).cuda()
+    generate_ids(first, tokenizer, prompts, **common)
+    engine = static_engine(first)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    del first
+    second = fresh_model(tiny_model_dir).cuda()
+    generate_ids(second, tokenizer, prompts, **common)
+    assert static_engine(second) is engine, "a new engine was built"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "recompiled"
+    engine.refresh()
+    for dst, src in zip(engine.model.parameters(), second.parameters()):
+        assert torch.equal(dst, src.detach().to(dst.dtype))
+    engine.release()
+
+
 def test_rft_kl_is_zero_at_the_first_policy_step_in_bf16(tiny_model_dir, tmp_path):
     """The policy's log-probs (under autocast in the loss), the reference's and the rewards are
     taken in one precision: at the first policy step π = π_ref, so the logged KL is ~0 (it was
