@@ -116,6 +116,9 @@ def test_a_second_model_of_the_same_architecture_reuses_the_compiled_engine(tiny
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     del first
     second = fresh_model(tiny_model_dir).cuda()
+    with torch.no_grad():  # other weights than the first model's
+        for p in second.parameters():
+            p.mul_(0.5)
     generate_ids(second, tokenizer, prompts, **common)
     assert static_engine(second) is engine, "a new engine was built"
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "recompiled"
