@@ -127,6 +127,18 @@ def test_training_after_a_park_equals_training_without_one(tiny_model_dir):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+def test_state_on_another_device_than_training_stays_put(tiny_model_dir):
+    """State already on the host (FSDP2's CPU offload, while training on a GPU) is not moved."""
+    model = fresh_model(tiny_model_dir)
+    optimizer, _ = _stepped_adamw(model)
+    parking = OptimizerParking("meta")  # the training device is not where this state lives
+    parking.park(optimizer)
+    assert parking.bytes == 0 and not parking.parked
+    assert all(
+        v.untyped_storage().nbytes() > 0 for s in optimizer.state.values() for v in s.values()
+    )
+
+
 def test_an_empty_optimiser_parks_nothing(tiny_model_dir):
     model = fresh_model(tiny_model_dir)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

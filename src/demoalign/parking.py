@@ -32,9 +32,10 @@ def parking_enabled(choice: str, device: torch.device, deepspeed: bool) -> bool:
     return choice == "on"
 
 
-def _state_storages(optimizer) -> list[torch.UntypedStorage]:
-    """Every distinct storage of the optimiser's non-scalar state tensors (the local shard of an
-    FSDP2 DTensor), in the order of its parameter groups. Scalars (Adam's `step`) stay put."""
+def _state_storages(optimizer, device_type: str) -> list[torch.UntypedStorage]:
+    """Every distinct storage of the optimiser's non-scalar state tensors on `device_type` (the
+    local shard of an FSDP2 DTensor), in the order of its parameter groups. Scalars (Adam's
+    `step`) stay put, and so does state already on the host (FSDP2's CPU offload)."""
     seen: set[int] = set()
     storages = []
     for group in optimizer.param_groups:
@@ -44,6 +45,8 @@ def _state_storages(optimizer) -> list[torch.UntypedStorage]:
                     continue
                 local = value.to_local() if isinstance(value, DTensor) else value
                 storage = local.untyped_storage()
+                if storage.device.type != device_type:
+                    continue
                 if storage.nbytes() and storage.data_ptr() not in seen:
                     seen.add(storage.data_ptr())
                     storages.append(storage)
@@ -98,9 +101,11 @@ class _HostSpace:
 
 
 class OptimizerParking:
-    """Parks one optimiser's state on the host and brings it back."""
+    """Parks one optimiser's state (what of it lives on the training device) on the host and
+    brings it back."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device_type = torch.device(device).type
         self._host = _HostSpace()
         self._parked: list[tuple[torch.UntypedStorage, int, int]] = []  # storage, offset, bytes
         self.bytes = 0  # moved at the last park
@@ -121,7 +126,7 @@ class OptimizerParking:
         if self._parked:
             raise RuntimeError("the optimiser state is parked already: unpark it first")
         started = time.perf_counter()
-        storages = _state_storages(optimizer)
+        storages = _state_storages(optimizer, self.device_type)
         parked, offset = [], 0
         for storage in storages:
             parked.append((storage, offset, storage.nbytes()))

@@ -162,7 +162,9 @@ class Trainer:
         deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         park = getattr(config, "park_optimizer_state", "off")
         self.parking = (
-            OptimizerParking() if parking_enabled(park, accelerator.device, deepspeed) else None
+            OptimizerParking(accelerator.device)
+            if parking_enabled(park, accelerator.device, deepspeed)
+            else None
         )
         self._gathered: GatheredCopy | None = None
         self.scheduler = None
