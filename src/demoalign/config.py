@@ -427,7 +427,9 @@ class RFTConfig(TrainConfig):
         "auto",
         "Prompts per generate() call (negatives, rollouts): an integer, or auto (the largest "
         "batch that fits in free GPU memory; 16 on CPU); also sequences per scoring "
-        "batch (16 with auto).",
+        "batch (16 with auto). With the static engine auto is measured once, at the first "
+        "negatives, before either optimiser holds state, and rollouts run beside that state: "
+        "on a GPU with little memory to spare, give an integer.",
     )
     generation_backend: str = opt("auto", GENERATION_BACKEND_HELP)
     park_optimizer_state: str = opt("auto", PARK_HELP)
