@@ -5,6 +5,8 @@
 # (the gguf wheel from .gpudata/whl), then the experiment runs within a time budget. Everything it
 # carries is built by scripts/gpu_bundle.sh. RT_ARGS passes options to the experiment, e.g.
 # RT_ARGS="--generation-backend auto --leaderboard arc_easy,arc_challenge --leaderboard-limit 100".
+# A later slice continues an earlier one: commit its results.json (docs/results/), then pass
+# RT_ARGS="... --continue-from docs/results/real-text-<gpu>.json" with the same other options.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/m
 cp .gpuparts/part_02 /tmp/m/

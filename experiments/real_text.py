@@ -52,7 +52,9 @@ Outputs in --out: results.json and report.md, rewritten after every arm × seed 
 leaves its partial results), and run.log. Model folders live in --work-dir (default: a
 temporary folder, removed at the end) and each arm's final/ is deleted after its evaluation.
 `--budget-s S` stops starting new runs when the next one would not finish within S seconds of
-the start, and reports what finished.
+the start, and reports what finished. `--continue-from RESULTS_JSON` (an earlier slice's
+results.json, same settings) keeps its runs and runs only the arm × seed runs it lacks, so a
+grid too long for one GPU slice accumulates over several; the report lists the slices.
 
 Generation uses `generation_backend=hf` by default. The compiled static engine
 (`--generation-backend auto`) used to compile once per trained model (once per arm × seed here),
@@ -576,7 +578,9 @@ def report_text(results: dict) -> str:
         "",
         f"Status: **{results['status']}**. Device: {results['device']}. "
         f"Total wall time {results['wall_s']:.0f} s. "
-        f"{len(results['runs'])} of {results['planned_runs']} arm × seed runs finished.",
+        f"{len(results['runs'])} of {results['planned_runs']} arm × seed runs finished"
+        + slices_text(results.get("slices", []))
+        + ".",
         "",
         "Command:",
         "",
@@ -633,6 +637,13 @@ def report_text(results: dict) -> str:
     lines += ["", "## Metrics", ""]
     lines += [f"- `{m}`: {describe(m)}" for m in names]
     return "\n".join(lines) + "\n"
+
+
+def slices_text(slices: list[dict]) -> str:
+    if len(slices) < 2:
+        return ""
+    parts = [f"{p['runs']} runs in {p['wall_s']:.0f} s on {p['device']}" for p in slices]
+    return f", over {len(slices)} slices ({'; '.join(parts)})"
 
 
 def mean_table(results: dict, names: list[str]) -> list[str]:
@@ -741,6 +752,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="keep the package's resume checkpoints (off: runs here are never resumed)",
     )
     p.add_argument("--budget-s", type=float, default=0, help="wall-time budget (0 = none)")
+    p.add_argument(
+        "--continue-from",
+        help="results.json of an earlier slice with the same settings: its runs are kept, and "
+        "only the arm × seed runs it lacks are run (GPU time comes in slices)",
+    )
     p.add_argument(
         "--leaderboard",
         default="",
@@ -862,6 +878,9 @@ def run_experiment(args, out: Path, work: Path, device, on_gpu: bool, started: f
     plan = [(seed, arm) for seed in range(args.seeds) for arm in args.arm_list]
     settings = {k: v for k, v in vars(args).items() if k != "arm_list"}
     settings["model"] = "tiny random model (--tiny)" if args.tiny else args.model
+    earlier = earlier_slice(args, settings, start_items)
+    done = {(r["seed"], r["arm"]) for r in earlier["runs"]} if earlier else set()
+    plan = [p for p in plan if p not in done]
     results = {
         "status": "running",
         "command": command_line(),
@@ -881,8 +900,10 @@ def run_experiment(args, out: Path, work: Path, device, on_gpu: bool, started: f
         "leaderboard": board_status,
         "definitions": {m: describe(m) for m in start_items},
         "start_model": {m: sum(v) / len(v) for m, v in start_items.items()},
-        "planned_runs": len(plan),
-        "runs": [],
+        "planned_runs": len(plan) + len(done),
+        "runs": list(earlier["runs"]) if earlier else [],
+        "slices": (earlier.get("slices", []) if earlier else [])
+        + [{"device": device_name(on_gpu), "runs": 0, "wall_s": 0.0}],
         "skipped": [],
         "failed": [],
         "summary": {},
@@ -989,7 +1010,46 @@ def update(results: dict, args, started: float) -> None:
     results["vs_sft"] = extra["vs_sft"]
     tasks = [m[3:] for m in results["start_model"] if m.startswith("lb_")]
     results["verdicts"] = claims(extra["by_arm"], tasks)
-    results["wall_s"] = time.perf_counter() - started
+    earlier = results["slices"][:-1]
+    results["slices"][-1]["runs"] = len(results["runs"]) - sum(p["runs"] for p in earlier)
+    results["slices"][-1]["wall_s"] = time.perf_counter() - started
+    results["wall_s"] = sum(piece["wall_s"] for piece in results["slices"])
+
+
+# Settings that say how a slice ran, not what was measured: free to differ between slices.
+SLICE_KEYS = ("out", "work_dir", "budget_s", "continue_from", "checkpoints", "model")
+
+
+def earlier_slice(args, settings: dict, start_items: dict) -> dict | None:
+    """The results of `--continue-from`, refused unless they measured the same thing: the same
+    settings (but SLICE_KEYS), and the same start-model metrics over the same items."""
+    if not args.continue_from:
+        return None
+    earlier = json.loads(Path(args.continue_from).read_text(encoding="utf-8"))
+    differ = sorted(
+        key
+        for key in set(settings) | set(earlier["settings"])
+        if key not in SLICE_KEYS and settings.get(key) != earlier["settings"].get(key)
+    )
+    if differ:
+        raise SystemExit(
+            f"--continue-from {args.continue_from}: other settings ({', '.join(differ)}); "
+            "a slice must repeat the earlier one's"
+        )
+    start = {m: sum(v) / len(v) for m, v in start_items.items()}
+    if set(start) != set(earlier["start_model"]):
+        raise SystemExit(f"--continue-from {args.continue_from}: other metrics")
+    moved = [m for m in start if abs(start[m] - earlier["start_model"][m]) > 1e-3]
+    if moved:
+        raise SystemExit(
+            f"--continue-from {args.continue_from}: the start model measures differently "
+            f"({', '.join(moved)}): not the same model, data or items"
+        )
+    if "slices" not in earlier:  # written before slices were recorded: one slice
+        earlier["slices"] = [
+            {"device": earlier["device"], "runs": len(earlier["runs"]), "wall_s": earlier["wall_s"]}
+        ]
+    return earlier
 
 
 if __name__ == "__main__":

@@ -92,6 +92,36 @@ def test_budget_stops_after_the_first_run_and_keeps_it(real_text, tmp_path):
     assert "(a) IRFT beats SFT: **not tested**" in report
 
 
+@needs_data
+def test_a_later_slice_runs_only_what_the_earlier_one_lacks(real_text, tmp_path):
+    """GPU time comes in slices: a budget stops the first after one run; the second keeps it,
+    runs the other three, and reports all four; a slice with other settings is refused."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    base = [*SMALLEST, "--arms=sft,spin"]
+    real_text.main([*base, f"--out={first}", "--budget-s=0.001"])
+    kept = json.loads((first / "results.json").read_text(encoding="utf-8"))["runs"]
+    assert [(r["arm"], r["seed"]) for r in kept] == [("sft", 0)]
+
+    results = real_text.main(
+        [*base, f"--out={second}", f"--continue-from={first / 'results.json'}"]
+    )
+    assert results["status"] == "finished"
+    assert [(r["arm"], r["seed"]) for r in results["runs"]] == [
+        ("sft", 0),
+        ("spin", 0),
+        ("sft", 1),
+        ("spin", 1),
+    ]
+    assert results["runs"][0] == kept[0], "the earlier run was run again"
+    assert [piece["runs"] for piece in results["slices"]] == [1, 3]
+    assert results["vs_sft"]["spin"]["dolly_nll"]["seeds"] == [0, 1]
+    assert "over 2 slices" in (second / "report.md").read_text(encoding="utf-8")
+
+    other = [*base, "--lr=0.5", f"--out={tmp_path / 'x'}"]
+    with pytest.raises(SystemExit, match="other settings .*lr"):
+        real_text.main([*other, f"--continue-from={first / 'results.json'}"])
+
+
 def _run(arm, seed, values):
     return {"arm": arm, "seed": seed, "train_s": 1.0, "items": {"m": values}}
 
