@@ -13,7 +13,7 @@ export DEMOALIGN_TOKENIZER=${DEMOALIGN_TOKENIZER:-$PWD/.gpudata/20B_tokenizer.js
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" \
   | tee -a "$OUT/gpu.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 \
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 \
   | tee "$OUT/pytest_gpu.log"
-timeout 400 python3 benchmarks/stage.py --device cuda 2>&1 | tee "$OUT/stage.log"
+timeout 220 python3 benchmarks/stage.py --device cuda 2>&1 | tee "$OUT/stage.log"
 bash scripts/gpu_install_check.sh 2>&1 | tee "$OUT/install.log"
