@@ -145,6 +145,40 @@ def test_generate_reads_a_file_of_prompts_alone(tiny_model_dir, tmp_path):
     assert [r["prompt"] for r in rows] == ["Hi", "Name a fruit"]
 
 
+def test_generate_loads_the_model_in_the_precision_asked(tiny_model_dir, tmp_path, monkeypatch):
+    """dtype=bfloat16 generates from bf16 weights (one copy, where float32 on a GPU holds a second,
+    bf16 one for the static engine); auto is bf16 on a GPU that has it, float32 elsewhere."""
+    import torch
+
+    from demoalign import generation
+    from demoalign.models import generation_dtype
+
+    seen = []
+    real = generation.generate_responses
+
+    def recording(model, *args, **kwargs):
+        seen.append({p.dtype for p in model.parameters()})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_responses", recording)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Hi", "sort 3 1 2")))
+    common = [f"model={tiny_model_dir}", f"data={prompts}", "max_new_tokens=6", "cpu=true"]
+    for dtype in ("bfloat16", "auto"):
+        output = tmp_path / f"{dtype}.jsonl"
+        assert main(["generate", *common, f"output={output}", f"dtype={dtype}"]) == 0
+        assert len(output.read_text().splitlines()) == 2
+    assert seen == [{torch.bfloat16}, {torch.float32}]  # auto on the CPU: float32
+    assert main(["generate", *common, f"output={tmp_path / 'x.jsonl'}", "dtype=half"]) == 2
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert generation_dtype("float16", cpu) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert generation_dtype("auto", gpu) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert generation_dtype("auto", gpu) == torch.float32
+
+
 def test_generate_never_replaces_its_data_and_asks_before_replacing_a_file(
     tiny_model_dir, tmp_path, capsys
 ):

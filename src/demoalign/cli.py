@@ -96,10 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_generate(config: GenerateConfig) -> None:
+    import torch
+
     from .data import load_examples, load_prompts, parse_columns
     from .encoding import Encoder
     from .generation import generate_responses
-    from .models import load_model_and_tokenizer
+    from .models import generation_dtype, load_model_and_tokenizer
     from .runio import atomic_write_jsonl
     from .templates import resolve_template
 
@@ -108,12 +110,12 @@ def run_generate(config: GenerateConfig) -> None:
         examples, _ = load_examples(config.data, parse_columns(config.columns), limit)
     else:  # a file of prompts alone is enough; responses, where present, are ignored
         examples = load_prompts(config.data, limit)
-    model, tokenizer = load_model_and_tokenizer(config.model)
-    if not config.cpu:
-        import torch
-
-        if torch.cuda.is_available():
-            model = model.cuda()
+    gpu = not config.cpu and torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    model, tokenizer = load_model_and_tokenizer(
+        config.model, generation_dtype(config.dtype, device)
+    )
+    model = model.to(device)
     template = resolve_template(tokenizer, config.template)
     encoder = Encoder(
         tokenizer,

@@ -214,6 +214,7 @@ GENERATION_BACKEND_HELP = (
 )
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARK_CHOICES = ("auto", "on", "off")
 PARK_HELP = (
     "While negatives and their reference log-probs are computed, move the optimiser's state "
@@ -584,18 +585,42 @@ class GenerateConfig:
     temperature: float = opt(1.0, "Sampling temperature.")
     top_p: float = opt(1.0, "Nucleus sampling (1 = off).")
     greedy: bool = opt(False, "Greedy decoding instead of sampling.")
-    batch_size: int = opt(16, "Prompts per generate() call.")
+    batch_size: str = opt(
+        "auto",
+        "Prompts per generate() call: an integer, or auto (the largest batch that fits in free "
+        "GPU memory; 16 on CPU). With auto on a GPU the batches, and so the samples of a seed, "
+        "depend on the free memory: give an integer for samples that depend on the seed alone.",
+    )
+    dtype: str = opt(
+        "auto",
+        "Precision the model is loaded in: auto (bfloat16 on a GPU that has it, float32 "
+        "elsewhere), float32, bfloat16 or float16. Half precision holds one copy of the "
+        "weights; float32 on a GPU holds them twice (the static engine generates on a bf16 copy).",
+    )
     generation_backend: str = opt("auto", GENERATION_BACKEND_HELP)
     seed: int = opt(0, "Sampling seed.")
     cpu: bool = opt(False, "Use the CPU even when a GPU is present.")
     method = "generate"
 
+    def __post_init__(self):
+        self.batch_size = _batch_size_text(self.batch_size)
+
     def validate(self) -> None:
+        from .generation import parse_batch_size
+
         check_types_and_finite(self)
         if not self.model or not self.data:
             raise ValueError("generate needs model=PATH and data=FILE")
         validate_sampling(self)
         _check_backend(self.generation_backend)
+        try:
+            parse_batch_size(self.batch_size)
+        except ValueError:
+            raise ValueError(
+                f"batch_size={self.batch_size!r}: expected an integer >= 1 or auto"
+            ) from None
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
         self.check_output()
 
     def check_output(self) -> None:

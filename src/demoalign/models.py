@@ -63,18 +63,27 @@ def prepare_tokenizer(tokenizer, path: str | Path):
     return tokenizer
 
 
-def load_model_and_tokenizer(path: str):
+def load_model_and_tokenizer(path: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a Hugging Face folder (or hub id), or a `.gguf` file or a folder
-    holding one (dequantised; needs the `gguf` extra)."""
+    holding one (dequantised; needs the `gguf` extra). float32 unless asked otherwise, whatever
+    the checkpoint's dtype (transformers 5 defaults to "auto"): training keeps fp32 master
+    weights, since bf16 ones would lose updates at the paper's lr 5e-7 (autocast does the bf16
+    compute); generation alone may load in half precision."""
     if find_gguf(path) is not None:
         model, tokenizer = load_gguf(path)
-        return model, prepare_tokenizer(tokenizer, path)
+        return model.to(dtype), prepare_tokenizer(tokenizer, path)
     check_model_path(path)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path), path)
-    # fp32 master weights whatever the checkpoint's dtype (transformers 5 defaults to "auto"):
-    # bf16 weights would lose updates at the paper's lr 5e-7; autocast does the bf16 compute.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model, tokenizer
+
+
+def generation_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """`demoalign generate`'s `dtype`: auto is bfloat16 on a GPU that has it, else float32."""
+    if choice == "auto":
+        cuda = device.type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, choice)
 
 
 def check_reward_model(path: str) -> None:
