@@ -8,7 +8,7 @@
 #   .gpuparts/  the SmolLM2-135M-Instruct GGUF (98 MB, sha256 checked) in three parts of < 40 MB,
 #               since one call carries at most 64 MiB: part_00 and part_01 go to /tmp/m in two
 #               calls, part_02 travels with the run (see experiments/gpu_real_text.sh)
-# Both folders are for the device tool's `carry`, never for git (add them to .git/info/exclude).
+# Both folders are for the device tool's `carry`, never for git (.gitignore lists them).
 # Usage: bash scripts/gpu_bundle.sh [SHARED_DATA]   (default ../shared/data); needs `make setup`.
 set -euo pipefail
 SHARED=${1:-../shared/data}
