@@ -26,12 +26,10 @@ def test_irft_on_gpu_in_bf16(tiny_model_dir, tmp_path):
         # Reference and policy forwards use the same weights and the same autocast.
         assert abs(first["margin"]) < 1e-3, first
     assert all(m["loss"] == m["loss"] for m in steps), "NaN loss"
-    AutoModelForCausalLM.from_pretrained(out / "final")
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
     # park_optimizer_state=auto parks on CUDA: stage 2 finds AdamW's two fp32 moments.
     starts = [m for m in metrics if m.get("event") == "stage_start"]
-    n_params = sum(
-        p.numel() for p in AutoModelForCausalLM.from_pretrained(out / "final").parameters()
-    )
+    n_params = sum(p.numel() for p in final.parameters())
     assert [m["optimizer_state_parked_bytes"] for m in starts] == [0, 8 * n_params]
 
 

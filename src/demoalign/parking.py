@@ -67,9 +67,9 @@ class _HostSpace:
     """Host bytes addressed from 0, in chunks kept for the run (pinned allocation is slow);
     pinned where the state is on a GPU, ordinary memory if pinning fails."""
 
-    def __init__(self):
+    def __init__(self, pin: bool):
         self.chunks: list[torch.Tensor] = []
-        self.pin = torch.cuda.is_available()
+        self.pin = pin
 
     def reserve(self, nbytes: int) -> None:
         while len(self.chunks) * CHUNK_BYTES < nbytes:
@@ -106,7 +106,7 @@ class OptimizerParking:
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device_type = torch.device(device).type
-        self._host = _HostSpace()
+        self._host = _HostSpace(pin=self.device_type == "cuda")
         self._parked: list[tuple[torch.UntypedStorage, int, int]] = []  # storage, offset, bytes
         self.bytes = 0  # moved at the last park
         self.seconds = 0.0  # the last park and unpark together
@@ -136,7 +136,7 @@ class OptimizerParking:
             device_bytes = _bytes_of(storage)
             for host, a, b in self._host.pieces(start, nbytes):
                 host.copy_(device_bytes[a:b], non_blocking=True)
-        if any(s.device.type == "cuda" for s in storages):
+        if storages and self.device_type == "cuda":
             torch.cuda.synchronize()  # the copies read the storages about to be emptied
         for storage in storages:
             storage.resize_(0)
@@ -152,7 +152,7 @@ class OptimizerParking:
             device_bytes = _bytes_of(storage)
             for host, a, b in self._host.pieces(start, nbytes):
                 device_bytes[a:b].copy_(host, non_blocking=True)
-        if any(s.device.type == "cuda" for s, _, _ in self._parked):
+        if self._parked and self.device_type == "cuda":
             torch.cuda.synchronize()  # so that `seconds` is the transfer's time, not its launch's
         self._parked = []
         self.seconds += time.perf_counter() - started
