@@ -263,7 +263,7 @@ def main(argv=None) -> None:
     from demoalign.generation import _half_copy, generate_ids, static_engine
     from demoalign.methods import irft, negatives
     from demoalign.runio import MetricsLog
-    from demoalign.trainer import Trainer, make_accelerator
+    from demoalign.trainer import FitPlan, Trainer, make_accelerator
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda but no CUDA device")
@@ -402,15 +402,14 @@ def main(argv=None) -> None:
             )
             log(f"[static] stage {stage}: training {len(pairs)} pairs ...")
             with Clock(device) as clock:
-                trainer.fit(
-                    pairs,
+                plan = FitPlan(
                     loss_fn,
                     irft.count_pairs,
                     1,
                     seed_parts=(args.seed, stage),
                     context={"method": "irft", "stage": stage},
-                    desc="training",
                 )
+                trainer.fit(pairs, plan)
             phases.update(train_s=clock.seconds, train_tokens=tokens, train_peak=clock.peak)
             log(
                 f"[static] stage {stage}: training {clock.seconds:.1f} s "

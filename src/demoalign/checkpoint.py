@@ -2,13 +2,14 @@
 `keep_checkpoints` kept, and `resume=true` continuing from the newest complete one.
 
 A checkpoint holds, for every trainer of the run (the policy; RFT's reward model too), the
-weights, the optimiser and schedule state and its step count (`<name>.pt`), the RNG states of
-every process (`rng_<rank>.pt`: torch, CUDA, numpy, python), and `state.json`: where the method
-is (stage, epoch and step within the epoch, outer iteration), what it cannot recompute (IRFT's
-pairs of the current stage: negatives and reference log-probs; RFT's held-out sets, running
-window and preference split) and the length of metrics.jsonl at that moment, to which the log is
-cut back on resume. The data order itself is not stored: `Trainer.fit` recomputes it from the
-seed, and the position says how far into it the run was.
+weights, the optimiser and schedule state, its step count and its position inside `fit` (epoch
+and step within the epoch) (`<name>.pt`), the RNG states of every process (`rng_<rank>.pt`: torch,
+CUDA, numpy, python), and `state.json`: the method's state object (where the method is: stage or
+outer iteration; what it cannot recompute: IRFT's pairs of the current stage, negatives and
+reference log-probs; RFT's held-out sets, running window and preference split) and the length of
+metrics.jsonl at that moment, to which the log is cut back on resume. The data order itself is not
+stored: `Trainer.fit` recomputes it from the seed, and the position says how far into it the run
+was.
 
 Written by hand with torch.save rather than accelerate's save_state: the run has up to two models
 and its own method state, every file loads with torch.load(weights_only=True) (no pickled code),
@@ -88,20 +89,21 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Checkpoints:
-    """Saves and restores the run's checkpoints. The method registers its trainers, sets
-    `state_fn` (its own state, JSON), reads `pending` (the state of the checkpoint being resumed,
-    or None) to know where to continue, and calls `restore()` at the point of its loop where
-    that checkpoint was taken. `enabled=False` (no run folder): every call is a no-op."""
+    """Saves and restores the run's checkpoints: the registered trainers (`<name>.pt`), the RNG
+    states, and the method's state object (`track`; anything with `state_dict()` and
+    `load_state_dict()`, kept as JSON in state.json). When resuming, the tracked state is loaded
+    at once, so the method knows from the start where the run was; the trainers and RNGs are
+    loaded by `restore()`, which the method calls at the point of its loop where the checkpoint
+    was taken (a schedule must exist before its state is loaded). Without a run folder
+    (`disabled()`) saving does nothing and nothing is resumed."""
 
     def __init__(self, config, out, accelerator, log, resume_from: Path | None = None):
         self.config, self.out, self.accelerator, self.log = config, Path(out), accelerator, log
         self.enabled = out is not None
         self.trainers: dict = {}
-        self.state_fn = dict
-        self.save_at_epoch_end = False  # SFT: every epoch end is a boundary
+        self.state = None
         self._resume_from = resume_from
         self._record = json.loads((resume_from / STATE_FILE).read_text()) if resume_from else None
-        self.pending = self._record["method"] if self._record else None
         # The step last saved, known alike to every process: whether to skip a save is never
         # read from the filesystem, where another machine may not see a rename yet.
         self._saved_step = self._record["step"] if self._record else None
@@ -109,26 +111,42 @@ class Checkpoints:
     @classmethod
     def disabled(cls) -> Checkpoints:
         ckpt = cls.__new__(cls)
-        ckpt.enabled, ckpt.trainers, ckpt.pending, ckpt.state_fn = False, {}, None, dict
-        ckpt.save_at_epoch_end = False
+        ckpt.enabled, ckpt.trainers, ckpt.state, ckpt._record = False, {}, None, None
         return ckpt
+
+    @property
+    def resuming(self) -> bool:
+        """Whether a checkpoint waits to be restored into the trainers."""
+        return self.enabled and self._record is not None
 
     def _sharded(self) -> bool:
         return any(getattr(t, "sharded", False) for t in self.trainers.values())
 
     def register(self, name: str, trainer) -> None:
+        """A trainer whose weights, optimiser, schedule and position the checkpoints hold."""
         self.trainers[name] = trainer
-        trainer.after_step = self._after_step
+
+    def track(self, state) -> None:
+        """The method's state object; loaded now from the checkpoint being resumed."""
+        self.state = state
+        if self.resuming:
+            state.load_state_dict(self._record["method"])
 
     def total_steps(self) -> int:
         return sum(t.global_step for t in self.trainers.values())
 
-    def _after_step(self, epoch_end: bool) -> None:
-        if not self.enabled:
-            return
-        every = self.config.save_steps
-        if (every and self.total_steps() % every == 0) or (epoch_end and self.save_at_epoch_end):
+    def after_step(self, epoch_end: bool) -> None:
+        """`FitPlan.after_step`: a checkpoint every `save_steps` optimiser steps."""
+        every = self.config.save_steps if self.enabled else 0
+        if every and self.total_steps() % every == 0:
             self.save()
+
+    def after_step_or_epoch(self, epoch_end: bool) -> None:
+        """`FitPlan.after_step` where every epoch end is a boundary too (SFT)."""
+        if epoch_end:
+            self.save()
+        else:
+            self.after_step(epoch_end)
 
     def save(self) -> None:
         """Write checkpoints/<step>/ through a temporary folder and a rename; then drop the
@@ -158,7 +176,7 @@ class Checkpoints:
                 "processes": acc.num_processes,
                 "sharded": self._sharded(),
                 "metrics_bytes": self.log.size(),
-                "method": self.state_fn(),
+                "method": self.state.state_dict() if self.state is not None else {},
             }
             write_state(tmp / STATE_FILE, record)
             os.replace(tmp, final)
@@ -171,11 +189,11 @@ class Checkpoints:
             os.replace(old, doomed)  # invisible first: a kill mid-delete leaves no half folder
             shutil.rmtree(doomed)
 
-    def restore(self) -> dict | None:
-        """Load the pending checkpoint into the registered trainers and this process's RNGs;
-        returns its method state (None when there is nothing to resume)."""
-        if not self.enabled or self.pending is None:
-            return None
+    def restore(self) -> bool:
+        """Load the checkpoint being resumed into the registered trainers and this process's
+        RNGs; False when there is nothing to resume."""
+        if not self.resuming:
+            return False
         folder, state = self._resume_from, self._record
         acc = self.accelerator
         if state["processes"] != acc.num_processes:
@@ -198,8 +216,8 @@ class Checkpoints:
             )
         rng = torch.load(folder / f"rng_{acc.process_index}.pt", weights_only=True)
         _set_rng_state(rng)
-        self.pending = None
-        return state["method"]
+        self._record = None
+        return True
 
 
 def write_state(path: Path, record: dict) -> None:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate.utils import broadcast_object_list, set_seed
 
 from .checkpoint import STATE_FILE, Checkpoints, clean_leftovers, latest_checkpoint
-from .config import IRFTConfig, RFTConfig, SFTConfig, TrainConfig, config_to_dict
+from .config import TrainConfig, config_to_dict
 from .data.sources import demonstrations
 from .encoding import Encoder
 from .lora import add_lora
-from .methods import run_irft, run_rft, run_sft
+from .methods import method_of
+from .methods.context import RunContext
 from .models import check_model_path, load_model_and_tokenizer
 from .progress import library_progress_bars
 from .runio import (
@@ -31,6 +33,19 @@ from .sharding import check_distributed_setup, plain_model, sharding_of
 from .templates import resolve_template
 from .tracking import start_trackers
 from .trainer import Trainer, make_accelerator
+
+
+@dataclass
+class RunParts:
+    """What `train` has checked and loaded before the run folder is claimed."""
+
+    config: TrainConfig
+    model: object
+    encoder: Encoder
+    examples: list
+    accelerator: object
+    log: MetricsLog
+    on_stage_end: object = None
 
 
 def run_inputs(config: TrainConfig) -> list[str]:
@@ -145,8 +160,8 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     log = _open_log(config, checkpoint, accelerator)
     try:
         log.write(_start_record(config, checkpoint, template, accelerator, examples, data_counts))
-        parts = (config, model, tokenizer, encoder, examples, accelerator, log)
-        _train_and_save(*parts, on_stage_end, checkpoint)
+        parts = RunParts(config, model, encoder, examples, accelerator, log, on_stage_end)
+        _train_and_save(parts, checkpoint)
     except BaseException as exc:
         if accelerator.is_main_process:
             write_run_state(
@@ -186,34 +201,31 @@ def _open_log(config, checkpoint: Path | None, accelerator) -> MetricsLog:
     return MetricsLog(path, accelerator.is_main_process, resume_at, sink=sink)
 
 
-def _run_method(config, trainer, encoder, examples, out, on_stage_end, ckpt) -> dict:
-    if isinstance(config, IRFTConfig):
-        return run_irft(config, trainer, encoder, examples, out, on_stage_end, ckpt=ckpt)
-    if isinstance(config, RFTConfig):
-        return run_rft(config, trainer, encoder, examples, out, ckpt=ckpt)
-    if isinstance(config, SFTConfig):
-        return run_sft(config, trainer, encoder, examples, ckpt=ckpt)
-    raise TypeError(f"no method for {type(config).__name__}")
+def _checkpoints(config, out: Path, accelerator, log, resume_from) -> Checkpoints:
+    if not config.keep_checkpoints:
+        return Checkpoints.disabled()
+    return Checkpoints(config, out, accelerator, log, resume_from=resume_from)
 
 
-def _train_and_save(
-    config, model, tokenizer, encoder, examples, accelerator, log, on_stage_end, checkpoint
-):
-    """Train, then save final/; `run_end` and the finished state are written only once final/
-    is complete, so a run killed during the save never looks finished."""
+def _train_and_save(parts: RunParts, resume_from: Path | None) -> None:
+    """Run the method, then save final/; `run_end` and the finished state are written only once
+    final/ is complete, so a run killed during the save never looks finished."""
+    config, accelerator, log = parts.config, parts.accelerator, parts.log
     out = Path(config.output_dir)
-    trainer = Trainer(config, model, accelerator, log)
-    if config.keep_checkpoints:
-        ckpt = Checkpoints(config, out, accelerator, log, resume_from=checkpoint)
-    else:
-        ckpt = Checkpoints.disabled()
+    method = method_of(config).load()
+    trainer = Trainer(config, parts.model, accelerator, log)
+    ckpt = _checkpoints(config, out, accelerator, log, resume_from)
     ckpt.register("policy", trainer)
+    state = method.State()
+    ckpt.track(state)  # loaded from the checkpoint when resuming
+    ctx = RunContext(config, trainer, parts.encoder, parts.examples, out, ckpt, state)
+    ctx.on_stage_end = parts.on_stage_end
     started = time.perf_counter()
-    counts = _run_method(config, trainer, encoder, examples, out, on_stage_end, ckpt)
+    counts = method.run(ctx)
     accelerator.wait_for_everyone()
-    state = trainer.final_state()  # sharded: gathered by every process, held by the main one
+    final = trainer.final_state()  # sharded: gathered by every process, held by the main one
     if accelerator.is_main_process:
-        _save_final(config, trainer.unwrapped, tokenizer, out, state)
+        _save_final(config, trainer.unwrapped, parts.encoder.tokenizer, out, final)
         log.write(
             {
                 "event": "run_end",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -123,6 +124,22 @@ def cyclic_batches(items: list, size: int, *seed_parts: int):
         yield batch
 
 
+@dataclass
+class FitPlan:
+    """What one call of `Trainer.fit` runs: the per-item loss, the units that normalise it (pairs
+    or tokens of the global batch), the shuffled passes, and what is called after every step."""
+
+    loss_fn: LossFn
+    units: Callable[[list], float]
+    epochs: int
+    seed_parts: tuple[int, ...]
+    context: dict
+    desc: str = "training"
+    resume: bool = False  # continue from `Trainer.position`, restored from a checkpoint
+    # Called after every logged step with `epoch_end` (the checkpoints' trigger, checkpoint.py).
+    after_step: Callable[[bool], None] | None = None
+
+
 class NonFiniteError(ValueError):
     """A loss or gradient that is NaN or infinite: training stops rather than corrupt weights."""
 
@@ -169,10 +186,9 @@ class Trainer:
         self._gathered: GatheredCopy | None = None
         self.scheduler = None
         self.global_step = 0
-        # Where `fit` is (epoch, steps done in it), and a hook called after every logged step
-        # with `epoch_end` (the checkpoints' trigger; see checkpoint.py).
+        # Where `fit` is (epoch, steps done in it): saved with the trainer's checkpoint state, so
+        # a resumed `fit` continues there.
         self.position = {"epoch": 0, "step": 0}
-        self.after_step: Callable[[bool], None] | None = None
 
     @property
     def global_batch(self) -> int:
@@ -260,6 +276,7 @@ class Trainer:
             "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "global_step": self.global_step,
+            "position": dict(self.position),
         }
 
     def load_checkpoint_state(self, state: dict) -> None:
@@ -274,40 +291,33 @@ class Trainer:
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.global_step = state["global_step"]
+        self.position = dict(state["position"])
 
-    def fit(
-        self,
-        items: list,
-        loss_fn: LossFn,
-        units: Callable[[list], float],
-        epochs: int,
-        seed_parts: tuple[int, ...],
-        context: dict,
-        desc: str = "training",
-        start: dict | None = None,
-    ) -> list[dict]:
-        """`epochs` shuffled passes over `items`; returns the metrics of every step. `start`
-        ({"epoch", "step"}, from a checkpoint) skips the steps already taken: the order of every
-        epoch is recomputed from the seed."""
+    def fit(self, items: list, plan: FitPlan) -> list[dict]:
+        """`plan.epochs` shuffled passes over `items`; returns the metrics of every step. With
+        `plan.resume` the steps already taken (`self.position`, from a checkpoint) are skipped:
+        the order of every epoch is recomputed from the seed."""
         records = []
         per_epoch = steps_per_epoch(len(items), self.global_batch)
-        first_epoch, skip = (start["epoch"], start["step"]) if start else (0, 0)
+        first_epoch, skip = (
+            (self.position["epoch"], self.position["step"]) if plan.resume else (0, 0)
+        )
         show = self.config.show_progress and self.accelerator.is_main_process
-        with progress_bar(desc, total=epochs * per_epoch, enabled=show) as advance:
+        with progress_bar(plan.desc, total=plan.epochs * per_epoch, enabled=show) as advance:
             advance(first_epoch * per_epoch + skip)
-            for epoch in range(first_epoch, epochs):
-                order = seeded_permutation(len(items), *seed_parts, epoch)
+            for epoch in range(first_epoch, plan.epochs):
+                order = seeded_permutation(len(items), *plan.seed_parts, epoch)
                 for i in range(skip if epoch == first_epoch else 0, per_epoch):
                     chunk = order[i * self.global_batch : (i + 1) * self.global_batch]
                     batch = [items[j] for j in chunk]
-                    record = self.step(batch, loss_fn, units(batch))
-                    record.update(context, epoch=epoch)
+                    record = self.step(batch, plan.loss_fn, plan.units(batch))
+                    record.update(plan.context, epoch=epoch)
                     self.log.write(record)
                     records.append(record)
                     advance(1)
                     self.position = {"epoch": epoch, "step": i + 1}
-                    if self.after_step is not None:
-                        self.after_step(i + 1 == per_epoch)
+                    if plan.after_step is not None:
+                        plan.after_step(i + 1 == per_epoch)
         return records
 
     def _my_micro_batches(self, batch: list) -> tuple[list[list], float]:

@@ -1,8 +1,60 @@
 """The methods, one file each, readable top to bottom: sft, irft (and SPIN = IRFT with T = 1),
-rft (with its reward_model and rloo steps). Their math is in `demoalign.losses`."""
+rft (with its reward_model and rloo steps). Their math is in `demoalign.losses`.
 
-from .irft import run_irft
-from .rft import run_rft
-from .sft import run_sft
+Every method module provides the same three things: its config class (in `demoalign.config`), a
+`State` class (where a run of it is, with `state_dict()` / `load_state_dict()`: what a checkpoint
+keeps) and `run(context) -> dict` (the algorithm, given a `context.RunContext`; returns the counts
+of its run_end record). `METHODS` below is the one registry of them, read by the command line,
+`demoalign.train`, the option reference and the demo. It names each module rather than importing
+it: `demoalign --help` must not wait for torch."""
 
-__all__ = ["run_irft", "run_rft", "run_sft"]
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+from ..config import IRFTConfig, RFTConfig, SFTConfig, SPINConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_class: type
+    help: str
+    module: str  # holds `State` and `run`
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+
+METHODS = {
+    m.name: m
+    for m in (
+        Method("sft", SFTConfig, "Supervised fine-tuning (token-level NLL).", f"{__name__}.sft"),
+        Method("spin", SPINConfig, "SPIN: IRFT with one stage per iteration.", f"{__name__}.irft"),
+        Method(
+            "irft",
+            IRFTConfig,
+            "IRFT: implicit-reward fine-tuning with T stages.",
+            f"{__name__}.irft",
+        ),
+        Method(
+            "rft",
+            RFTConfig,
+            "RFT: an explicit reward model from demonstrations, and RLOO of the policy against it.",
+            f"{__name__}.rft",
+        ),
+    )
+}
+
+
+def method_of(config) -> Method:
+    """The registered method a config runs (by its `method` name)."""
+    try:
+        return METHODS[config.method]
+    except KeyError:
+        raise TypeError(f"no method for {type(config).__name__}") from None
+
+
+__all__ = ["METHODS", "Method", "method_of"]

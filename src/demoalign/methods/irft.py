@@ -1,22 +1,23 @@
 """IRFT and SPIN (docs/algorithms.md): T stages per pass over the demonstrations; each stage
 samples one negative per prompt from the stage-start model, takes the reference log-probs with
 those same weights, then trains the pairwise loss on (demonstration, negative) pairs. SPIN is
-T = 1. The optimisation itself is `Trainer.fit`."""
+T = 1. The optimisation itself is `Trainer.fit`; where a run is lives in `State`, which the
+checkpoints keep."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoints
 from ..encoding import Encoder
 from ..losses import implicit_rewards, nll, pairwise_loss
 from ..pairs import Pair, pair_logps
 from ..runio import atomic_write_jsonl
-from ..trainer import Trainer, seeded_permutation, steps_per_epoch
+from ..trainer import FitPlan, Trainer, seeded_permutation, steps_per_epoch
+from .context import RunContext
 from .negatives import make_negatives, negative_records, negative_stats
 
 
@@ -108,37 +109,73 @@ def _stage_start_record(pairs: list[Pair], gen_time: float, cuts: dict, **where)
     }
 
 
-def _pair_dicts(pairs: list[Pair]) -> list[dict]:
-    return [asdict(p) for p in pairs]
+TOTAL_KEYS = ("prompts_truncated", "demonstrations_truncated", "negatives_truncated", "pairs")
 
 
-def _stage_pairs(config, trainer, encoder, chunk, where: dict, out_dir, resumed) -> tuple:
-    """The stage's pairs and truncation counts: from the checkpoint being resumed inside this
-    stage (nothing regenerated), else sampled now (and the stage_start record written)."""
-    if resumed is not None:
-        return [Pair(**p) for p in resumed["pairs"]], resumed["cuts"]
-    pairs, cuts, gen_time = _sample_stage(config, trainer, encoder, chunk, where["stage"], out_dir)
+@dataclass
+class State:
+    """Where an IRFT run is, as its checkpoints keep it: the stage last started and whether it
+    ended, the truncation counts so far, and the started stage's pairs and counts (sampled
+    negatives and their reference log-probs cannot be recomputed)."""
+
+    stage: int = 0
+    done: bool = True
+    totals: dict = field(default_factory=lambda: dict.fromkeys(TOTAL_KEYS, 0))
+    pairs: list[Pair] = field(default_factory=list)
+    cuts: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return {
+            "stage": self.stage,
+            "done": self.done,
+            "totals": dict(self.totals),
+            "pairs": [asdict(p) for p in self.pairs],
+            "cuts": dict(self.cuts),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage, self.done = state["stage"], state["done"]
+        self.totals, self.cuts = dict(state["totals"]), dict(state["cuts"])
+        self.pairs = [Pair(**p) for p in state["pairs"]]
+
+    def start_stage(self, stage: int, pairs: list[Pair], cuts: dict) -> None:
+        self.totals = {k: self.totals[k] + v for k, v in cuts.items()}
+        self.stage, self.done, self.pairs, self.cuts = stage, False, pairs, cuts
+
+    def end_stage(self) -> None:
+        self.done, self.pairs, self.cuts = True, [], {}
+
+    def is_done(self, stage: int) -> bool:
+        return stage < self.stage or (stage == self.stage and self.done)
+
+    def is_inside(self, stage: int) -> bool:
+        """Whether the run stopped inside this stage (its pairs are here; nothing regenerated)."""
+        return stage == self.stage and not self.done
+
+
+def _stages(chunks_per_iteration: list[list[list[int]]]):
+    """(where: stage, iteration, stage_in_iteration; the stage's chunk of example indices)."""
+    stage = 0
+    for iteration, chunks in enumerate(chunks_per_iteration):
+        for t, chunk_idx in enumerate(chunks):
+            stage += 1
+            yield {"stage": stage, "iteration": iteration, "stage_in_iteration": t}, chunk_idx
+
+
+def _new_stage(ctx: RunContext, chunk: list, where: dict) -> None:
+    """Sample the stage's pairs, log its stage_start record, and make it the state's stage."""
+    trainer = ctx.trainer
+    pairs, cuts, gen_time = _sample_stage(
+        ctx.config, trainer, ctx.encoder, chunk, where["stage"], ctx.out_dir
+    )
     record = _stage_start_record(pairs, gen_time, cuts, **where)
     trainer.log.write({**record, **trainer.parking_record()})
-    return pairs, cuts
+    ctx.state.start_stage(where["stage"], pairs, cuts)
 
 
 def _start_stage_schedule(config, trainer: Trainer, steps: int) -> None:
     if config.schedule_scope == "stage" or config.optimizer_scope == "stage":
         trainer.start_schedule(steps)
-
-
-def _stages_done(ckpt: Checkpoints, at: dict) -> int:
-    """Stages a resumed run skips. A checkpoint at a stage boundary is restored here (into
-    `at`); one inside a stage is restored when that stage, rebuilt from its stored pairs,
-    starts."""
-    pending = ckpt.pending
-    if pending is None:
-        return 0
-    if pending["done"]:
-        at.update(ckpt.restore())
-        return at["stage"]
-    return pending["stage"] - 1
 
 
 def _call_stage_end(on_stage_end, trainer: Trainer, stage_id: int) -> None:
@@ -148,59 +185,45 @@ def _call_stage_end(on_stage_end, trainer: Trainer, stage_id: int) -> None:
                 on_stage_end(model, stage_id)
 
 
-def run_irft(
-    config,
-    trainer: Trainer,
-    encoder: Encoder,
-    examples: list,
-    out_dir: Path,
-    on_stage_end=None,
-    ckpt=None,
-) -> dict:
+def _fit_plan(ctx: RunContext, where: dict, resume: bool) -> FitPlan:
+    config, stage = ctx.config, where["stage"]
+    pad = ctx.encoder.tokenizer.pad_token_id
+    return FitPlan(
+        irft_loss_fn(config.beta, config.loss_type, config.sft_weight, pad),
+        count_pairs,
+        config.epochs_per_stage,
+        seed_parts=(config.seed, stage),
+        context={"method": config.method, "stage": stage, "iteration": where["iteration"]},
+        desc=f"stage {stage}: training",
+        resume=resume,
+        after_step=ctx.checkpoints.after_step,
+    )
+
+
+def run(ctx: RunContext) -> dict:
     """All stages of all iterations; returns the truncation counts of the run. Checkpoints at
     every stage end (and every `save_steps`, with the stage's pairs); a resumed run skips the
     stages done and continues inside the checkpoint's stage with its stored pairs."""
-    ckpt = ckpt or Checkpoints.disabled()
-    chunks_per_iteration, steps = _stage_plan(config, len(examples), trainer.global_batch)
+    config, trainer, state = ctx.config, ctx.trainer, ctx.state
+    chunks_per_iteration, steps = _stage_plan(config, len(ctx.examples), trainer.global_batch)
     if config.schedule_scope == "run" and config.optimizer_scope == "run":
         trainer.start_schedule(sum(steps))
-    pad = encoder.tokenizer.pad_token_id
-    loss_fn = irft_loss_fn(config.beta, config.loss_type, config.sft_weight, pad)
-    keys = ("prompts_truncated", "demonstrations_truncated", "negatives_truncated", "pairs")
-    at = {"stage": 0, "done": True, "totals": dict.fromkeys(keys, 0), "pairs": [], "cuts": {}}
-    ckpt.state_fn = lambda: {**at, "fit": trainer.position}
-    skip_through = _stages_done(ckpt, at)
-    stage_id = 0
-    for iteration, chunks in enumerate(chunks_per_iteration):
-        for t, chunk_idx in enumerate(chunks):
-            stage_id += 1
-            if stage_id <= skip_through:
-                continue
-            inside = ckpt.pending if stage_id == skip_through + 1 else None
-            chunk = [examples[i] for i in chunk_idx]
-            where = {"stage": stage_id, "iteration": iteration, "stage_in_iteration": t}
-            if config.optimizer_scope == "stage":  # before sampling: frees the state meanwhile
-                trainer.reset_optimizer()
-            pairs, cuts = _stage_pairs(config, trainer, encoder, chunk, where, out_dir, inside)
-            if inside is None:
-                totals = {k: at["totals"][k] + v for k, v in cuts.items()}
-                at.update(stage=stage_id, done=False, totals=totals)
-                at.update(pairs=_pair_dicts(pairs), cuts=cuts)
-            _start_stage_schedule(config, trainer, steps[stage_id - 1])
-            resumed = ckpt.restore() if inside is not None else None
-            if resumed is not None:
-                at.update({k: v for k, v in resumed.items() if k != "fit"})
-            trainer.fit(
-                pairs,
-                loss_fn,
-                count_pairs,
-                config.epochs_per_stage,
-                seed_parts=(config.seed, stage_id),
-                context={"method": config.method, "stage": stage_id, "iteration": iteration},
-                desc=f"stage {stage_id}: training",
-                start=resumed["fit"] if resumed else None,
-            )
-            _call_stage_end(on_stage_end, trainer, stage_id)
-            at.update(done=True, pairs=[], cuts={})
-            ckpt.save()
-    return at["totals"]
+    if state.done:
+        ctx.checkpoints.restore()  # a checkpoint at a stage boundary (none: a fresh run)
+    for where, chunk_idx in _stages(chunks_per_iteration):
+        stage = where["stage"]
+        if state.is_done(stage):
+            continue
+        inside = state.is_inside(stage)
+        if config.optimizer_scope == "stage":  # before sampling: frees the state meanwhile
+            trainer.reset_optimizer()
+        if not inside:
+            _new_stage(ctx, [ctx.examples[i] for i in chunk_idx], where)
+        _start_stage_schedule(config, trainer, steps[stage - 1])
+        if inside:
+            ctx.checkpoints.restore()  # inside a stage: once its schedule exists
+        trainer.fit(state.pairs, _fit_plan(ctx, where, resume=inside))
+        _call_stage_end(ctx.on_stage_end, trainer, stage)
+        state.end_stage()
+        ctx.checkpoints.save()
+    return state.totals

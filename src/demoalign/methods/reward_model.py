@@ -190,15 +190,21 @@ def encode_preference_pairs(raw: list, encoder, config) -> tuple[list, list]:
     return train, held
 
 
+def heldout_ids(n_examples: int, fraction: float, seed: int) -> set[int]:
+    """The demonstrations held out from the start: a seeded `fraction` of them."""
+    n_held = round(fraction * n_examples) if fraction > 0 else 0
+    return set(seeded_permutation(n_examples, seed, 2)[:n_held])
+
+
 class HeldOutDemonstrations:
     """Demonstrations whose pairs evaluate the reward model and never train it, chosen once for
     the run by example: chunks may wrap around the data, and a demonstration trained on in one
     iteration is never held out in another."""
 
-    def __init__(self, n_examples: int, fraction: float, seed: int):
-        n_held = round(fraction * n_examples) if fraction > 0 else 0
-        self.ids = set(seeded_permutation(n_examples, seed, 2)[:n_held])
-        self.trained: set[int] = set()
+    def __init__(self, ids: set[int], trained: set[int]):
+        """`ids`: the held-out examples (`heldout_ids`); `trained`: those trained on so far.
+        Both are updated in place as iterations go (the run's state holds them)."""
+        self.ids, self.trained = ids, trained
 
     def split(self, k: int, reward_pairs: list, example_ids: list[int]) -> tuple[list, list]:
         """(train pairs, held-out pairs) of iteration k; each iteration holds out at least one

@@ -6,8 +6,9 @@
         reward step: `reward_steps` optimiser steps raising r(x, y) − r(x, ỹ)   (reward_model.py)
         policy step: `policy_steps` RLOO steps against r_{t+1}, each on fresh rollouts  (rloo.py)
 
-Every optimiser step of both models is `Trainer.step`; both read the same token ids. The
-state shared across iterations (reference, reward model, held-out split) is in rft_state.py.
+Every optimiser step of both models is `Trainer.step`; both read the same token ids. What the
+iterations share (reference, reward model, held-out split) and what the checkpoints keep (`State`)
+is in rft_state.py.
 
 Under `accelerate launch` every process holds the policy, its reference and the reward model;
 negatives, rollouts and the scores of both are computed in shares and gathered, so every process
@@ -17,12 +18,11 @@ sees the same pairs and groups, and `Trainer.step` splits each global batch betw
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from ..checkpoint import Checkpoints
-from ..encoding import Encoder, Tokenized
+from ..encoding import Tokenized
 from ..runio import atomic_write_jsonl, save_pretrained_atomic
-from ..trainer import Trainer, iteration_chunks
+from ..trainer import iteration_chunks
+from .context import RunContext
 from .negatives import make_negatives, negative_records, negative_stats
 from .reward_model import (
     RewardPair,
@@ -30,7 +30,7 @@ from .reward_model import (
     reward_loss_fn,
     reward_step,
 )
-from .rft_state import RFTRun, checkpoint_run_state, set_up_run
+from .rft_state import RFTRun, State, set_up_run
 from .rloo import policy_step
 
 
@@ -59,7 +59,7 @@ def _reward_phase(run: RFTRun, k: int, pairs: list, chunk: list, chunk_idx: list
     config, tok = run.config, run.encoder.tokenizer
     reward_pairs = [RewardPair(p.prompt_ids, p.demo_ids, p.negative_ids) for p in pairs]
     train, held = run.heldout.split(k, reward_pairs, [chunk_idx[p.index] for p in pairs])
-    subsets = {"train": train, "heldout": held, "preference_heldout": run.preference_eval}
+    subsets = {"train": train, "heldout": held, "preference_heldout": run.state.preference_eval}
     before = evaluate_subsets(run.margins, subsets, prefix="before")
     run.trainer.log.write(
         {
@@ -73,7 +73,7 @@ def _reward_phase(run: RFTRun, k: int, pairs: list, chunk: list, chunk_idx: list
     )
     loss_fn = reward_loss_fn(config.reward_loss, tok.pad_token_id)
     context = {"method": "rft", "phase": "reward", "iteration": k}
-    steps, prefs, seeds = config.reward_steps, run.preference_train, (config.seed, k)
+    steps, prefs, seeds = config.reward_steps, run.state.preference_train, (config.seed, k)
     reward_step(run.reward_trainer, train, prefs, steps, loss_fn, seeds, context)
     after = evaluate_subsets(run.margins, subsets, prefix="after")
     run.trainer.log.write({"event": "reward_eval", "iteration": k, **before, **after})
@@ -87,38 +87,45 @@ def _policy_phase(run: RFTRun, k: int, pairs: list) -> None:
     context = {"method": "rft", "phase": "policy", "iteration": k}
     scores, seeds = (run.rewards, run.reference_logps), (config.seed, 3, k)
     policy_step(
-        run.trainer, tok, prompts, config.policy_steps, *scores, config, seeds, context, run.window
+        run.trainer,
+        tok,
+        prompts,
+        config.policy_steps,
+        *scores,
+        config,
+        seeds,
+        context,
+        run.state.window,
     )
     if run.trainer.accelerator.is_main_process:
         folder = run.out_dir / "iterations" / str(k)
         save_pretrained_atomic(run.trainer.unwrapped, tok, folder / "policy")
 
 
-def run_rft(
-    config, trainer: Trainer, encoder: Encoder, examples: list, out_dir: Path, ckpt=None
-) -> dict:
-    """All outer iterations; `trainer` holds the policy. Returns counts for the run_end record.
-    Checkpoints (both models) at every outer-iteration end; a resumed run skips those done."""
+def run(ctx: RunContext) -> dict:
+    """All outer iterations; `ctx.trainer` holds the policy. Returns counts for the run_end
+    record. Checkpoints (both models) at every outer-iteration end; a resumed run skips those
+    done."""
+    config, trainer, encoder, state = ctx.config, ctx.trainer, ctx.encoder, ctx.state
     chunks = iteration_chunks(
-        len(examples), config.outer_iterations, config.prompts_per_iteration, config.seed
+        len(ctx.examples), config.outer_iterations, config.prompts_per_iteration, config.seed
     )
-    ckpt = ckpt or Checkpoints.disabled()
-    run = set_up_run(config, trainer, encoder, out_dir, len(examples))
-    totals = {"pairs": 0, "negatives_truncated": 0, "demonstrations_truncated": 0}
-    done, totals = checkpoint_run_state(run, ckpt, totals)
+    run = set_up_run(ctx)
+    ctx.checkpoints.register("reward_model", run.reward_trainer)
+    ctx.checkpoints.restore()  # an outer-iteration boundary (none: a fresh run)
     for k, chunk_idx in enumerate(chunks, start=1):
-        if k <= done[0]:
+        if k <= state.iteration:
             continue
-        chunk = [examples[i] for i in chunk_idx]
+        chunk = [ctx.examples[i] for i in chunk_idx]
         started = time.perf_counter()
         pairs = make_negatives(config, trainer, encoder, chunk, k)  # sampled by π_{k−1}
         run.last_generation_s = time.perf_counter() - started
-        totals["pairs"] += len(pairs)
-        totals["negatives_truncated"] += sum(p.negative_truncated for p in pairs)
-        totals["demonstrations_truncated"] += sum(p.demo_truncated for p in pairs)
+        state.add_negatives(pairs)
         _reward_phase(run, k, pairs, chunk, chunk_idx)
         _policy_phase(run, k, pairs)
-        done[0] = k
-        ckpt.save()
-    totals["reward_optimizer_steps"] = run.reward_trainer.global_step
-    return totals
+        state.iteration = k
+        ctx.checkpoints.save()
+    return {**state.totals, "reward_optimizer_steps": run.reward_trainer.global_step}
+
+
+__all__ = ["State", "run"]

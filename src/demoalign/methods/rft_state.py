@@ -1,5 +1,6 @@
 """The state one RFT run shares across its outer iterations: the policy's reference, the reward
-model and its trainer, the preference pairs, the held-out demonstrations, and their checkpoint."""
+model and its trainer (`RFTRun`), and what its checkpoints keep (`State`: iterations done, the
+held-out demonstrations, the running window, the preference split)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from pathlib import Path
 
 from accelerate.utils import gather_object
 
-from ..checkpoint import Checkpoints
 from ..data.sources import TRAIN_SEED, preference_pairs
 from ..encoding import Encoder, Tokenized
 from ..generation import forward_batch_size
@@ -21,6 +21,7 @@ from .reward_model import (
     RewardPair,
     RewardScorer,
     encode_preference_pairs,
+    heldout_ids,
     pair_margins,
     score_rows,
 )
@@ -41,6 +42,54 @@ def _param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else 0
 
 
+TOTAL_KEYS = ("pairs", "negatives_truncated", "demonstrations_truncated")
+
+
+@dataclass
+class State:
+    """Where an RFT run is, as its checkpoints keep it: outer iterations done, counts so far, and
+    what later iterations depend on and cannot recompute: the held-out demonstrations (and those
+    trained on), the window of the KL and reward running means, the preference split. `prepared`:
+    the latter are set (at the run's start, or loaded from a checkpoint)."""
+
+    iteration: int = 0
+    totals: dict = field(default_factory=lambda: dict.fromkeys(TOTAL_KEYS, 0))
+    heldout_ids: set = field(default_factory=set)
+    heldout_trained: set = field(default_factory=set)
+    window: deque = field(default_factory=lambda: deque(maxlen=10))
+    preference_train: list = field(default_factory=list)
+    preference_eval: list = field(default_factory=list)
+    prepared: bool = False
+
+    def state_dict(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "totals": dict(self.totals),
+            "heldout_ids": sorted(self.heldout_ids),
+            "heldout_trained": sorted(self.heldout_trained),
+            "window": [list(w) for w in self.window],
+            "preference_train": [asdict(p) for p in self.preference_train],
+            "preference_eval": [asdict(p) for p in self.preference_eval],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration, self.totals = state["iteration"], dict(state["totals"])
+        self.heldout_ids, self.heldout_trained = (
+            set(state["heldout_ids"]),
+            set(state["heldout_trained"]),
+        )
+        self.window.clear()
+        self.window.extend(tuple(w) for w in state["window"])
+        self.preference_train = [RewardPair(**p) for p in state["preference_train"]]
+        self.preference_eval = [RewardPair(**p) for p in state["preference_eval"]]
+        self.prepared = True
+
+    def add_negatives(self, pairs: list) -> None:
+        self.totals["pairs"] += len(pairs)
+        self.totals["negatives_truncated"] += sum(p.negative_truncated for p in pairs)
+        self.totals["demonstrations_truncated"] += sum(p.demo_truncated for p in pairs)
+
+
 @dataclass
 class RFTRun:
     """What every outer iteration shares."""
@@ -51,11 +100,12 @@ class RFTRun:
     encoder: Encoder
     out_dir: Path
     reference: object  # None with LoRA: the base with adapters disabled is the reference
-    preference_train: list
-    preference_eval: list
-    heldout: HeldOutDemonstrations
-    window: deque = field(default_factory=lambda: deque(maxlen=10))
+    state: State
     last_generation_s: float = 0.0
+
+    @property
+    def heldout(self) -> HeldOutDemonstrations:
+        return HeldOutDemonstrations(self.state.heldout_ids, self.state.heldout_trained)
 
     @property
     def batch(self) -> int:
@@ -114,9 +164,22 @@ def _log_memory(run: RFTRun) -> None:
         print(f"RFT: {note}; parameters: {mib}")
 
 
-def set_up_run(
-    config, trainer: Trainer, encoder: Encoder, out_dir: Path, n_examples: int
-) -> RFTRun:
+def _prepare(state: State, config, encoder: Encoder, n_examples: int) -> None:
+    """A new run's held-out demonstrations and preference split (a resumed run loaded them)."""
+    if state.prepared:
+        return
+    state.heldout_ids = heldout_ids(n_examples, config.heldout_fraction, config.seed)
+    if config.preference_data:
+        raw = preference_pairs(config.preference_data, None, TRAIN_SEED, task_count=1000)
+        state.preference_train, state.preference_eval = encode_preference_pairs(
+            raw, encoder, config
+        )
+    state.prepared = True
+
+
+def set_up_run(ctx) -> RFTRun:
+    """The reference, the reward model and its trainer, the state prepared, the schedules."""
+    config, trainer, encoder = ctx.config, ctx.trainer, ctx.encoder
     policy = trainer.unwrapped
     lora = hasattr(policy, "disable_adapter")
     reference = None if lora else copy.deepcopy(policy).eval().requires_grad_(False)
@@ -127,41 +190,9 @@ def set_up_run(
     reward_trainer = Trainer(
         reward_config, reward_model, trainer.accelerator, trainer.log, wrapper=RewardScorer
     )
-    pref_train, pref_eval = [], []
-    if config.preference_data:
-        raw = preference_pairs(config.preference_data, None, TRAIN_SEED, task_count=1000)
-        pref_train, pref_eval = encode_preference_pairs(raw, encoder, config)
-    heldout = HeldOutDemonstrations(n_examples, config.heldout_fraction, config.seed)
-    run = RFTRun(
-        config, trainer, reward_trainer, encoder, out_dir, reference, pref_train, pref_eval, heldout
-    )
+    _prepare(ctx.state, config, encoder, len(ctx.examples))
+    run = RFTRun(config, trainer, reward_trainer, encoder, ctx.out_dir, reference, ctx.state)
     _log_memory(run)
     reward_trainer.start_schedule(config.outer_iterations * config.reward_steps)
     trainer.start_schedule(config.outer_iterations * config.policy_steps)
     return run
-
-
-def checkpoint_run_state(run: RFTRun, ckpt: Checkpoints, totals: dict) -> tuple[list[int], dict]:
-    """Register the reward model and the outer-iteration state with the checkpoints; restore
-    them when resuming. Returns ([iterations done], totals), the list shared with the state."""
-    ckpt.register("reward_model", run.reward_trainer)
-    done = [0]
-    ckpt.state_fn = lambda: {
-        "iteration": done[0],
-        "totals": totals,
-        "heldout_ids": sorted(run.heldout.ids),
-        "heldout_trained": sorted(run.heldout.trained),
-        "window": [list(w) for w in run.window],
-        "preference_train": [asdict(p) for p in run.preference_train],
-        "preference_eval": [asdict(p) for p in run.preference_eval],
-    }
-    state = ckpt.restore()
-    if state is None:
-        return done, totals
-    done[0] = state["iteration"]
-    totals.update(state["totals"])
-    run.heldout.ids, run.heldout.trained = set(state["heldout_ids"]), set(state["heldout_trained"])
-    run.window.extend(tuple(w) for w in state["window"])
-    run.preference_train = [RewardPair(**p) for p in state["preference_train"]]
-    run.preference_eval = [RewardPair(**p) for p in state["preference_eval"]]
-    return done, totals

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from ..checkpoint import Checkpoints
-from ..encoding import Encoder, Tokenized, collate
+from ..encoding import Tokenized, collate
 from ..logprobs import model_sequence_logps
 from ..losses import nll
-from ..trainer import Trainer, steps_per_epoch
+from ..trainer import FitPlan, steps_per_epoch
+from .context import RunContext
 
 
 def sft_loss_fn(pad_id: int):
@@ -25,27 +25,35 @@ def response_tokens(items: list[Tokenized]) -> float:
     return float(sum(len(t.response_ids) for t in items))
 
 
-def run_sft(config, trainer: Trainer, encoder: Encoder, examples: list, ckpt=None) -> dict:
+class State:
+    """SFT keeps nothing of its own: where it is inside its epochs is the trainer's position."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def run(ctx: RunContext) -> dict:
     """Returns the truncation counts of the run. Checkpoints at every epoch end (and every
     `save_steps`); a resumed run continues at the checkpoint's epoch and step."""
-    ckpt = ckpt or Checkpoints.disabled()
-    items = [encoder.encode(e) for e in examples]
+    config, trainer, encoder = ctx.config, ctx.trainer, ctx.encoder
+    items = [encoder.encode(e) for e in ctx.examples]
     counts = encoder.counts.as_dict()
-    if ckpt.pending is None:
+    if not ctx.checkpoints.resuming:
         trainer.log.write({"event": "data", **counts})
-    total = config.epochs * steps_per_epoch(len(items), trainer.global_batch)
-    trainer.start_schedule(total)
-    ckpt.save_at_epoch_end = True
-    ckpt.state_fn = lambda: {"fit": trainer.position}
-    resumed = ckpt.restore()
-    trainer.fit(
-        items,
+    trainer.start_schedule(config.epochs * steps_per_epoch(len(items), trainer.global_batch))
+    resumed = ctx.checkpoints.restore()
+    plan = FitPlan(
         sft_loss_fn(encoder.tokenizer.pad_token_id),
         response_tokens,
         config.epochs,
         seed_parts=(config.seed, 0),
         context={"method": "sft"},
         desc="sft",
-        start=resumed["fit"] if resumed else None,
+        resume=resumed,
+        after_step=ctx.checkpoints.after_step_or_epoch,
     )
+    trainer.fit(items, plan)
     return counts
