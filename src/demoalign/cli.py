@@ -11,7 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .config import CONFIGS, DemoConfig, EvalConfig, GenerateConfig, load_config, option_docs
+from .config import DemoConfig, EvalConfig, GenerateConfig, load_config, option_docs
+from .methods import METHODS
 
 
 def _options_epilog(cls) -> str:
@@ -42,17 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="demoalign", description="Reward learning from demonstrations for LLM alignment."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_config_command(sub, "sft", CONFIGS["sft"], "Supervised fine-tuning (token-level NLL).")
-    _add_config_command(sub, "spin", CONFIGS["spin"], "SPIN: IRFT with one stage per iteration.")
-    _add_config_command(
-        sub, "irft", CONFIGS["irft"], "IRFT: implicit-reward fine-tuning with T stages."
-    )
-    _add_config_command(
-        sub,
-        "rft",
-        CONFIGS["rft"],
-        "RFT: an explicit reward model from demonstrations, and RLOO of the policy against it.",
-    )
+    for method in METHODS.values():
+        _add_config_command(sub, method.name, method.config_class, method.help)
     _add_config_command(sub, "generate", GenerateConfig, "Sample one response per prompt.")
     _add_config_command(
         sub,
@@ -61,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Compare models: preference-pair, task and reward-model metrics with bootstrap intervals.",
     )
     _add_config_command(
-        sub, "demo", DemoConfig, "The built-in task: SFT, SPIN and IRFT compared over seeds."
+        sub, "demo", DemoConfig, "The built-in task: SFT, SPIN, IRFT and RFT compared over seeds."
     )
     tiny = sub.add_parser(
         "tiny-model", help="Write a tiny random model + tokenizer for trials and tests."
@@ -154,12 +146,11 @@ def _print_eval(results: dict, config: EvalConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in CONFIGS:
+        if args.command in METHODS:
             from .run import train
 
-            _print_run_folder(
-                train(load_config(CONFIGS[args.command], args.config, args.overrides))
-            )
+            config_class = METHODS[args.command].config_class
+            _print_run_folder(train(load_config(config_class, args.config, args.overrides)))
         elif args.command == "demo":
             from .eval.demo import run_demo
 

@@ -1,0 +1,70 @@
+"""The one method registry: every method gives its config class, a State that a checkpoint can
+keep (JSON round trip) and `run(context)`; the command line and the configs agree with it."""
+
+import json
+import subprocess
+import sys
+from collections import deque
+
+import pytest
+
+from demoalign.config import CONFIGS
+from demoalign.methods import METHODS, method_of
+from demoalign.pairs import Pair
+
+
+def test_the_registry_serves_every_method_config():
+    assert set(METHODS) == set(CONFIGS)
+    for name, method in METHODS.items():
+        assert method.config_class is CONFIGS[name]
+        assert method.config_class.method == name
+        module = method.load()
+        assert callable(module.run)
+        assert json.loads(json.dumps(module.State().state_dict())) == module.State().state_dict()
+
+
+def test_method_of_a_config_and_an_unknown_one():
+    assert method_of(CONFIGS["spin"]()).module.endswith(".irft")
+
+    class Other:
+        method = "dpo"
+
+    with pytest.raises(TypeError, match="no method for Other"):
+        method_of(Other())
+
+
+def test_irft_state_round_trips_through_json_and_says_where_the_run_is():
+    irft = METHODS["irft"].load()
+    state = irft.State()
+    assert not state.is_done(1) and not state.is_inside(1)
+    pair = Pair(0, [1, 2], [3, 0], [4, 0], ref_demo=-1.25, ref_negative=-2.5)
+    state.start_stage(2, [pair], {"pairs": 1, "prompts_truncated": 1})
+    assert state.totals["pairs"] == 1 and state.totals["prompts_truncated"] == 1
+    loaded = irft.State()
+    loaded.load_state_dict(json.loads(json.dumps(state.state_dict())))
+    assert loaded == state
+    assert loaded.is_done(1) and loaded.is_inside(2) and not loaded.is_done(2)
+    loaded.end_stage()
+    assert loaded.is_done(2) and not loaded.is_inside(2) and loaded.pairs == []
+
+
+def test_rft_state_round_trips_through_json():
+    from demoalign.methods.reward_model import RewardPair
+
+    rft = METHODS["rft"].load()
+    state = rft.State(iteration=1, heldout_ids={3, 1}, heldout_trained={0})
+    state.window.extend([(0.5, 1.0), (0.25, 2.0)])
+    state.preference_train = [RewardPair([1], [2, 0], [3, 0])]
+    loaded = rft.State()
+    loaded.load_state_dict(json.loads(json.dumps(state.state_dict())))
+    assert loaded.prepared and not rft.State().prepared
+    assert loaded.heldout_ids == {1, 3} and loaded.heldout_trained == {0}
+    assert loaded.window == deque([(0.5, 1.0), (0.25, 2.0)]) and loaded.window.maxlen == 10
+    assert loaded.preference_train == state.preference_train
+
+
+def test_the_command_line_loads_without_torch():
+    code = "import sys, demoalign.cli, demoalign; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
