@@ -22,7 +22,8 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test,eval]"
 	touch $@
 
-# The built-in task: SFT, SPIN and IRFT from one SFT start, 3 seeds, results in runs/demo.
+# The built-in task: continued SFT, SPIN, IRFT and RFT arms from one SFT start, 3 seeds each,
+# results in runs/demo.
 demo: setup
 	$(PY) -m demoalign demo --config recipes/demo.yaml overwrite=true
 
@@ -51,5 +52,7 @@ bench: $(VENV)/.installed-test
 clean:
 	rm -rf runs $(VENV)
 
+# docs/options.md: the option reference, generated from the config dataclasses (tests/test_cli.py
+# checks that it is current).
 docs: setup
-	$(PY) -m demoalign.docs README.md
+	$(PY) -m demoalign.docs docs/options.md

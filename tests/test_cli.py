@@ -19,19 +19,21 @@ def test_help_documents_every_option(command, capsys):
         assert f.metadata.get("help"), f"{f.name} has no documentation"
 
 
-def test_readme_reference_is_current_and_documents_every_option():
+def test_options_reference_is_current_and_documents_every_option():
     from pathlib import Path
 
     from demoalign.config import DemoConfig
-    from demoalign.docs import END, START, reference_markdown
+    from demoalign.docs import END, OPTIONS_PAGE, START, reference_markdown
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert f"{START}\n{reference_markdown()}\n{END}" in readme, (
-        "README reference is stale: run `make docs`"
+    root = Path(__file__).resolve().parents[1]
+    page = (root / OPTIONS_PAGE).read_text()
+    assert f"{START}\n{reference_markdown()}\n{END}" in page, (
+        f"{OPTIONS_PAGE} reference is stale: run `make docs`"
     )
     for cls in (*CONFIGS.values(), GenerateConfig, DemoConfig):
         for f in fields(cls):
-            assert f"`{f.name}`" in readme, f"README misses {f.name}"
+            assert f"`{f.name}`" in page, f"{OPTIONS_PAGE} misses {f.name}"
+    assert OPTIONS_PAGE in (root / "README.md").read_text(), f"README does not link {OPTIONS_PAGE}"
 
 
 def test_cli_tiny_model_train_generate_and_inspect(tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""The README's option reference, generated from the config dataclasses (`make docs` rewrites it;
-a test checks that the README is current)."""
+"""The option reference of docs/options.md, generated from the config dataclasses (`make docs`
+rewrites the block between START and END in that file; a test checks that it is current)."""
 
 from __future__ import annotations
 
@@ -68,13 +68,19 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: str | Path = "README.md") -> None:
+OPTIONS_PAGE = "docs/options.md"
+
+
+def update_reference(path: str | Path = OPTIONS_PAGE) -> None:
     path = Path(path)
     text = path.read_text()
+    if START not in text or END not in text:
+        # Without the markers the substitution would silently leave the page stale.
+        raise SystemExit(f"{path} has no {START} ... {END} block to rewrite")
     block = f"{START}\n{reference_markdown()}\n{END}"
     new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
     path.write_text(new)
 
 
 if __name__ == "__main__":
-    update_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    update_reference(sys.argv[1] if len(sys.argv) > 1 else OPTIONS_PAGE)
