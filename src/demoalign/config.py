@@ -101,6 +101,14 @@ class TrainConfig:
     disable_dropout: bool = opt(
         True, "Set every dropout to 0, so the first step of a stage sees u = 0 exactly."
     )
+    padding_free: str = opt(
+        "auto",
+        "Padding-free training forwards: the sequences of a micro-batch concatenated into one row "
+        "with positions restarting per sequence (transformers masks attention within each), so no "
+        "FLOPs go to padding; the reference log-probs take the same path. auto: on when training "
+        "on a GPU and the model masks packed sequences (checked once on two sequences), off on "
+        "the CPU; true (an error where the model does not mask them); false.",
+    )
     lora_r: int = opt(
         0,
         "LoRA rank of the policy (peft); 0 = full fine-tuning. Only the adapters train (the "
@@ -149,6 +157,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_types_and_finite(self)
+        self.padding_free = self.padding_free.lower()  # YAML's true/false arrive as True/False
         if not self.model:
             raise ValueError(
                 "config key `model` is required (a model folder; `demoalign tiny-model OUT` makes "
@@ -161,6 +170,7 @@ class TrainConfig:
             "lr_scheduler": ("linear", "constant"),
             "schedule_scope": ("run", "stage"),
             "mixed_precision": ("auto", "bf16", "fp16", "no"),
+            "padding_free": ("auto", "true", "false"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

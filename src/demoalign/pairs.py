@@ -31,33 +31,40 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def pair_logps(
-    model, pairs: list[Pair], pad_id: int
+    model, pairs: list[Pair], pad_id: int, padding_free: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log π(y|x), log π(ỹ|x), tokens of y, tokens of ỹ), one value per pair."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad_id).items()}
-    logps, n_tokens = model_sequence_logps(model, batch)
+    logps, n_tokens = model_sequence_logps(model, batch, padding_free)
     n = len(pairs)
     return logps[:n], logps[n:], n_tokens[:n], n_tokens[n:]
 
 
 @torch.no_grad()
 def fill_reference_logps(
-    model, pairs: list[Pair], pad_id: int, batch_size: int, autocast, negatives: bool = True
+    model,
+    pairs: list[Pair],
+    pad_id: int,
+    batch_size: int,
+    autocast,
+    negatives: bool = True,
+    padding_free: bool = False,
 ) -> None:
     """Reference log-probs by the CURRENT weights (the stage-start model), in place. With
-    negatives=False only the demonstrations' (the negatives' came from generation)."""
+    negatives=False only the demonstrations' (the negatives' came from generation).
+    `padding_free` as in training: the same forward, so u = 0 exactly at a stage's first step."""
     device = next(model.parameters()).device
     with eval_mode(model):
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             with autocast():
                 if negatives:
-                    demo, neg, _, _ = pair_logps(model, chunk, pad_id)
+                    demo, neg, _, _ = pair_logps(model, chunk, pad_id, padding_free)
                 else:
                     rows = [Tokenized(p.prompt_ids, p.demo_ids) for p in chunk]
                     batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
-                    demo, neg = model_sequence_logps(model, batch)[0], None
+                    demo, neg = model_sequence_logps(model, batch, padding_free)[0], None
             for n, (pair, d) in enumerate(zip(chunk, demo.tolist())):
                 pair.ref_demo = d
                 if neg is not None:

@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from .logprobs import SequenceScorer
+from .logprobs import SequenceScorer, padding_free_works
 from .parking import OptimizerParking, parking_enabled
 from .progress import progress_bar
 from .sharding import (
@@ -72,6 +72,24 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for name in _DROPOUT_FIELDS:
         if isinstance(getattr(config, name, None), float):
             setattr(config, name, 0.0)
+
+
+def use_padding_free(setting: str, model, device: torch.device) -> bool:
+    """padding_free=true|false|auto: auto is on for CUDA training where the model masks packed
+    sequences (checked once, `padding_free_works`), and off on the CPU, where the padded path's
+    figures stay as they were. true on a model that does not mask them is an error, not a
+    silently wrong loss."""
+    setting = str(setting).lower()
+    if setting == "false" or (setting == "auto" and device.type != "cuda"):
+        return False
+    if padding_free_works(model):
+        return True
+    if setting == "true":
+        raise ValueError(
+            f"padding_free=true: {type(model).__name__} does not mask packed sequences (scored "
+            "padded and packed, its log-probs differ); use padding_free=false or auto"
+        )
+    return False
 
 
 def lr_factor(num_steps: int, warmup_ratio: float, kind: str):
@@ -173,8 +191,14 @@ class Trainer:
                 params, lr=config.learning_rate, weight_decay=config.weight_decay
             )
         _fill_deepspeed_batch(accelerator, config)
+        scorer = wrapper(model)
+        self.padding_free = isinstance(scorer, SequenceScorer) and use_padding_free(
+            getattr(config, "padding_free", "false"), model, accelerator.device
+        )
+        if isinstance(scorer, SequenceScorer):
+            scorer.padding_free = self.padding_free
         # The scorer is what DDP wraps, so the one forward that yields log-probs is DDP's forward.
-        self.model, self.optimizer = accelerator.prepare(wrapper(model), optimizer)
+        self.model, self.optimizer = accelerator.prepare(scorer, optimizer)
         self.sharded = is_sharded(self.model)
         deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         park = getattr(config, "park_optimizer_state", "off")

@@ -57,7 +57,7 @@ def make_negatives(
     SAME weights; each process does its share, and everyone gets all pairs. With
     reference_logps=decode the negatives' come from the logits they were sampled from."""
     with trainer.inference_model() as model:
-        mine = _my_pairs(config, model, trainer.accelerator, encoder, chunk, stage_id)
+        mine = _my_pairs(config, model, trainer, encoder, chunk, stage_id)
     if trainer.accelerator.num_processes == 1:
         return mine
     pairs = sorted(gather_object(mine), key=lambda p: p.index)
@@ -65,8 +65,8 @@ def make_negatives(
     return pairs
 
 
-def _my_pairs(config, model, acc, encoder: Encoder, chunk: list, stage_id: int) -> list[Pair]:
-    tok = encoder.tokenizer
+def _my_pairs(config, model, trainer, encoder: Encoder, chunk: list, stage_id: int) -> list[Pair]:
+    tok, acc, padding_free = encoder.tokenizer, trainer.accelerator, trainer.padding_free
     prompts = [encoder.prompt_ids(e) for e in chunk]
     # RFT's negatives train a reward model: no reference log-probs of theirs are used.
     decode = getattr(config, "reference_logps", "forward") == "decode"
@@ -84,9 +84,10 @@ def _my_pairs(config, model, acc, encoder: Encoder, chunk: list, stage_id: int) 
     if decode:
         decoded_pairs = [p for p in mine if all(p is not f for f in forward)]
         fill_reference_logps(
-            model, decoded_pairs, tok.pad_token_id, batch, acc.autocast, negatives=False
+            model, decoded_pairs, tok.pad_token_id, batch, acc.autocast, False, padding_free
         )
-    fill_reference_logps(model, forward if decode else mine, tok.pad_token_id, batch, acc.autocast)
+    scored = forward if decode else mine
+    fill_reference_logps(model, scored, tok.pad_token_id, batch, acc.autocast, True, padding_free)
     return mine
 
 

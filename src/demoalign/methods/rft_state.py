@@ -127,11 +127,12 @@ class RFTRun:
 
     def reference_logps(self, rows: list[Tokenized]) -> list[float]:
         pad, batch = self.encoder.tokenizer.pad_token_id, self.batch
+        packed = self.trainer.padding_free  # as the policy's own log-probs in the loss
         with self.trainer.accelerator.autocast():
             if self.reference is None:
                 with self.trainer.unwrapped.disable_adapter():
-                    return sequence_logps_of(self.trainer.unwrapped, rows, pad, batch)
-            return sequence_logps_of(self.reference, rows, pad, batch)
+                    return sequence_logps_of(self.trainer.unwrapped, rows, pad, batch, packed)
+            return sequence_logps_of(self.reference, rows, pad, batch, packed)
 
     def shared(self, items: list, score) -> list:
         """`score(items)` spread over the processes (`in_shares`)."""

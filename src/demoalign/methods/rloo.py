@@ -59,9 +59,12 @@ def rloo_loss_fn(beta: float, pad_id: int):
     return loss_fn
 
 
-def sequence_logps_of(model, rows: list[Tokenized], pad_id: int, batch_size: int) -> list[float]:
+def sequence_logps_of(
+    model, rows: list[Tokenized], pad_id: int, batch_size: int, padding_free: bool = False
+) -> list[float]:
+    """Summed response log-probs of `rows`; `padding_free` as the policy's training forward."""
     return in_eval_batches(
-        model, rows, pad_id, batch_size, lambda m, b: model_sequence_logps(m, b)[0]
+        model, rows, pad_id, batch_size, lambda m, b: model_sequence_logps(m, b, padding_free)[0]
     )
 
 
