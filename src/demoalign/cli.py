@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Compare models: preference-pair, task and reward-model metrics with bootstrap intervals.",
     )
     _add_config_command(
-        sub, "demo", DemoConfig, "The built-in task: SFT, SPIN and IRFT compared over seeds."
+        sub, "demo", DemoConfig, "The built-in task: SFT, SPIN, IRFT and RFT compared over seeds."
     )
     tiny = sub.add_parser(
         "tiny-model", help="Write a tiny random model + tokenizer for trials and tests."

@@ -1,0 +1,72 @@
+"""Run configuration: dataclasses are the one source of truth for every option, its default and
+its documentation (`--help` and the README's reference are generated from them).
+
+options.py: how an option is declared once; choices.py: the values options may take; groups.py:
+the option groups; commands.py: each command's config, made of groups; loading.py: configs from
+YAML and `key=value`. This package imports nothing of demoalign but demoalign.data."""
+
+from .choices import (
+    DTYPES,
+    GENERATION_BACKENDS,
+    LEADERBOARD_TASKS,
+    LOSS_TYPES,
+    PARK_CHOICES,
+    RESUME_MAY_DIFFER,
+    TRACKERS,
+    check_trackers,
+    parse_batch_size,
+    parse_leaderboard_tasks,
+    parse_report_to,
+)
+from .commands import (
+    BEAVER_TEMPLATE,
+    CONFIGS,
+    DemoConfig,
+    EvalConfig,
+    GenerateConfig,
+    IRFTConfig,
+    RFTConfig,
+    SFTConfig,
+    SPINConfig,
+    TrainConfig,
+    parse_arm,
+)
+from .groups import GENERATION_BACKEND_HELP, PARK_HELP
+from .loading import build_config, config_to_dict, load_config, option_docs, parse_overrides
+from .options import DECLARED, check_types_and_finite, opt, options
+
+__all__ = [
+    "BEAVER_TEMPLATE",
+    "CONFIGS",
+    "DECLARED",
+    "DTYPES",
+    "GENERATION_BACKENDS",
+    "GENERATION_BACKEND_HELP",
+    "LEADERBOARD_TASKS",
+    "LOSS_TYPES",
+    "PARK_CHOICES",
+    "PARK_HELP",
+    "RESUME_MAY_DIFFER",
+    "TRACKERS",
+    "DemoConfig",
+    "EvalConfig",
+    "GenerateConfig",
+    "IRFTConfig",
+    "RFTConfig",
+    "SFTConfig",
+    "SPINConfig",
+    "TrainConfig",
+    "build_config",
+    "check_trackers",
+    "check_types_and_finite",
+    "config_to_dict",
+    "load_config",
+    "opt",
+    "option_docs",
+    "options",
+    "parse_arm",
+    "parse_batch_size",
+    "parse_leaderboard_tasks",
+    "parse_overrides",
+    "parse_report_to",
+]
