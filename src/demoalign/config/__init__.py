@@ -6,14 +6,11 @@ the option groups; commands.py: each command's config, made of groups; loading.p
 YAML and `key=value`. This package imports nothing of demoalign but demoalign.data."""
 
 from .choices import (
-    DTYPES,
     GENERATION_BACKENDS,
     LEADERBOARD_TASKS,
     LOSS_TYPES,
-    PARK_CHOICES,
     RESUME_MAY_DIFFER,
     TRACKERS,
-    check_trackers,
     parse_batch_size,
     parse_leaderboard_tasks,
     parse_report_to,
@@ -31,21 +28,16 @@ from .commands import (
     TrainConfig,
     parse_arm,
 )
-from .groups import GENERATION_BACKEND_HELP, PARK_HELP
 from .loading import build_config, config_to_dict, load_config, option_docs, parse_overrides
-from .options import DECLARED, check_types_and_finite, opt, options
+from .options import DECLARED, opt, options
 
 __all__ = [
     "BEAVER_TEMPLATE",
     "CONFIGS",
     "DECLARED",
-    "DTYPES",
     "GENERATION_BACKENDS",
-    "GENERATION_BACKEND_HELP",
     "LEADERBOARD_TASKS",
     "LOSS_TYPES",
-    "PARK_CHOICES",
-    "PARK_HELP",
     "RESUME_MAY_DIFFER",
     "TRACKERS",
     "DemoConfig",
@@ -57,8 +49,6 @@ __all__ = [
     "SPINConfig",
     "TrainConfig",
     "build_config",
-    "check_trackers",
-    "check_types_and_finite",
     "config_to_dict",
     "load_config",
     "opt",

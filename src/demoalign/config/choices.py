@@ -1,7 +1,7 @@
 """The values options may take. They live here, at the bottom layer, so that a config is checked
 without importing the modules that use them: losses, tracking and eval.leaderboard import their
-lists from here; generation keeps its own copy of the backends (tests/test_config.py checks the two
-are equal)."""
+lists from here; generation keeps its own copies of the backends and of parse_batch_size
+(tests/test_config.py checks that they agree)."""
 
 from __future__ import annotations
 
