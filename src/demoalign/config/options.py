@@ -4,6 +4,7 @@ declaration and may give it another default (`@options(name=default)`)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field, fields
 
@@ -39,7 +40,9 @@ def options(**defaults):
 
 
 def _set_defaults(cls, defaults: dict) -> None:
-    own = dict(cls.__dict__.get("__annotations__", {}))
+    own = inspect.get_annotations(cls)  # the class's own, not its bases'
+    if not defaults:
+        return
     added = {}
     for name, value in defaults.items():
         if name not in DECLARED:
@@ -54,7 +57,7 @@ def _set_defaults(cls, defaults: dict) -> None:
 
 def _register(cls, reused: set) -> None:
     where = f"{cls.__module__}.{cls.__qualname__}"
-    own = cls.__dict__.get("__annotations__", {})
+    own = inspect.get_annotations(cls)
     for f in fields(cls):
         if f.name not in own or f.name in reused:
             continue
