@@ -1,5 +1,6 @@
-"""The config of every command, made of the option groups (groups.py) and the options only that
-command has. A dataclass takes the fields of its LAST base first, so the bases are listed from
+"""The config of every command: the option groups it takes (groups.py), the options only it has,
+and, through @options(name=default), its own defaults and single options of groups it does not
+otherwise take. A dataclass takes the fields of its LAST base first, so the bases are listed from
 the group shown last in `--help` to the one shown first."""
 
 from __future__ import annotations
