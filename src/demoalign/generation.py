@@ -427,7 +427,7 @@ def generate_responses(
         temperature=config.temperature,
         top_p=config.top_p,
         greedy=config.greedy,
-        batch_size=config.batch_size,
+        batch_size=config.generation_batch_size,
         seed=config.seed,
         show_progress=show_progress,
         backend=config.generation_backend,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "hinge", "linear")
+from .config import LOSS_TYPES
 
 
 def pairwise_margin(

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from .config import RESUME_MAY_DIFFER
+
 MARKER = ".demoalign-run"
 LOCK = ".lock"
 STATE = "run_state.json"
@@ -134,7 +136,7 @@ def release_lock(folder: str | Path) -> None:
 def check_resume(
     path: str | Path,
     config: dict,
-    ignored=("resume", "show_progress", "overwrite", "report_to"),
+    ignored=RESUME_MAY_DIFFER,
 ):
     """For resume=true: the run folder to continue, or None when there is no run there yet (the
     run starts as a new one). Raises RunFolderError when the folder is not a demoalign run folder,

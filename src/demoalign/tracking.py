@@ -12,44 +12,13 @@ MLflow logs to its own tracking URI (MLFLOW_TRACKING_URI, else mlflow's default)
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
-# tracker name: (module that must import, pip package that provides it)
-TRACKERS = {
-    "tensorboard": ("tensorboard", "tensorboard"),
-    "wandb": ("wandb", "wandb"),
-    "mlflow": ("mlflow", "mlflow"),
-}
+from .config import parse_report_to
+
 PROJECT = "demoalign"
 FOLDER = "trackers"
-
-
-def parse_report_to(value: str) -> list[str]:
-    """The trackers of `report_to` (`none`, a tracker, or a comma list); raises ValueError."""
-    names = [n.strip().lower() for n in value.split(",") if n.strip()]
-    if not names or names == ["none"]:
-        return []
-    unknown = [n for n in names if n not in TRACKERS]
-    if unknown:
-        raise ValueError(
-            f"report_to={value!r}: unknown tracker {unknown[0]!r}; choose none or a comma list "
-            f"of {', '.join(TRACKERS)}"
-        )
-    return list(dict.fromkeys(names))
-
-
-def check_trackers(value: str) -> list[str]:
-    """parse_report_to, and every tracker's package importable: one clear error otherwise."""
-    names = parse_report_to(value)
-    missing = [TRACKERS[n][1] for n in names if importlib.util.find_spec(TRACKERS[n][0]) is None]
-    if missing:
-        raise ValueError(
-            f"report_to={value!r} needs the package(s) {', '.join(missing)}: "
-            f"pip install {' '.join(missing)} (TensorBoard also: pip install 'demoalign[tracking]')"
-        )
-    return names
 
 
 def tracker_values(record: dict, prefix: str) -> dict[str, float]:

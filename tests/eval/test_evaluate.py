@@ -19,7 +19,7 @@ SMALL = dict(
     max_length=64,
     max_prompt_length=32,
     max_new_tokens=6,
-    batch_size=8,
+    eval_batch_size=8,
     bootstrap_resamples=200,
     cpu=True,
 )

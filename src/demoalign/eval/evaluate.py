@@ -143,7 +143,11 @@ def _reference_logps(config: EvalConfig, inputs: _Inputs, device):
         return None, None
     ref, ref_tok = load_model_and_tokenizer(config.reference)
     return pair_sequence_logps(
-        ref.to(device), _encoder_for(ref_tok, config), inputs.triples, config.batch_size, fit=True
+        ref.to(device),
+        _encoder_for(ref_tok, config),
+        inputs.triples,
+        config.eval_batch_size,
+        fit=True,
     )
 
 
@@ -152,7 +156,9 @@ def _model_metrics(model, tokenizer, config, inputs: _Inputs, refs, device, stat
     encoder = _encoder_for(tokenizer, config)
     entry = {"metrics": {}, "items": {}}  # items: per-item values, for paired differences
     if inputs.triples:
-        good, bad = pair_sequence_logps(model, encoder, inputs.triples, config.batch_size, fit=True)
+        good, bad = pair_sequence_logps(
+            model, encoder, inputs.triples, config.eval_batch_size, fit=True
+        )
         for metric, vals in pair_values(good, bad, *refs).items():
             entry["metrics"][metric] = summarize(vals, **stats)
             entry["items"][metric] = vals
@@ -167,7 +173,7 @@ def _model_metrics(model, tokenizer, config, inputs: _Inputs, refs, device, stat
                 greedy=mode == "greedy",
                 seed=config.seed,
                 max_new_tokens=config.max_new_tokens,
-                batch_size=config.batch_size,
+                batch_size=config.eval_batch_size,
                 backend=config.generation_backend,
             )
             entry["metrics"][f"task_exact_match_{mode}"] = summarize(rewards, **stats)
@@ -180,7 +186,7 @@ def _model_metrics(model, tokenizer, config, inputs: _Inputs, refs, device, stat
             root=Path(config.leaderboard_data or data_root()),
             limit=config.leaderboard_limit or None,
             mmlu_shots=config.mmlu_shots,
-            batch_size=config.batch_size,
+            batch_size=config.eval_batch_size,
             seed=config.seed,
             device=device,
         )
@@ -218,7 +224,9 @@ def _score_generations(
     scores = {}
     for name, records in generations.items():
         texts = [reward_text(config.reward_template, r["prompt"], r["response"]) for r in records]
-        scores[name] = reward_scores(rm, rm_tok, texts, config.batch_size, config.reward_max_length)
+        scores[name] = reward_scores(
+            rm, rm_tok, texts, config.eval_batch_size, config.reward_max_length
+        )
         for r, s in zip(records, scores[name]):
             r["reward"] = s
         atomic_write_jsonl(generation_file(out, name), records)

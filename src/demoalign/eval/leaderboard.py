@@ -28,7 +28,11 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-TASKS = {  # name: (metric key in lm-eval's samples, filter, default shots)
+from ..config import parse_leaderboard_tasks as parse_tasks  # noqa: F401  (evaluate's name)
+
+# Every task of config's LEADERBOARD_TASKS (the names a config may give; tests/test_config.py
+# checks the two agree): (metric key in lm-eval's samples, filter, default shots).
+TASKS = {
     "arc_easy": ("acc_norm", "none", 25),
     "arc_challenge": ("acc_norm", "none", 25),
     "truthfulqa_mc2": ("acc", "none", 0),
@@ -54,18 +58,6 @@ def import_lm_eval():
             f"({exc})"
         ) from None
     return lm_eval
-
-
-def parse_tasks(spec: str) -> list[str]:
-    names = (
-        list(TASKS) if spec.strip() == "all" else [t.strip() for t in spec.split(",") if t.strip()]
-    )
-    unknown = [t for t in names if t not in TASKS]
-    if unknown:
-        raise ValueError(
-            f"unknown leaderboard task(s) {unknown}; choose from {', '.join(TASKS)} or `all`"
-        )
-    return names
 
 
 # ---------------------------------------------------------------- local data in lm-eval's schemas
