@@ -46,8 +46,21 @@ class TrainConfig:
     )
     data: str = opt(
         "",
-        "Demonstrations: a JSONL/JSON/Parquet/CSV file, a saved HF dataset folder, or "
-        "task:NAME[:SEED] (built-in tasks: sort, add, brackets).",
+        "Demonstrations: a JSONL/JSON/Parquet/CSV file, a saved HF dataset folder, a dataset "
+        "repository folder (data files, a README.md listing `configs:`) or a Hugging Face Hub "
+        "data set id (e.g. HuggingFaceH4/ultrachat_200k), or task:NAME[:SEED] (built-in tasks: "
+        "sort, add, brackets).",
+    )
+    data_split: str = opt(
+        "",
+        "Split of a hub id or dataset folder; empty = `train`, else the one split whose name "
+        "starts with `train` (train_sft), else the only split (an error lists the splits).",
+    )
+    data_config: str = opt(
+        "", "Config (subset) of a hub id or dataset folder; empty = its default config."
+    )
+    data_revision: str = opt(
+        "", "Revision (branch, tag or commit) of a hub id; empty = the default branch."
     )
     columns: str = opt(
         "",
@@ -156,6 +169,10 @@ class TrainConfig:
             )
         if not self.data:
             raise ValueError("config key `data` is required (a demonstration file or folder)")
+        if self.data.startswith("task:") and (
+            self.data_split or self.data_config or self.data_revision
+        ):
+            raise ValueError("data_split, data_config and data_revision do not apply to task:")
         choices = {
             "optimizer": ("adamw", "rmsprop"),
             "lr_scheduler": ("linear", "constant"),
@@ -404,7 +421,8 @@ class RFTConfig(TrainConfig):
     reward_learning_rate: float = opt(1e-5, "Peak learning rate of the reward model.")
     preference_data: str = opt(
         "",
-        "Optional real preference pairs (prompt/chosen/rejected or HH chosen/rejected JSONL, or "
+        "Optional real preference pairs (prompt/chosen/rejected or HH chosen/rejected records: "
+        "any source `data` takes, a hub id's split and config given as ID[@CONFIG][:SPLIT], or "
         "task:NAME[:SEED]) mixed into the reward step.",
     )
     preference_weight: float = opt(
@@ -658,8 +676,9 @@ class EvalConfig:
     )
     pairs: str = opt(
         "",
-        "Preference pairs: prompt/chosen/rejected or HH chosen/rejected file, or task:NAME[:SEED] "
-        "(correct vs plausible-wrong answers).",
+        "Preference pairs: prompt/chosen/rejected or HH chosen/rejected records (any source "
+        "`data` takes; a hub id's split and config as ID[@CONFIG][:SPLIT], e.g. "
+        "Anthropic/hh-rlhf:test), or task:NAME[:SEED] (correct vs plausible-wrong answers).",
     )
     max_pairs: int = opt(0, "Use only the first N pairs (0 = all).")
     task: str = opt(

@@ -96,13 +96,20 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def unreachable(ref: DataRef, reason: str) -> DataError:
+def unreachable(ref: DataRef, reason: str = "") -> DataError:
+    """The one error for a hub id that cannot be read here; no `reason`: offline mode is on."""
+    why = (
+        f"the Hugging Face Hub cannot be reached ({reason})"
+        if reason
+        else "offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) and the Hugging Face "
+        "cache holds no copy"
+    )
+    cached = "; a copy already in the Hugging Face cache is read with HF_HUB_OFFLINE=1"
     return DataError(
         ref,
-        f"data set not reachable: no such local file or folder, and the Hugging Face Hub "
-        f"cannot be reached ({reason}). Where there is network, download it (hf download "
-        f"{ref.path} --repo-type dataset --local-dir FOLDER) and pass that FOLDER or a data file "
-        "instead; a copy already in the Hugging Face cache is read with HF_HUB_OFFLINE=1",
+        f"data set not reachable: no such local file or folder, and {why}. Where there is "
+        f"network, download it (hf download {ref.path} --repo-type dataset --local-dir FOLDER) "
+        f"and pass that FOLDER or a data file instead{cached if reason else ''}",
     )
 
 
@@ -147,7 +154,7 @@ def load_split(ref: DataRef, on_hub: bool) -> tuple[Any, DataRef, list[str]]:
             ref.path, name=ref.config or None, revision=ref.revision or None
         )
     except ConnectionError as exc:
-        raise unreachable(ref, "offline mode is on" if offline else _first_line(exc)) from None
+        raise unreachable(ref, "" if offline else _first_line(exc)) from None
     except Exception as exc:  # datasets raises many kinds; each is about this source
         raise DataError(ref, _not_loadable(on_hub, exc)) from None
     available = list(builder.config.data_files or {}) or list(builder.info.splits or {})
@@ -156,7 +163,7 @@ def load_split(ref: DataRef, on_hub: bool) -> tuple[Any, DataRef, list[str]]:
         builder.download_and_prepare()
         dataset = builder.as_dataset(split=split)
     except ConnectionError as exc:
-        raise unreachable(ref, _first_line(exc)) from None
+        raise unreachable(ref, "" if offline else _first_line(exc)) from None
     except Exception as exc:
         raise DataError(ref, f"cannot read split {split!r} ({_first_line(exc)})") from None
     chosen = DataRef(ref.path, split, builder.config.name, ref.revision)
