@@ -16,6 +16,7 @@ sees the same pairs and groups, and `Trainer.step` splits each global batch betw
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -94,6 +95,18 @@ def _policy_phase(run: RFTRun, k: int, pairs: list) -> None:
         save_pretrained_atomic(run.trainer.unwrapped, tok, folder / "policy")
 
 
+def off_policy_warning(config) -> str | None:
+    """RLOO's unbiased gradient and its KL estimate assume rollouts drawn from π itself
+    (docs/algorithms.md §3); tempered or nucleus sampling draws them from another distribution."""
+    if config.temperature == 1 and config.top_p == 1:
+        return None
+    return (
+        f"warning: RFT samples rollouts with temperature={config.temperature} and "
+        f"top_p={config.top_p}, not from the policy itself: RLOO's gradient and its KL estimate "
+        "are biased (temperature=1 top_p=1 keeps them unbiased)"
+    )
+
+
 def run_rft(
     config, trainer: Trainer, encoder: Encoder, examples: list, out_dir: Path, ckpt=None
 ) -> dict:
@@ -103,6 +116,9 @@ def run_rft(
         len(examples), config.outer_iterations, config.prompts_per_iteration, config.seed
     )
     ckpt = ckpt or Checkpoints.disabled()
+    warning = off_policy_warning(config)
+    if warning and trainer.accelerator.is_main_process:
+        print(warning, file=sys.stderr)
     run = set_up_run(config, trainer, encoder, out_dir, len(examples))
     totals = {"pairs": 0, "negatives_truncated": 0, "demonstrations_truncated": 0}
     done, totals = checkpoint_run_state(run, ckpt, totals)
