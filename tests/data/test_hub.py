@@ -207,3 +207,20 @@ def test_the_cli_gives_one_error_line_within_seconds_and_creates_nothing(
     assert "HuggingFaceH4/ultrachat_200k:train_sft: data set not reachable" in errors[0]
     assert "hf download HuggingFaceH4/ultrachat_200k" in errors[0]
     assert not out.exists()
+
+
+def test_offline_a_hub_id_is_read_from_the_cache(repo, tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE: no request at all, and a copy `datasets` cached earlier is what is read
+    (here the cache of a local folder, moved to where the hub id `someone/repo` is cached)."""
+    import datasets
+    import huggingface_hub
+
+    expected = load_preference_pairs(f"{repo}@prefs:test")
+    cache = Path(datasets.config.HF_DATASETS_CACHE)
+    (cache / "repo").rename(cache / "someone___repo")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", REFUSING_ENDPOINT)
+    assert load_preference_pairs("someone/repo@prefs:test") == expected
+    with pytest.raises(DataError, match="offline mode is on .* the Hugging Face cache holds no"):
+        load_preference_pairs("someone/other:test")
