@@ -6,6 +6,9 @@ Spelling: `data=` takes the split, config and revision as the keys `data_split`,
 and `data_revision`; any data option also takes them as a suffix, `SOURCE[@CONFIG][:SPLIT]`
 (e.g. `pairs=Anthropic/hh-rlhf:test`). A path that exists is always read as written.
 
+As with `load_dataset`, a hub id's config is downloaded (all its splits) and cached once by
+`datasets`; later runs read the cache.
+
 The split, when none is named: `train`; else the one split whose name starts with `train`
 (`train_sft`, `train_prefs`); else the data set's only split; otherwise an error lists the splits.
 
