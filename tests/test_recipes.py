@@ -107,9 +107,36 @@ def test_a_misspelt_recipe_key_is_refused(tiny_model_dir, tmp_path):
 
 
 def test_recipes_need_model_and_data():
-    """The recipes leave the start model and the data to the user."""
+    """The recipes leave the start model to the user."""
     with pytest.raises(ValueError, match="`model` is required"):
         load_config(CONFIGS["irft"], str(RECIPES / "zephyr-7b-irft.yaml"), [])
+
+
+# The paper's public data sets, named by hub id (and split) as `datasets.load_dataset` names them.
+DATA_SETS = {
+    "zephyr-7b-irft.yaml": ("HuggingFaceH4/ultrachat_200k", "train_sft"),
+    "spin.yaml": ("HuggingFaceH4/ultrachat_200k", "train_sft"),
+    "pythia-1.4b-hh-irft.yaml": ("Anthropic/hh-rlhf", ""),
+}
+
+
+def no_network(*args, **kwargs):
+    raise AssertionError("validating a recipe touched the network")
+
+
+@pytest.mark.parametrize("name", TRAINING_RECIPES)
+def test_recipes_name_public_data_sets_and_validate_offline(
+    name, tiny_model_dir, tmp_path, monkeypatch
+):
+    import socket
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    path = RECIPES / name
+    overrides = [f"model={tiny_model_dir}", f"output_dir={tmp_path}"]
+    config = load_config(CONFIGS[recipe_method(path)], str(path), overrides)
+    assert (config.data, config.data_split) == DATA_SETS[name]
+    assert set(DATA_SETS) == set(TRAINING_RECIPES)
 
 
 @pytest.mark.slow

@@ -80,10 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="Data utilities.")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     inspect = data_sub.add_parser(
-        "inspect", help="Show the recognised format and counts of a data file."
+        "inspect",
+        help="Show the recognised format and counts of a data file, dataset folder or hub id.",
     )
-    inspect.add_argument("file")
+    inspect.add_argument(
+        "file",
+        help="what `data=` takes: a file, a dataset folder or a hub id (ID[@CONFIG][:SPLIT])",
+    )
     inspect.add_argument("--columns", default="", help="prompt:COLUMN,response:COLUMN")
+    inspect.add_argument("--data-split", default="", help="as data_split= of training")
+    inspect.add_argument("--data-config", default="", help="as data_config= of training")
+    inspect.add_argument("--data-revision", default="", help="as data_revision= of training")
     return parser
 
 
@@ -182,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {convert_gguf(args.src, args.out_dir)}")
         elif args.command == "data":
             from .data import inspect_data, parse_columns
+            from .data.hub import data_ref
 
-            print(inspect_data(args.file, parse_columns(args.columns or None)))
+            source = data_ref(args.file, args.data_split, args.data_config, args.data_revision)
+            print(inspect_data(source, parse_columns(args.columns or None)))
     except (ValueError, FileExistsError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -145,7 +145,12 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
         return out
 
     examples, summary, data_counts = demonstrations(
-        config.data, config.columns, config.max_examples
+        config.data,
+        config.columns,
+        config.max_examples,
+        data_split=config.data_split,
+        data_config=config.data_config,
+        data_revision=config.data_revision,
     )
     if accelerator.is_main_process and config.show_progress:
         print(summary)

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..data.tasks import get_task
 from .choices import DTYPES, parse_leaderboard_tasks
 from .groups import (
+    DataSource,
     Generation,
     GenerationEngine,
     LoRA,
@@ -27,7 +28,7 @@ from .options import opt, options
 
 
 @options()
-class TrainConfig(Runtime, LoRA, Optimisation, Sequences, RunFolder, ModelData):
+class TrainConfig(Runtime, LoRA, Optimisation, Sequences, RunFolder, DataSource, ModelData):
     """Options shared by every method."""
 
     method = "base"
@@ -137,7 +138,8 @@ class RFTConfig(GenerationEngine, Sampling, TrainConfig):
     reward_learning_rate: float = opt(1e-5, "Peak learning rate of the reward model.", above=0)
     preference_data: str = opt(
         "",
-        "Optional real preference pairs (prompt/chosen/rejected or HH chosen/rejected JSONL, or "
+        "Optional real preference pairs (prompt/chosen/rejected or HH chosen/rejected records: "
+        "any source `data` takes, a hub id's split and config given as ID[@CONFIG][:SPLIT], or "
         "task:NAME[:SEED]) mixed into the reward step.",
     )
     preference_weight: float = opt(
@@ -228,8 +230,9 @@ class EvalConfig(Runtime, SamplingOrGreedy, Sequences, Output):
     )
     pairs: str = opt(
         "",
-        "Preference pairs: prompt/chosen/rejected or HH chosen/rejected file, or task:NAME[:SEED] "
-        "(correct vs plausible-wrong answers).",
+        "Preference pairs: prompt/chosen/rejected or HH chosen/rejected records (any source "
+        "`data` takes; a hub id's split and config as ID[@CONFIG][:SPLIT], e.g. "
+        "Anthropic/hh-rlhf:test), or task:NAME[:SEED] (correct vs plausible-wrong answers).",
     )
     max_pairs: int = opt(0, "Use only the first N pairs (0 = all).")
     task: str = opt(

@@ -29,9 +29,11 @@ class ModelData(Options):
     )
     data: str = opt(
         "",
-        "Demonstrations: a JSONL/JSON/Parquet/CSV file, a saved HF dataset folder, or "
-        "task:NAME[:SEED] (built-in tasks: sort, add, brackets). generate reads only their "
-        "prompts (responses are ignored).",
+        "Demonstrations: a JSONL/JSON/Parquet/CSV file, a saved HF dataset folder, a dataset "
+        "repository folder (data files, a README.md listing `configs:`) or a Hugging Face Hub "
+        "data set id (e.g. HuggingFaceH4/ultrachat_200k; ID[@CONFIG][:SPLIT] picks a config and "
+        "split), or task:NAME[:SEED] (built-in tasks: sort, add, brackets). generate reads only "
+        "their prompts (responses are ignored).",
     )
     columns: str = opt(
         "",
@@ -48,6 +50,29 @@ class ModelData(Options):
             )
         if not self.data:
             raise ValueError("config key `data` is required (a demonstration file or folder)")
+
+
+@options()
+class DataSource(Options):
+    """Which part of a hub data set or dataset repository folder `data` names (training)."""
+
+    data_split: str = opt(
+        "",
+        "Split of a hub id or dataset folder; empty = `train`, else the one split whose name "
+        "starts with `train` (train_sft), else the only split (an error lists the splits).",
+    )
+    data_config: str = opt(
+        "", "Config (subset) of a hub id or dataset folder; empty = its default config."
+    )
+    data_revision: str = opt(
+        "", "Revision (branch, tag or commit) of a hub id; empty = the default branch."
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        choosing = self.data_split or self.data_config or self.data_revision
+        if self.data.startswith("task:") and choosing:
+            raise ValueError("data_split, data_config and data_revision do not apply to task:")
 
 
 @options()

@@ -1,4 +1,33 @@
-"""Record formats: what one record means (prompt, response, earlier turns), recognised from keys."""
+"""Record formats: what one record means (prompt, response, earlier turns), recognised from keys.
+
+The first record's keys choose the format (every later record must follow it), in this order:
+
+=================  ==========================================================
+``messages``       ``messages``: list of ``{role, content}``; last = assistant
+                   (the response), the one before = user (the prompt), earlier
+                   turns are the history.
+``spin``           ``real`` (SPIN data, usually with ``generated``, ignored):
+                   ``real`` is a message list as above.
+prompt/response    ``prompt``, ``response``
+prompt/completion  ``prompt``, ``completion``
+prompt/chosen      ``prompt`` and ``chosen`` strings (UltraFeedback-style
+                   preference data): response = chosen, ``rejected`` ignored.
+``alpaca``         ``instruction``, ``output`` (``input`` optional): prompt =
+                   instruction + "\\n\\n" + input when input is non-empty.
+question/answer    ``question``, ``answer`` (e.g. GSM8K)
+``hh``             ``chosen`` holding an Anthropic-HH transcript
+                   ("\\n\\nHuman: ... \\n\\nAssistant: ..."), or a message list
+                   (a ``prompt`` message list, if present and ``chosen`` holds
+                   only the answer, is prepended).
+``columns``        explicit ``columns={"prompt": COL, "response": COL}``
+                   (overrides recognition).
+=================  ==========================================================
+
+Prompt and response must be strings (anything else is an error naming the field); an empty
+prompt is allowed. Text is kept as written, except that HH turns are stripped of surrounding
+whitespace and consecutive turns of one speaker (a few exist in the real harmless-base data) are
+joined with "\\n\\n" into one turn.
+"""
 
 from __future__ import annotations
 

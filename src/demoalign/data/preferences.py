@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .errors import DataError, _describe, _RecordError
 from .formats import Example, _get_str, _parse_hh_record
-from .readers import checked_source, iter_records
+from .readers import Source, iter_records, open_source
 
 
 def _parse_preference_record(rec: dict) -> tuple[Example, str]:
@@ -37,27 +37,30 @@ def _parse_preference_record(rec: dict) -> tuple[Example, str]:
     return Example(prompt, chosen, history), rejected
 
 
-def load_preference_pairs(path: str | Path, limit: int | None = None) -> list[tuple[Example, str]]:
+def load_preference_pairs(
+    path: str | Path | Source, limit: int | None = None
+) -> list[tuple[Example, str]]:
     """Preference pairs ``[(Example(prompt, chosen, history), rejected)]`` from ``path``.
 
     Records are UltraFeedback-style ``prompt``/``chosen``/``rejected`` strings, or HH
     ``chosen``/``rejected`` transcripts (or message lists, optionally with a ``prompt`` message
-    list), which must share everything before their last Assistant turn. Files are read as by
-    :func:`load_examples`; a malformed record is a :class:`DataError` naming the file, the line
-    (or record) and the field. Pairs whose chosen or rejected response is empty are dropped; an
+    list), which must share everything before their last Assistant turn. Any data option is read
+    as by :func:`load_examples` (a file, a dataset folder, a hub id, `SOURCE[@CONFIG][:SPLIT]`);
+    a malformed record is a :class:`DataError` naming the source, the line (or record) and the
+    field. Pairs whose chosen or rejected response is empty are dropped; an
     empty file or one with no usable pair is an error.
     """
     return read_preference_pairs(path, limit)[0]
 
 
-def read_preference_pairs(path: str | Path, limit: int | None = None):
+def read_preference_pairs(path: str | Path | Source, limit: int | None = None):
     """(pairs, counts): what load_preference_pairs returns, and how many records were read and
     dropped for an empty side or for a chosen identical to its rejected (no preference)."""
-    path = Path(path)
-    file_format, unit = checked_source(path, limit)
+    source = open_source(path, limit)
+    path, unit = source.ref, source.unit
     pairs: list[tuple[Example, str]] = []
     counts = {"records": 0, "empty": 0, "identical": 0}
-    for lineno, rec in iter_records(path, file_format, limit):
+    for lineno, rec in iter_records(source, limit):
         counts["records"] += 1
         if not isinstance(rec, dict):
             raise DataError(

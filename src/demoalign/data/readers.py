@@ -1,16 +1,19 @@
-"""File readers: JSONL (.gz), JSON, CSV, Parquet and saved HF datasets, as (position, record)."""
+"""Readers: JSONL (.gz), JSON, CSV, Parquet, saved HF datasets, dataset repository folders and hub
+ids (hub.py), as (position, record)."""
 
 from __future__ import annotations
 
 import csv
 import gzip
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import DataError
+from .hub import DataRef, choose_split, data_ref, load_split, looks_like_hub_id
 
-FILE_FORMATS = ("jsonl", "json", "parquet", "csv", "hf_dataset")
+FILE_FORMATS = ("jsonl", "json", "parquet", "csv", "hf_dataset", "dataset_repo", "hub")
 
 
 def detect_file_format(path: Path) -> str:
@@ -118,27 +121,31 @@ def _iter_parquet(path: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
                 return
 
 
-def _iter_hf_dataset(path: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
+def _load_saved(ref: DataRef) -> tuple[Any, DataRef, list[str]]:
+    """(dataset, ref with its split, notes) of a folder written by save_to_disk."""
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - datasets is a dependency
-        raise DataError(path, f"reading a dataset folder needs `datasets` ({exc})") from None
+        raise DataError(ref, f"reading a dataset folder needs `datasets` ({exc})") from None
     try:
-        ds = datasets.load_from_disk(str(path))
+        ds = datasets.load_from_disk(str(Path(ref.path).expanduser()))
     except Exception as exc:
         raise DataError(
-            path, f"folder is not a dataset saved with datasets.save_to_disk ({exc})"
+            ref, f"folder is not a dataset saved with datasets.save_to_disk ({exc})"
         ) from None
-    if isinstance(ds, datasets.DatasetDict):
-        splits = list(ds.keys())
-        if "train" in ds:
-            ds = ds["train"]
-        elif len(splits) == 1:
-            ds = ds[splits[0]]
-        else:
-            raise DataError(
-                path, f"dataset has splits {splits} and none is 'train'; pass the split folder"
-            )
+    notes = _ignored(ref, ("config", "revision"))
+    if not isinstance(ds, datasets.DatasetDict):
+        return ds, ref, notes + _ignored(ref, ("split",))
+    split = choose_split(ref, list(ds.keys()))
+    return ds[split], DataRef(ref.path, split), notes
+
+
+def _ignored(ref: DataRef, keys: tuple[str, ...]) -> list[str]:
+    named = [f"data_{key}={getattr(ref, key)}" for key in keys if getattr(ref, key)]
+    return [f"{', '.join(named)} ignored: this source has no such choice"] if named else []
+
+
+def _iter_dataset(ds: Any, limit: int | None) -> Iterator[tuple[int, Any]]:
     n = len(ds) if limit is None else min(limit, len(ds))
     if n < len(ds):
         ds = ds.select(range(n))
@@ -146,17 +153,61 @@ def _iter_hf_dataset(path: Path, limit: int | None) -> Iterator[tuple[int, Any]]
         yield i, rec
 
 
-def iter_records(path: Path, file_format: str, limit: int | None) -> Iterator[tuple[int, Any]]:
+@dataclass
+class Source:
+    """An opened data option: what errors and reports call it, how it is read, and for the kinds
+    read through `datasets` the chosen split itself."""
+
+    ref: DataRef
+    kind: str
+    notes: list[str] = field(default_factory=list)
+    dataset: Any = None
+
+    @property
+    def unit(self) -> str:
+        """What an error position is called."""
+        return "line" if self.kind == "jsonl" else "record"
+
+
+def _saved_to_disk(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def open_source(spec: Any, limit: int | None = None) -> Source:
+    """The Source of a data option (a file, a folder, a hub id, with an `@CONFIG:SPLIT` suffix or
+    a DataRef), with `limit` checked. A hub id or dataset folder is loaded here (hub.py)."""
+    if isinstance(spec, Source):
+        return spec
+    ref = data_ref(spec)
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise DataError(ref, f"limit must be a positive integer, got {limit!r}")
+    path = Path(ref.path).expanduser()
+    if path.is_dir() and _saved_to_disk(path):
+        dataset, chosen, notes = _load_saved(ref)
+        return Source(chosen, "hf_dataset", notes, dataset)
+    if path.is_dir() or (not path.exists() and looks_like_hub_id(ref.path)):
+        kind = "dataset_repo" if path.is_dir() else "hub"
+        dataset, chosen, notes = load_split(ref, on_hub=kind == "hub")
+        return Source(chosen, kind, notes, dataset)
+    if not path.exists():
+        raise DataError(ref, "no such file or folder")
+    return Source(ref, detect_file_format(path), _ignored(ref, ("split", "config", "revision")))
+
+
+def iter_records(source: Source, limit: int | None) -> Iterator[tuple[int, Any]]:
+    """(line or record number, record) of an opened source, at most `limit` of them."""
+    if source.dataset is not None:
+        yield from _iter_dataset(source.dataset, limit)
+        return
+    path, file_format = Path(source.ref.path).expanduser(), source.kind
     if file_format == "jsonl":
         it = _iter_jsonl(path)
     elif file_format == "json":
         it = _iter_json(path)
     elif file_format == "csv":
         it = _iter_csv(path)
-    elif file_format == "parquet":
-        it = _iter_parquet(path, limit)
     else:
-        it = _iter_hf_dataset(path, limit)
+        it = _iter_parquet(path, limit)
     try:
         for count, item in enumerate(it, start=1):
             yield item
@@ -165,21 +216,11 @@ def iter_records(path: Path, file_format: str, limit: int | None) -> Iterator[tu
     except UnicodeDecodeError as exc:
         line = _first_non_utf8_line(path)
         raise DataError(
-            path,
+            source.ref,
             f"not valid UTF-8 text ({exc.reason}, byte {exc.object[exc.start : exc.start + 1]!r})",
             line=line,
         ) from None
     except (OSError, EOFError) as exc:  # e.g. gzip.BadGzipFile, truncated gzip
-        raise DataError(path, f"cannot read file ({exc})") from None
+        raise DataError(source.ref, f"cannot read file ({exc})") from None
     except csv.Error as exc:
-        raise DataError(path, f"invalid CSV ({exc})") from None
-
-
-def checked_source(path: Path, limit: int | None) -> tuple[str, str]:
-    """(file format, what an error position is called) of an existing path, with `limit` checked."""
-    if not path.exists():
-        raise DataError(path, "no such file or folder")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise DataError(path, f"limit must be a positive integer, got {limit!r}")
-    kind = detect_file_format(path)
-    return kind, ("line" if kind == "jsonl" else "record")
+        raise DataError(source.ref, f"invalid CSV ({exc})") from None

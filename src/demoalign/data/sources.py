@@ -1,4 +1,5 @@
-"""Where a run's data comes from: a file, or a built-in task written `task:NAME[:SEED]`.
+"""Where a run's data comes from: a file, a dataset folder, a hub id (readers.py, hub.py), or a
+built-in task written `task:NAME[:SEED]`.
 
 This module is the one reader of that spec. Demonstrations and training preference pairs default
 to data seed 0; evaluation pairs default to seed 2, the held-out draw (`eval.demo` evaluates on
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from .examples import load_examples
 from .formats import Example, parse_columns
+from .hub import data_ref
 from .preferences import load_preference_pairs
 from .tasks import get_task, task_examples, task_pairs, task_prompts
 
@@ -34,8 +36,17 @@ def parse_task_spec(spec: str, default_seed: int):
         ) from None
 
 
-def demonstrations(spec: str, columns: str = "", limit: int = 0) -> tuple[list, str, dict]:
-    """(examples, a summary to print, counts to log). A task draws `limit` (default 1000)."""
+def demonstrations(
+    spec: str,
+    columns: str = "",
+    limit: int = 0,
+    *,
+    data_split: str = "",
+    data_config: str = "",
+    data_revision: str = "",
+) -> tuple[list, str, dict]:
+    """(examples, a summary to print, counts to log). A task draws `limit` (default 1000); the
+    split, config and revision choose within a hub id or dataset folder (hub.py)."""
     parsed = parse_task_spec(spec, TRAIN_SEED)
     if parsed:
         task, seed = parsed
@@ -45,7 +56,8 @@ def demonstrations(spec: str, columns: str = "", limit: int = 0) -> tuple[list, 
             (f"built-in task {task.name!r} (data seed {seed}): {len(examples)} demonstrations"),
             {},
         )
-    examples, report = load_examples(spec, parse_columns(columns or None), limit or None)
+    source = data_ref(spec, data_split, data_config, data_revision)
+    examples, report = load_examples(source, parse_columns(columns or None), limit or None)
     counts = {
         "empty_responses_dropped": report.n_empty_responses,
         "duplicates_dropped": report.n_duplicates,

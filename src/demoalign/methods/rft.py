@@ -17,6 +17,7 @@ sees the same pairs and groups, and `Trainer.step` splits each global batch betw
 
 from __future__ import annotations
 
+import sys
 import time
 
 from ..encoding import Tokenized
@@ -102,6 +103,18 @@ def _policy_phase(run: RFTRun, k: int, pairs: list) -> None:
         save_pretrained_atomic(run.trainer.unwrapped, tok, folder / "policy")
 
 
+def off_policy_warning(config) -> str | None:
+    """RLOO's unbiased gradient and its KL estimate assume rollouts drawn from π itself
+    (docs/algorithms.md §3); tempered or nucleus sampling draws them from another distribution."""
+    if config.temperature == 1 and config.top_p == 1:
+        return None
+    return (
+        f"warning: RFT samples rollouts with temperature={config.temperature} and "
+        f"top_p={config.top_p}, not from the policy itself: RLOO's gradient and its KL estimate "
+        "are biased (temperature=1 top_p=1 keeps them unbiased)"
+    )
+
+
 def run(ctx: RunContext) -> dict:
     """All outer iterations; `ctx.trainer` holds the policy. Returns counts for the run_end
     record. Checkpoints (both models) at every outer-iteration end; a resumed run skips those
@@ -110,6 +123,9 @@ def run(ctx: RunContext) -> dict:
     chunks = iteration_chunks(
         len(ctx.examples), config.outer_iterations, config.prompts_per_iteration, config.seed
     )
+    warning = off_policy_warning(config)
+    if warning and trainer.accelerator.is_main_process:
+        print(warning, file=sys.stderr)
     run = set_up_run(ctx)
     ctx.checkpoints.register("reward_model", run.reward_trainer)
     ctx.checkpoints.restore()  # an outer-iteration boundary (none: a fresh run)
