@@ -115,6 +115,8 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     resume=true the run continues from the folder's last checkpoint (checkpoint.py)."""
     config.validate()
     check_model_path(config.model)
+    if getattr(config, "reward_model", ""):  # RFT's start; looked at before the folder is taken
+        check_model_path(config.reward_model, "reward_model")
     library_progress_bars(config.show_progress)
     accelerator = make_accelerator(config)
     check_distributed_setup(config, accelerator)
