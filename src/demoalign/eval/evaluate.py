@@ -20,6 +20,7 @@ from ..data.sources import HELDOUT_SEED, data_root, preference_pairs
 from ..data.tasks import get_task, task_prompts
 from ..encoding import Encoder
 from ..generation import generate_responses
+from ..modelcard import record_eval
 from ..models import (
     check_model_path,
     check_reward_model,
@@ -304,4 +305,7 @@ def evaluate(config: EvalConfig | None = None, **values) -> dict:
         results["run_stages"] = stage_gaps(config.run_dir, config)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     write_report(out, results, config)
+    source = {"output_dir": str(out), "pairs": config.pairs, "task": config.task}
+    for entry in results["models"]:  # the model cards of run folders get these figures
+        record_eval(entry["path"], entry, {**source, "reward_model": config.reward_model})
     return results

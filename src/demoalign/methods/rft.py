@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 from ..checkpoint import Checkpoints
+from ..config import config_to_dict
 from ..encoding import Encoder, Tokenized
+from ..modelcard import read_records, reward_model_card
 from ..runio import atomic_write_jsonl, save_pretrained_atomic
 from ..trainer import Trainer, iteration_chunks
 from .negatives import make_negatives, negative_records, negative_stats
@@ -51,7 +53,9 @@ def _save_iteration(run: RFTRun, k: int, pairs, chunk, reward_pairs, held) -> No
     if run.trainer.accelerator.is_main_process:
         folder = run.out_dir / "iterations" / str(k)
         atomic_write_jsonl(folder / "negatives.jsonl", records)
-        save_pretrained_atomic(run.scorer.lm, tokenizer, folder / "reward_model")
+        records = read_records(run.out_dir / "metrics.jsonl")
+        card = reward_model_card(config_to_dict(run.config), records, k)
+        save_pretrained_atomic(run.scorer.lm, tokenizer, folder / "reward_model", card)
 
 
 def _reward_phase(run: RFTRun, k: int, pairs: list, chunk: list, chunk_idx: list[int]) -> None:
