@@ -45,7 +45,7 @@ def test_bad_input_creates_nothing_and_the_corrected_rerun_needs_no_overwrite(
 def test_a_crash_during_the_final_save_is_never_reported_as_finished(
     tiny_model_dir, tmp_path, monkeypatch
 ):
-    def killed(model, tokenizer, path):
+    def killed(model, tokenizer, path, card=None):
         (path.parent / ".final.tmp").mkdir()
         raise KeyboardInterrupt  # what a kill looks like from inside the process
 

@@ -241,4 +241,4 @@ def _save_final(config, model, tokenizer, out: Path, state=None, card: str | Non
         if config.lora_keep_adapters:
             save_pretrained_atomic(model, tokenizer, out / "final_adapters")
         model = model.merge_and_unload()
-    save_pretrained_atomic(model, tokenizer, out / "final", card)
+    save_pretrained_atomic(model, tokenizer, out / "final", card=card)

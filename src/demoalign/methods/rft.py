@@ -55,7 +55,7 @@ def _save_iteration(run: RFTRun, k: int, pairs, chunk, reward_pairs, held) -> No
         atomic_write_jsonl(folder / "negatives.jsonl", records)
         records = read_records(run.out_dir / "metrics.jsonl")
         card = reward_model_card(config_to_dict(run.config), records, k)
-        save_pretrained_atomic(run.scorer.lm, tokenizer, folder / "reward_model", card)
+        save_pretrained_atomic(run.scorer.lm, tokenizer, folder / "reward_model", card=card)
 
 
 def _reward_phase(run: RFTRun, k: int, pairs: list, chunk: list, chunk_idx: list[int]) -> None:
