@@ -160,12 +160,14 @@ def test_a_model_in_the_hub_cache_loads_without_the_hub(hub, monkeypatch, tmp_pa
     check_model_path(HUB_ID)
 
 
-class _NoSuchRepo(http.server.BaseHTTPRequestHandler):
-    """Answers every request as the hub does for a repository it does not have."""
+class _NotFound(http.server.BaseHTTPRequestHandler):
+    """Answers every request as the hub does for a repository (or a file) it does not have."""
+
+    error_code = "RepoNotFound"
 
     def do_HEAD(self):
         self.send_response(404)
-        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("X-Error-Code", self.error_code)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -173,14 +175,23 @@ class _NoSuchRepo(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_model_missing_on_the_hub_says_so(hub, monkeypatch):
+class _NoConfig(_NotFound):
+    error_code = "EntryNotFound"
+
+
+@pytest.mark.parametrize(
+    "handler, says",
+    [(_NotFound, "has no such model"), (_NoConfig, "without a config.json")],
+    ids=["no_repository", "no_config"],
+)
+def test_a_model_missing_on_the_hub_says_so(hub, monkeypatch, handler, says):
     from demoalign.models import check_model_path
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoSuchRepo)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         _use_endpoint(monkeypatch, hub, f"http://127.0.0.1:{server.server_port}")
-        with pytest.raises(ValueError, match="has no such model") as caught:
+        with pytest.raises(ValueError, match=says) as caught:
             check_model_path("no-owner/no-such-model", "models")
     finally:
         server.shutdown()

@@ -78,6 +78,7 @@ def hub_problem(repo_id: str) -> str | None:
     the local hub cache or the hub has it. Honours HF_HUB_OFFLINE: then only the cache counts."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.errors import (
+        EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
         HFValidationError,
@@ -100,6 +101,8 @@ def hub_problem(repo_id: str) -> str | None:
         return f"gated on the hub {hub}: ask for access there and log in (`hf auth login`)"
     except RepositoryNotFoundError:
         return f"the hub {hub} has no such model (if it is private, log in: `hf auth login`)"
+    except EntryNotFoundError:
+        return f"the hub {hub} has it without a config.json (a .gguf there: download it)"
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         if status == 404:
