@@ -15,7 +15,7 @@ from demoalign.parking import OptimizerParking, parking_enabled
 def _stepped_adamw(model, steps=3):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     torch.manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12)).to(model.device)
     for _ in range(steps):
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
@@ -220,3 +220,109 @@ def test_an_rft_run_with_parking_equals_one_without(tiny_model_dir, tmp_path, mo
         finals.append(load_file(out / "final" / "model.safetensors"))
     assert len(parked) == 2 and parked[0] == 0 and parked[1] > 0
     assert all(torch.equal(finals[1][k], v) for k, v in finals[0].items())
+
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU")),
+]
+
+
+def _checkpointed_adamw(tiny_model_dir, tmp_path, device):
+    """A stepped AdamW's weights and state saved as checkpoint.py saves them; the batch."""
+    model = fresh_model(tiny_model_dir).to(device)
+    optimizer, ids = _stepped_adamw(model)
+    torch.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "p.pt"
+    )
+    return tmp_path / "p.pt", ids
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mmap", [False, True], ids=["loaded", "memory_mapped"])
+def test_a_state_loaded_from_a_checkpoint_file_parks_and_comes_back(
+    tiny_model_dir, tmp_path, device, mmap
+):
+    """An optimiser state loaded as checkpoint.py loads it may view the loaded file's storage,
+    which cannot be emptied: parking moves it to storage of its own (same tensor objects, same
+    bytes), and the next step is the one an unparked state takes."""
+    path, ids = _checkpointed_adamw(tiny_model_dir, tmp_path, device)
+    stepped = []
+    for park in (False, True):
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        model = fresh_model(tiny_model_dir).to(device)
+        model.load_state_dict(saved["model"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        optimizer.load_state_dict(saved["optimizer"])
+        if park:
+            before = _state_snapshot(optimizer)
+            tensors = [id(v) for s in optimizer.state.values() for v in s.values()]
+            parking = OptimizerParking(device)
+            for _ in range(2):  # the second park finds storage of its own already
+                parking.park(optimizer)
+                assert parking.bytes == 2 * sum(p.numel() * 4 for p in model.parameters())
+                parking.unpark()
+            assert [id(v) for s in optimizer.state.values() for v in s.values()] == tensors
+            after = _state_snapshot(optimizer)
+            assert all(torch.equal(a[k], b[k]) for a, b in zip(before, after) for k in a)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        stepped.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*stepped))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_a_resumed_run_with_parking_equals_the_uninterrupted_run(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Killed inside stage 1 and resumed from its step-3 checkpoint, the run parks the loaded
+    optimiser state before stage 2's negatives; it ends as the run that was never stopped."""
+    from dataclasses import replace
+
+    from demoalign.runio import read_run_state
+    from demoalign.trainer import Trainer
+
+    config = small_run_config(
+        IRFTConfig,
+        tiny_model_dir,
+        tmp_path / "resumed",
+        epochs_per_stage=2,
+        save_steps=3,
+        resume=True,
+        park_optimizer_state="on",
+    )
+    real_step, calls = Trainer.step, []
+
+    def killed_at_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # what a kill looks like from inside
+        return real_step(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "step", killed_at_step_4)
+        with pytest.raises(KeyboardInterrupt):
+            train(config)
+    parked = []
+    real_park = OptimizerParking.park
+
+    def recorded_park(self, optimizer):
+        real_park(self, optimizer)
+        parked.append(self.bytes)
+
+    monkeypatch.setattr(OptimizerParking, "park", recorded_park)
+    train(config)
+    assert read_run_state(tmp_path / "resumed")["state"] == "finished"
+    assert any(parked), "the loaded state was parked"
+
+    plain = replace(config, output_dir=str(tmp_path / "uninterrupted"), resume=False)
+    train(plain)
+    resumed_final = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    plain_final = load_file(tmp_path / "uninterrupted" / "final" / "model.safetensors")
+    assert all(torch.equal(resumed_final[k], v) for k, v in plain_final.items())
+
+    def steps(out):
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(out) if "loss" in r]
+
+    assert steps(tmp_path / "resumed") == steps(tmp_path / "uninterrupted")

@@ -45,7 +45,7 @@ def test_bad_input_creates_nothing_and_the_corrected_rerun_needs_no_overwrite(
 def test_a_crash_during_the_final_save_is_never_reported_as_finished(
     tiny_model_dir, tmp_path, monkeypatch
 ):
-    def killed(model, tokenizer, path):
+    def killed(model, tokenizer, path, card=None):
         (path.parent / ".final.tmp").mkdir()
         raise KeyboardInterrupt  # what a kill looks like from inside the process
 
@@ -122,7 +122,11 @@ def test_show_progress_false_silences_the_libraries_bars_too(tiny_model_dir, tmp
         logging.enable_progress_bar()
 
 
-def test_the_model_path_is_checked_without_a_hub_lookup(tmp_path):
+def test_the_model_path_is_checked_without_a_hub_lookup(tmp_path, monkeypatch):
+    from demoalign import models
+
+    asked = []  # the hub ids looked up; the stand-in finds each one there
+    monkeypatch.setattr(models, "hub_problem", lambda repo_id: asked.append(repo_id))
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "response": "b"}\n')
     with pytest.raises(ValueError, match="is a file"):
@@ -133,4 +137,6 @@ def test_the_model_path_is_checked_without_a_hub_lookup(tmp_path):
     for local in (str(tmp_path / "gone"), "./gone", "runs/x/final"):
         with pytest.raises(ValueError, match="no such model folder"):
             check_model_path(local)
+    assert asked == []
     check_model_path("HuggingFaceTB/SmolLM2-135M")  # a hub id is left to the hub
+    assert asked == ["HuggingFaceTB/SmolLM2-135M"]

@@ -50,6 +50,71 @@ def check_model_path(path: str, what: str = "model") -> None:
         raise ValueError(f"{what}={path} is a folder without config.json; not a model folder")
     if not local.exists() and _looks_local(path):
         raise ValueError(f"{what}={path}: no such model folder")
+    if not local.exists():
+        problem = hub_problem(path)
+        if problem is not None:
+            raise ValueError(
+                f"{what}={path}: not a local folder or .gguf file, and {problem}; pass a local "
+                f"model folder (e.g. what `hf download {path} --local-dir DIR` fetches where "
+                f"there is network) or a .gguf file, or {_hub_switch()}"
+            )
+
+
+def _hub_switch() -> str:
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE) to fetch it from the hub"
+    return "set HF_HUB_OFFLINE=1 to skip the hub (models already in its cache load then)"
+
+
+# One look at the hub, without retries, before anything loads: the hub client retries a missing
+# file for about a minute when the network is down.
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def hub_problem(repo_id: str) -> str | None:
+    """Why the hub id `repo_id` cannot be loaded (one line), or None when its config.json is in
+    the local hub cache or the hub has it. Honours HF_HUB_OFFLINE: then only the cache counts."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except HFValidationError as exc:
+        return f"not a valid hub id either ({_first_line(exc)})"
+    if isinstance(cached, str):
+        return None
+    if constants.is_offline_mode():
+        return "not in the local hub cache (HF_HUB_OFFLINE is set, so the hub was not asked)"
+    hub = constants.ENDPOINT
+    try:
+        url = hf_hub_url(repo_id, "config.json", endpoint=hub)
+        get_hf_file_metadata(url, timeout=HUB_PROBE_TIMEOUT_S, endpoint=hub)
+    except GatedRepoError:
+        return f"gated on the hub {hub}: ask for access there and log in (`hf auth login`)"
+    except RepositoryNotFoundError:
+        return f"the hub {hub} has no such model (if it is private, log in: `hf auth login`)"
+    except EntryNotFoundError:
+        return f"the hub {hub} has it without a config.json (a .gguf there: download it)"
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status == 404:
+            return f"the hub {hub} has no such model (HTTP 404 for its config.json)"
+        return f"the hub {hub} answered HTTP {status} for its config.json"
+    except Exception as exc:  # the network error types differ between hub client versions
+        return f"the hub {hub} could not be reached ({type(exc).__name__}: {_first_line(exc)})"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def prepare_tokenizer(tokenizer, path: str | Path):
@@ -88,6 +153,7 @@ def generation_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 def check_reward_model(path: str) -> None:
     """A trained reward model gives one score per sequence."""
+    check_model_path(path, "reward_model")
     try:
         cfg = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:

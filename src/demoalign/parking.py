@@ -32,25 +32,47 @@ def parking_enabled(choice: str, device: torch.device, deepspeed: bool) -> bool:
     return choice == "on"
 
 
-def _state_storages(optimizer, device_type: str) -> list[torch.UntypedStorage]:
-    """Every distinct storage of the optimiser's non-scalar state tensors on `device_type` (the
-    local shard of an FSDP2 DTensor), in the order of its parameter groups. Scalars (Adam's
-    `step`) stay put, and so does state already on the host (FSDP2's CPU offload)."""
-    seen: set[int] = set()
-    storages = []
+def _state_tensors(optimizer, device_type: str):
+    """The optimiser's non-scalar state tensors on `device_type` (the local shard of an FSDP2
+    DTensor), in the order of its parameter groups. Scalars (Adam's `step`) stay put, and so
+    does state already on the host (FSDP2's CPU offload)."""
     for group in optimizer.param_groups:
         for param in group["params"]:
             for value in optimizer.state.get(param, {}).values():
                 if not isinstance(value, torch.Tensor) or value.dim() == 0:
                     continue
                 local = value.to_local() if isinstance(value, DTensor) else value
-                storage = local.untyped_storage()
-                if storage.device.type != device_type:
-                    continue
-                if storage.nbytes() and storage.data_ptr() not in seen:
-                    seen.add(storage.data_ptr())
-                    storages.append(storage)
+                if local.untyped_storage().device.type == device_type:
+                    yield local
+
+
+def _state_storages(optimizer, device_type: str) -> list[torch.UntypedStorage]:
+    """Every distinct non-empty storage of `_state_tensors`."""
+    seen: set[int] = set()
+    storages = []
+    for tensor in _state_tensors(optimizer, device_type):
+        storage = tensor.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            storages.append(storage)
     return storages
+
+
+def _own_resizable_storages(optimizer, device_type: str) -> None:
+    """State loaded from a checkpoint may still view the loaded file's storage (torch.load's
+    own, or a memory map), which cannot be emptied: each such tensor is moved, in place (the
+    same tensor object), to a fresh copy of its storage; tensors that shared one share its
+    copy."""
+    copies: dict[int, torch.UntypedStorage] = {}
+    with torch.no_grad():
+        for tensor in _state_tensors(optimizer, device_type):
+            storage = tensor.untyped_storage()
+            if storage.resizable() or not storage.nbytes():
+                continue
+            if storage.data_ptr() not in copies:
+                copies[storage.data_ptr()] = storage.clone()
+            copy = copies[storage.data_ptr()]
+            tensor.set_(copy, tensor.storage_offset(), tensor.size(), tensor.stride())
 
 
 # Host memory comes in chunks of a power of two bytes: torch's pinned-memory allocator rounds
@@ -126,6 +148,7 @@ class OptimizerParking:
         if self._parked:
             raise RuntimeError("the optimiser state is parked already: unpark it first")
         started = time.perf_counter()
+        _own_resizable_storages(optimizer, self.device_type)
         storages = _state_storages(optimizer, self.device_type)
         parked, offset = [], 0
         for storage in storages:

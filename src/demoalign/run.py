@@ -16,6 +16,7 @@ from .encoding import Encoder
 from .lora import add_lora
 from .methods import method_of
 from .methods.context import RunContext
+from .modelcard import policy_card, read_records
 from .models import check_model_path, load_model_and_tokenizer
 from .progress import library_progress_bars
 from .runio import (
@@ -130,6 +131,8 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     resume=true the run continues from the folder's last checkpoint (checkpoint.py)."""
     config.validate()
     check_model_path(config.model)
+    if getattr(config, "reward_model", ""):  # RFT's start; looked at before the folder is taken
+        check_model_path(config.reward_model, "reward_model")
     library_progress_bars(config.show_progress)
     accelerator = make_accelerator(config)
     check_distributed_setup(config, accelerator)
@@ -230,21 +233,21 @@ def _train_and_save(parts: RunParts, resume_from: Path | None) -> None:
     accelerator.wait_for_everyone()
     final = trainer.final_state()  # sharded: gathered by every process, held by the main one
     if accelerator.is_main_process:
-        _save_final(config, trainer.unwrapped, parts.encoder.tokenizer, out, final)
-        log.write(
-            {
-                "event": "run_end",
-                "steps": trainer.global_step,
-                "sharded_parameters": trainer.sharded,
-                "wall_s": time.perf_counter() - started,
-                **counts,
-            }
-        )
+        end = {
+            "event": "run_end",
+            "steps": trainer.global_step,
+            "sharded_parameters": trainer.sharded,
+            "wall_s": time.perf_counter() - started,  # the training, without the final save
+            **counts,
+        }
+        card = policy_card(config_to_dict(config), read_records(out / "metrics.jsonl"), end)
+        _save_final(config, trainer.unwrapped, parts.encoder.tokenizer, out, final, card)
+        log.write(end)
         write_run_state(out, "finished", method=config.method, steps=trainer.global_step)
     accelerator.wait_for_everyone()
 
 
-def _save_final(config, model, tokenizer, out: Path, state: dict | None = None) -> None:
+def _save_final(config, model, tokenizer, out: Path, state=None, card: str | None = None) -> None:
     """final/: a plain model AutoModelForCausalLM loads (LoRA merged into the base); with
     lora_keep_adapters the adapters alone (peft's format) go to final_adapters/ first, since
     merging changes the base weights in place. `state`: the gathered weights of a sharded
@@ -255,4 +258,4 @@ def _save_final(config, model, tokenizer, out: Path, state: dict | None = None) 
         if config.lora_keep_adapters:
             save_pretrained_atomic(model, tokenizer, out / "final_adapters")
         model = model.merge_and_unload()
-    save_pretrained_atomic(model, tokenizer, out / "final")
+    save_pretrained_atomic(model, tokenizer, out / "final", card=card)

@@ -244,13 +244,16 @@ def atomic_write_yaml(path: str | Path, data: dict) -> None:
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
 
-def save_pretrained_atomic(model, tokenizer, path: str | Path) -> None:
-    """save_pretrained into a temporary folder, then rename it into place."""
+def save_pretrained_atomic(model, tokenizer, path: str | Path, card: str | None = None) -> None:
+    """save_pretrained into a temporary folder, then rename it into place; `card` (a model
+    card, modelcard.py) goes in as README.md before the rename, so it is there with the model."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if card is not None:
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 

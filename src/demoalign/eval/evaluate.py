@@ -20,7 +20,13 @@ from ..data.sources import HELDOUT_SEED, data_root, preference_pairs
 from ..data.tasks import get_task, task_prompts
 from ..encoding import Encoder
 from ..generation import generate_responses
-from ..models import check_reward_model, load_model_and_tokenizer, load_reward_model
+from ..modelcard import record_eval
+from ..models import (
+    check_model_path,
+    check_reward_model,
+    load_model_and_tokenizer,
+    load_reward_model,
+)
 from ..runio import atomic_write_jsonl, atomic_write_text, atomic_write_yaml
 from ..templates import resolve_template
 from .leaderboard import import_lm_eval, parse_tasks, run_leaderboard
@@ -114,6 +120,10 @@ def _load_inputs(config: EvalConfig) -> _Inputs:
     if config.baseline and Path(config.baseline).resolve() not in resolved:
         paths.append(config.baseline)
         resolved.append(Path(config.baseline).resolve())
+    for path in paths:  # each one before any data or model is read
+        check_model_path(path, "baseline" if path == config.baseline else "models")
+    if config.reference:
+        check_model_path(config.reference, "reference")
     names = model_names(paths)
     baseline = names[resolved.index(Path(config.baseline).resolve())] if config.baseline else None
     inputs = _Inputs(paths, names, baseline)
@@ -303,4 +313,7 @@ def evaluate(config: EvalConfig | None = None, **values) -> dict:
         results["run_stages"] = stage_gaps(config.run_dir, config)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     write_report(out, results, config)
+    source = {"output_dir": str(out), "pairs": config.pairs, "task": config.task}
+    for entry in results["models"]:  # the model cards of run folders get these figures
+        record_eval(entry["path"], entry, {**source, "reward_model": config.reward_model})
     return results

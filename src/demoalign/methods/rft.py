@@ -20,7 +20,9 @@ from __future__ import annotations
 import sys
 import time
 
+from ..config import config_to_dict
 from ..encoding import Tokenized
+from ..modelcard import read_records, reward_model_card
 from ..runio import atomic_write_jsonl, save_pretrained_atomic
 from ..trainer import iteration_chunks
 from .context import RunContext
@@ -52,7 +54,9 @@ def _save_iteration(run: RFTRun, k: int, pairs, chunk, reward_pairs, held) -> No
     if run.trainer.accelerator.is_main_process:
         folder = run.out_dir / "iterations" / str(k)
         atomic_write_jsonl(folder / "negatives.jsonl", records)
-        save_pretrained_atomic(run.scorer.lm, tokenizer, folder / "reward_model")
+        records = read_records(run.out_dir / "metrics.jsonl")
+        card = reward_model_card(config_to_dict(run.config), records, k)
+        save_pretrained_atomic(run.scorer.lm, tokenizer, folder / "reward_model", card=card)
 
 
 def _reward_phase(run: RFTRun, k: int, pairs: list, chunk: list, chunk_idx: list[int]) -> None:
