@@ -12,6 +12,7 @@ from .checkpoint import STATE_FILE, Checkpoints, clean_leftovers, latest_checkpo
 from .config import IRFTConfig, RFTConfig, SFTConfig, TrainConfig, config_to_dict
 from .data.sources import demonstrations
 from .encoding import Encoder
+from .generation import GenerationEngine
 from .lora import add_lora
 from .methods import run_irft, run_rft, run_sft
 from .models import check_model_path, load_model_and_tokenizer
@@ -108,11 +109,19 @@ def _claim(config: TrainConfig, folder: Path | None, checkpoint: Path | None, ma
         write_run_state(out, "running", method=config.method, **resumed)
 
 
-def train(config: TrainConfig, on_stage_end=None) -> Path:
+def train(config: TrainConfig, on_stage_end=None, engine: GenerationEngine | None = None) -> Path:
     """Run SFT, SPIN, IRFT or RFT as `config` says; returns the run folder. `on_stage_end(model,
     stage)` is called on the main process after every IRFT stage (for evaluation over stages).
     Every input is checked and loaded before the run folder is created or cleared. With
-    resume=true the run continues from the folder's last checkpoint (checkpoint.py)."""
+    resume=true the run continues from the folder's last checkpoint (checkpoint.py).
+
+    engine: the GenerationEngine negatives and rollouts are sampled through. None: the run
+    creates one and closes it at its end. A sweep passes one engine to every run: at its end a
+    run tells the engine it is done with its models (`finish_all`), and the next run's model of
+    the same architecture takes over the bf16 copy and its compiled decode step."""
+    if engine is None:
+        with GenerationEngine() as own:
+            return train(config, on_stage_end, own)
     config.validate()
     check_model_path(config.model)
     library_progress_bars(config.show_progress)
@@ -146,7 +155,7 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
     try:
         log.write(_start_record(config, checkpoint, template, accelerator, examples, data_counts))
         parts = (config, model, tokenizer, encoder, examples, accelerator, log)
-        _train_and_save(*parts, on_stage_end, checkpoint)
+        _train_and_save(*parts, on_stage_end, checkpoint, engine)
     except BaseException as exc:
         if accelerator.is_main_process:
             write_run_state(
@@ -154,6 +163,7 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
             )
         raise
     finally:
+        engine.finish_all()
         log.close()
         if accelerator.is_main_process:
             release_lock(out)
@@ -186,18 +196,20 @@ def _open_log(config, checkpoint: Path | None, accelerator) -> MetricsLog:
     return MetricsLog(path, accelerator.is_main_process, resume_at, sink=sink)
 
 
-def _run_method(config, trainer, encoder, examples, out, on_stage_end, ckpt) -> dict:
+def _run_method(config, trainer, encoder, examples, out, on_stage_end, ckpt, engine) -> dict:
     if isinstance(config, IRFTConfig):
-        return run_irft(config, trainer, encoder, examples, out, on_stage_end, ckpt=ckpt)
+        return run_irft(
+            config, trainer, encoder, examples, out, on_stage_end, ckpt=ckpt, engine=engine
+        )
     if isinstance(config, RFTConfig):
-        return run_rft(config, trainer, encoder, examples, out, ckpt=ckpt)
+        return run_rft(config, trainer, encoder, examples, out, ckpt=ckpt, engine=engine)
     if isinstance(config, SFTConfig):
         return run_sft(config, trainer, encoder, examples, ckpt=ckpt)
     raise TypeError(f"no method for {type(config).__name__}")
 
 
 def _train_and_save(
-    config, model, tokenizer, encoder, examples, accelerator, log, on_stage_end, checkpoint
+    config, model, tokenizer, encoder, examples, accelerator, log, on_stage_end, checkpoint, engine
 ):
     """Train, then save final/; `run_end` and the finished state are written only once final/
     is complete, so a run killed during the save never looks finished."""
@@ -209,7 +221,7 @@ def _train_and_save(
         ckpt = Checkpoints.disabled()
     ckpt.register("policy", trainer)
     started = time.perf_counter()
-    counts = _run_method(config, trainer, encoder, examples, out, on_stage_end, ckpt)
+    counts = _run_method(config, trainer, encoder, examples, out, on_stage_end, ckpt, engine)
     accelerator.wait_for_everyone()
     state = trainer.final_state()  # sharded: gathered by every process, held by the main one
     if accelerator.is_main_process:

@@ -55,8 +55,7 @@ class GenerationEngine:
     def static_engine(self, model) -> StaticEngine:
         """`model`'s StaticEngine: its own, else the idle one adopted (same architecture, bf16
         copy wanted), else a new one."""
-        if self.closed:
-            raise RuntimeError("this GenerationEngine is closed; create a new one")
+        self.check_open()
         engine = self._active.get(id(model))
         if engine is None:
             half = wants_half_copy(model)
@@ -64,6 +63,10 @@ class GenerationEngine:
             engine = engine or StaticEngine(model, half=half)
             self._active[id(model)] = engine
         return engine
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this GenerationEngine is closed; create a new one")
 
     def _adopt_idle(self, model) -> StaticEngine | None:
         if self.idle is None or self.idle.architecture != architecture(model):
@@ -220,6 +223,7 @@ def _generate_mine(call: _Call, prompt_ids, mine, seed: int, share: Share):
 
 def _select_engine(engine: GenerationEngine, model, backend: str, device):
     """(the static engine or None, the model that generates: its bf16 copy, or `model`)."""
+    engine.check_open()
     if is_sharded(model):
         # Each decode step would be a collective, and processes finish after different numbers
         # of steps: generation runs on the gathered copy of Trainer.inference_model instead.

@@ -72,13 +72,13 @@ def _stage_plan(config, n_examples: int, global_batch: int):
 
 
 def _sample_stage(
-    config, trainer: Trainer, encoder: Encoder, chunk: list, stage_id: int, out_dir: Path
+    config, trainer: Trainer, encoder: Encoder, chunk: list, stage_id: int, out_dir: Path, engine
 ):
     """The stage's pairs (negatives and reference log-probs), its truncation counts and the
     seconds it took; the negatives are written to stages/<k>/negatives.jsonl."""
     started = time.perf_counter()
     prompts_cut_before = encoder.counts.prompts_cut  # every process renders every prompt
-    pairs = make_negatives(config, trainer, encoder, chunk, stage_id)
+    pairs = make_negatives(config, trainer, encoder, chunk, stage_id, engine=engine)
     gen_time = time.perf_counter() - started
     cuts = {
         "prompts_truncated": encoder.counts.prompts_cut - prompts_cut_before,
@@ -112,12 +112,15 @@ def _pair_dicts(pairs: list[Pair]) -> list[dict]:
     return [asdict(p) for p in pairs]
 
 
-def _stage_pairs(config, trainer, encoder, chunk, where: dict, out_dir, resumed) -> tuple:
+def _stage_pairs(config, trainer, encoder, chunk, where: dict, out_dir, resumed, engine) -> tuple:
     """The stage's pairs and truncation counts: from the checkpoint being resumed inside this
     stage (nothing regenerated), else sampled now (and the stage_start record written)."""
     if resumed is not None:
         return [Pair(**p) for p in resumed["pairs"]], resumed["cuts"]
-    pairs, cuts, gen_time = _sample_stage(config, trainer, encoder, chunk, where["stage"], out_dir)
+    stage_id = where["stage"]
+    pairs, cuts, gen_time = _sample_stage(
+        config, trainer, encoder, chunk, stage_id, out_dir, engine
+    )
     record = _stage_start_record(pairs, gen_time, cuts, **where)
     trainer.log.write({**record, **trainer.parking_record()})
     return pairs, cuts
@@ -156,8 +159,11 @@ def run_irft(
     out_dir: Path,
     on_stage_end=None,
     ckpt=None,
+    *,
+    engine,
 ) -> dict:
-    """All stages of all iterations; returns the truncation counts of the run. Checkpoints at
+    """All stages of all iterations; returns the truncation counts of the run. Negatives are
+    sampled through `engine`, the run's GenerationEngine. Checkpoints at
     every stage end (and every `save_steps`, with the stage's pairs); a resumed run skips the
     stages done and continues inside the checkpoint's stage with its stored pairs."""
     ckpt = ckpt or Checkpoints.disabled()
@@ -181,7 +187,9 @@ def run_irft(
             where = {"stage": stage_id, "iteration": iteration, "stage_in_iteration": t}
             if config.optimizer_scope == "stage":  # before sampling: frees the state meanwhile
                 trainer.reset_optimizer()
-            pairs, cuts = _stage_pairs(config, trainer, encoder, chunk, where, out_dir, inside)
+            pairs, cuts = _stage_pairs(
+                config, trainer, encoder, chunk, where, out_dir, inside, engine
+            )
             if inside is None:
                 totals = {k: at["totals"][k] + v for k, v in cuts.items()}
                 at.update(stage=stage_id, done=False, totals=totals)

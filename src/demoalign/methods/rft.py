@@ -31,7 +31,7 @@ from .reward_model import (
     reward_step,
 )
 from .rft_state import RFTRun, checkpoint_run_state, set_up_run
-from .rloo import policy_step
+from .rloo import Rollouts, policy_step
 
 
 def _save_iteration(run: RFTRun, k: int, pairs, chunk, reward_pairs, held) -> None:
@@ -85,9 +85,10 @@ def _policy_phase(run: RFTRun, k: int, pairs: list) -> None:
     config, tok = run.config, run.encoder.tokenizer
     prompts = [p.prompt_ids for p in pairs]
     context = {"method": "rft", "phase": "policy", "iteration": k}
-    scores, seeds = (run.rewards, run.reference_logps), (config.seed, 3, k)
+    rollouts = Rollouts(run.engine, run.rewards, run.reference_logps)
+    seeds = (config.seed, 3, k)
     policy_step(
-        run.trainer, tok, prompts, config.policy_steps, *scores, config, seeds, context, run.window
+        run.trainer, tok, prompts, config.policy_steps, rollouts, config, seeds, context, run.window
     )
     if run.trainer.accelerator.is_main_process:
         folder = run.out_dir / "iterations" / str(k)
@@ -95,15 +96,23 @@ def _policy_phase(run: RFTRun, k: int, pairs: list) -> None:
 
 
 def run_rft(
-    config, trainer: Trainer, encoder: Encoder, examples: list, out_dir: Path, ckpt=None
+    config,
+    trainer: Trainer,
+    encoder: Encoder,
+    examples: list,
+    out_dir: Path,
+    ckpt=None,
+    *,
+    engine,
 ) -> dict:
-    """All outer iterations; `trainer` holds the policy. Returns counts for the run_end record.
+    """All outer iterations; `trainer` holds the policy, which samples negatives and rollouts
+    through `engine` (the run's GenerationEngine). Returns counts for the run_end record.
     Checkpoints (both models) at every outer-iteration end; a resumed run skips those done."""
     chunks = iteration_chunks(
         len(examples), config.outer_iterations, config.prompts_per_iteration, config.seed
     )
     ckpt = ckpt or Checkpoints.disabled()
-    run = set_up_run(config, trainer, encoder, out_dir, len(examples))
+    run = set_up_run(config, trainer, encoder, out_dir, len(examples), engine)
     totals = {"pairs": 0, "negatives_truncated": 0, "demonstrations_truncated": 0}
     done, totals = checkpoint_run_state(run, ckpt, totals)
     for k, chunk_idx in enumerate(chunks, start=1):
@@ -111,7 +120,7 @@ def run_rft(
             continue
         chunk = [examples[i] for i in chunk_idx]
         started = time.perf_counter()
-        pairs = make_negatives(config, trainer, encoder, chunk, k)  # sampled by π_{k−1}
+        pairs = make_negatives(config, trainer, encoder, chunk, k, engine=engine)  # by π_{k−1}
         run.last_generation_s = time.perf_counter() - started
         totals["pairs"] += len(pairs)
         totals["negatives_truncated"] += sum(p.negative_truncated for p in pairs)

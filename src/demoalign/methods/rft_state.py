@@ -13,7 +13,7 @@ from accelerate.utils import gather_object
 from ..checkpoint import Checkpoints
 from ..data.sources import TRAIN_SEED, preference_pairs
 from ..encoding import Encoder, Tokenized
-from ..generation import forward_batch_size
+from ..generation import GenerationEngine, forward_batch_size
 from ..models import load_reward_model
 from ..trainer import Trainer
 from .reward_model import (
@@ -54,6 +54,7 @@ class RFTRun:
     preference_train: list
     preference_eval: list
     heldout: HeldOutDemonstrations
+    engine: GenerationEngine  # the run's: negatives and rollouts are sampled through it
     window: deque = field(default_factory=lambda: deque(maxlen=10))
     last_generation_s: float = 0.0
 
@@ -115,7 +116,12 @@ def _log_memory(run: RFTRun) -> None:
 
 
 def set_up_run(
-    config, trainer: Trainer, encoder: Encoder, out_dir: Path, n_examples: int
+    config,
+    trainer: Trainer,
+    encoder: Encoder,
+    out_dir: Path,
+    n_examples: int,
+    engine: GenerationEngine,
 ) -> RFTRun:
     policy = trainer.unwrapped
     lora = hasattr(policy, "disable_adapter")
@@ -132,9 +138,8 @@ def set_up_run(
         raw = preference_pairs(config.preference_data, None, TRAIN_SEED, task_count=1000)
         pref_train, pref_eval = encode_preference_pairs(raw, encoder, config)
     heldout = HeldOutDemonstrations(n_examples, config.heldout_fraction, config.seed)
-    run = RFTRun(
-        config, trainer, reward_trainer, encoder, out_dir, reference, pref_train, pref_eval, heldout
-    )
+    parts = (config, trainer, reward_trainer, encoder, out_dir, reference, pref_train, pref_eval)
+    run = RFTRun(*parts, heldout, engine)
     _log_memory(run)
     reward_trainer.start_schedule(config.outer_iterations * config.reward_steps)
     trainer.start_schedule(config.outer_iterations * config.policy_steps)
