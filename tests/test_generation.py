@@ -436,3 +436,42 @@ def test_without_a_half_copy_nothing_waits_for_the_next_model(tiny_model_dir, to
         generation_engine.finish(model)
         assert generation_engine.idle is None and engine.source is None
         assert generation_engine.static_engine(model) is not engine
+
+
+def test_a_sweep_passes_one_engine_to_its_runs_and_the_second_adopts_the_first_copy(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """`train(config, engine=engine)`: the run finishes its model on the caller's engine at its
+    end (its bf16 copy parked, the engine left open), and the next run's model of the same
+    architecture generates on that same copy. A run given no engine closes its own."""
+    from conftest import small_run_config
+    from demoalign import train
+    from demoalign.generation import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "wants_half_copy", lambda model: True)  # CUDA's choice
+    served = []
+    real = engine_module.GenerationEngine.static_engine
+
+    def recording(self, model):
+        static = real(self, model)
+        served.append((self, static, [id(p) for p in static.model.parameters()]))
+        return static
+
+    monkeypatch.setattr(engine_module.GenerationEngine, "static_engine", recording)
+    with GenerationEngine() as sweep:
+        for k in (1, 2):
+            config = small_run_config(
+                IRFTConfig, tiny_model_dir, tmp_path / str(k), generation_backend="static"
+            )
+            train(config, engine=sweep)
+            assert not sweep.closed and sweep.idle is not None and sweep.idle.source is None
+            assert sweep.idle.released
+    assert len(served) == 4 and all(engine is sweep for engine, _, _ in served)  # 2 stages × 2
+    assert len({id(static) for _, static, _ in served}) == 1, "the second run built a new copy"
+    assert len({tuple(ids) for _, _, ids in served}) == 1, "the copy's tensors changed"
+    assert sweep.closed and sweep.idle is None
+
+    served.clear()
+    train(small_run_config(IRFTConfig, tiny_model_dir, tmp_path / "3", generation_backend="static"))
+    own = served[0][0]
+    assert own is not sweep and own.closed, "a run's own engine is closed at its end"
