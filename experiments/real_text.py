@@ -61,8 +61,8 @@ Generation uses `generation_backend=hf` by default. The compiled static engine
 which cost more than it saved for a 135M model and 128 new tokens; the sweep now keeps one
 GenerationEngine for all its runs and evaluations (each run and each evaluated model finished on
 it), so the bf16 copy and compiled step pass from one model to the next of the same architecture
-and it compiles once per batch shape for the whole sweep. Which is faster here has not been measured yet.
-Checkpoints for resume are not written (`--checkpoints` keeps them):
+and it compiles once per batch shape for the whole sweep. Which is faster here has not been
+measured yet. Checkpoints for resume are not written (`--checkpoints` keeps them):
 no run here is resumed, and each would hold 1.6 GB of weights and AdamW state.
 
 Expected wall time with the defaults on one H200 (or H100), about 4.5 to 6 minutes: per seed 22
