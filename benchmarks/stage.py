@@ -260,7 +260,13 @@ def main(argv=None) -> None:
 
     from demoalign.config import IRFTConfig
     from demoalign.encoding import Encoder
-    from demoalign.generation import _half_copy, generate_ids, static_engine
+    from demoalign.generation import (
+        QUIET,
+        GenerationEngine,
+        SamplingOptions,
+        generate_ids,
+        half_copy,
+    )
     from demoalign.methods import irft, negatives
     from demoalign.runio import MetricsLog
     from demoalign.trainer import FitPlan, Trainer, make_accelerator
@@ -285,13 +291,8 @@ def main(argv=None) -> None:
         f"{len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
         f"{args.new_tokens} new tokens, sampled; setup {time.perf_counter() - started:.0f} s"
     )
-    common = dict(
-        max_new_tokens=args.new_tokens,
-        temperature=1.0,
-        top_p=1.0,
-        seed=args.seed,
-        show_progress=False,
-    )
+    common = dict(max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0, seed=args.seed)
+    engine = GenerationEngine()  # one for the whole benchmark, as a run has
     rows = {}
 
     # ---- the old default: hf, batch 16, fp32 weights under autocast
@@ -299,9 +300,8 @@ def main(argv=None) -> None:
     log(f"[hf-b16-fp32] generating {len(subset)} prompts ...")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with Clock(device) as clock, autocast:
-        out = generate_ids(
-            model, tok, [prompts[i] for i in subset], batch_size=16, backend="hf", **common
-        )
+        options = SamplingOptions(batch_size=16, backend="hf", **common)
+        out = generate_ids(engine, model, tok, [prompts[i] for i in subset], options, QUIET)
     rows["hf-b16-fp32"] = dict(
         rate=new_tokens(out) / clock.seconds,
         seconds=clock.seconds * len(prompts) / len(subset),
@@ -312,9 +312,10 @@ def main(argv=None) -> None:
 
     # ---- hf on half-precision weights, batch 256
     log("[hf-bf16-b256] generating ...")
-    half = _half_copy(model, torch.bfloat16) if device.type == "cuda" else model
+    half = half_copy(model, torch.bfloat16) if device.type == "cuda" else model
     with Clock(device) as clock:
-        out = generate_ids(half, tok, prompts, batch_size=256, backend="hf", **common)
+        options = SamplingOptions(batch_size=256, backend="hf", **common)
+        out = generate_ids(engine, half, tok, prompts, options, QUIET)
     rows["hf-bf16-b256"] = dict(
         rate=new_tokens(out) / clock.seconds,
         seconds=clock.seconds,
@@ -373,7 +374,9 @@ def main(argv=None) -> None:
             phases.clear()
             config.reference_logps = "decode" if stage == 2 else "forward"
             log(f"[static] stage {stage}: negatives{' (first call: compile)' * (stage == 1)} ...")
-            pairs = negatives.make_negatives(config, trainer, encoder, examples, stage)
+            pairs = negatives.make_negatives(
+                config, trainer, encoder, examples, stage, engine=engine
+            )
             parked = trainer.parking_record()
             phases["parking_s"] = parked.get("optimizer_parking_s", 0.0)
             log(
@@ -425,15 +428,15 @@ def main(argv=None) -> None:
         f"compiled graphs after stage 1: {first['graphs']}, after stage 2: {warm['graphs']} "
         f"({'no recompile' if first['graphs'] == warm['graphs'] else 'RECOMPILED'})"
     )
-    engine = static_engine(trainer.unwrapped)
-    state = ("compiled" if engine.compile else "uncompiled") + (
-        ", bf16 copy" if engine.half else ", fp32"
+    static = engine.static_engine(trainer.unwrapped)
+    state = ("compiled" if static.compile else "uncompiled") + (
+        ", bf16 copy" if static.half else ", fp32"
     )
     rows["static"] = dict(
         rate=warm["new_tokens"] / warm["generation"],
         seconds=warm["generation"] + warm["parking_s"],  # the parking is generation's overhead
         peak=warm.get("generation_peak"),
-        note=f"{state}, batch {engine.auto_size}; stage 2 (warm), incl. "
+        note=f"{state}, batch {static.auto_size}; stage 2 (warm), incl. "
         f"{warm['parking_s']:.2f} s parking the optimiser state; stage 1 generation "
         f"{first['generation']:.1f} s incl. compile",
     )
@@ -480,9 +483,10 @@ def main(argv=None) -> None:
     # is printed by then. transformers' continuous batching (paged attention, finished rows
     # refilled) on a bf16 copy of the trained weights.
     trainer.reset_optimizer()  # as before the other rows: no optimiser state in memory
+    engine.close()  # nor the static engine's copy and compiled step
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    half = _half_copy(trainer.unwrapped, torch.bfloat16) if device.type == "cuda" else model
+    half = half_copy(trainer.unwrapped, torch.bfloat16) if device.type == "cuda" else model
     cb = continuous_batching_row(half, tok, prompts, args, device, Clock)
     if cb is not None:
         engine_line("hf-cb", cb)

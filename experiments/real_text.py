@@ -58,10 +58,11 @@ grid too long for one GPU slice accumulates over several; the report lists the s
 
 Generation uses `generation_backend=hf` by default. The compiled static engine
 (`--generation-backend auto`) used to compile once per trained model (once per arm × seed here),
-which cost more than it saved for a 135M model and 128 new tokens; its bf16 copy and compiled
-step now pass from one model to the next of the same architecture in the process, so it compiles
-once per batch shape for the whole sweep. Which is faster here has not been measured yet.
-Checkpoints for resume are not written (`--checkpoints` keeps them):
+which cost more than it saved for a 135M model and 128 new tokens; the sweep now keeps one
+GenerationEngine for all its runs and evaluations (each run and each evaluated model finished on
+it), so the bf16 copy and compiled step pass from one model to the next of the same architecture
+and it compiles once per batch shape for the whole sweep. Which is faster here has not been
+measured yet. Checkpoints for resume are not written (`--checkpoints` keeps them):
 no run here is resumed, and each would hold 1.6 GB of weights and AdamW state.
 
 Expected wall time with the defaults on one H200 (or H100), about 4.5 to 6 minutes: per seed 22
@@ -108,7 +109,7 @@ from demoalign.eval.stats import (
     paired_t_test,
     verdict,
 )
-from demoalign.generation import generate_ids
+from demoalign.generation import QUIET, GenerationEngine, SamplingOptions, generate_ids
 from demoalign.logprobs import model_sequence_logps
 from demoalign.models import eval_mode, load_model_and_tokenizer
 from demoalign.templates import resolve_template
@@ -270,6 +271,7 @@ class Evaluator:
     uf: list[tuple]
     args: argparse.Namespace
     device: torch.device
+    engine: GenerationEngine  # the sweep's: every run trains and is evaluated through it
     leaderboard: list[str] = field(default_factory=list)
     ref: dict = field(default_factory=dict)
 
@@ -307,15 +309,8 @@ class Evaluator:
         enc = self.encoder(tokenizer)
         prompts = self.heldout[: self.args.gen_prompts]
         ids = [enc.prompt_ids(ex) for ex in prompts]
-        out = generate_ids(
-            model,
-            tokenizer,
-            ids,
-            max_new_tokens=self.args.max_new_tokens,
-            batch_size=len(ids),
-            seed=seed,
-            show_progress=False,
-        )
+        options = SamplingOptions(self.args.max_new_tokens, batch_size=len(ids), seed=seed)
+        out = generate_ids(self.engine, model, tokenizer, ids, options, QUIET)
         eos = tokenizer.eos_token_id
         lengths = [len(out[i]) for i in range(len(ids))]
         finished = [int(bool(out[i]) and out[i][-1] == eos) for i in range(len(ids))]
@@ -362,7 +357,8 @@ class Evaluator:
         model, tokenizer = load_model_and_tokenizer(str(path))
         model.to(self.device)
         try:
-            return self.items(model, tokenizer, gen_seed)
+            with self.engine.for_model(model):
+                return self.items(model, tokenizer, gen_seed)
         finally:
             del model
             free_memory()
@@ -855,14 +851,17 @@ def main(argv=None) -> dict:
     if args.tiny:
         torch.set_num_threads(1)  # a tiny model gains nothing from threads; shared cores spin
     try:
-        return run_experiment(args, out, work, device, on_gpu, started)
+        with GenerationEngine() as engine:  # one for the whole sweep: compiled once, not per run
+            return run_experiment(args, out, work, device, on_gpu, started, engine)
     finally:
         torch.set_num_threads(threads)
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def run_experiment(args, out: Path, work: Path, device, on_gpu: bool, started: float) -> dict:
+def run_experiment(
+    args, out: Path, work: Path, device, on_gpu: bool, started: float, engine: GenerationEngine
+) -> dict:
     hh, uf = eval_pairs(HH, args.hh_pairs), eval_pairs(UF, args.uf_pairs)
     model = str(make_tiny_start(work, dolly_examples())) if args.tiny else start_folder(args, work)
     fits = length_filter(model, args.max_length, args.max_prompt_length)
@@ -871,7 +870,7 @@ def run_experiment(args, out: Path, work: Path, device, on_gpu: bool, started: f
     write_jsonl(data_file, train_ex)
     tasks, board_status = leaderboard_tasks(args)
     log(f"real_text: {device_name(on_gpu)}; start model {model}; leaderboard: {board_status}", out)
-    evaluator = Evaluator(heldout, hh, uf, args, device, tasks)
+    evaluator = Evaluator(heldout, hh, uf, args, device, engine, tasks)
     t0 = time.perf_counter()
     start_items, _ = evaluator.evaluate(Path(model), gen_seed=10_000)
     log(f"start model evaluated in {time.perf_counter() - t0:.1f} s", out)
@@ -980,7 +979,7 @@ def one_run(arm, seed, args, data_file, model, work, on_gpu, evaluator) -> dict:
     run_dir = work / "runs" / arm.replace("@", "_") / f"seed{seed}"
     config = arm_config(arm, seed, args, data_file, model, run_dir, on_gpu)
     t0 = time.perf_counter()
-    train(config)
+    train(config, engine=evaluator.engine)
     train_s = time.perf_counter() - t0
     free_memory()
     facts = run_facts(run_dir)

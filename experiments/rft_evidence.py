@@ -71,19 +71,16 @@ class Evaluator:
         self.encoder = Encoder(tokenizer, "plain", 64, 32)
 
     def sampled_reward(self, model_dir: Path, seed: int) -> float:
-        from demoalign.eval.metrics import generation_reward
+        from demoalign.eval.metrics import generation_reward, task_sampling
+        from demoalign.generation import GenerationEngine
         from demoalign.models import load_model_and_tokenizer
 
         model, _ = load_model_and_tokenizer(str(model_dir))
-        rewards = generation_reward(
-            model,
-            self.encoder,
-            self.task,
-            self.prompts,
-            greedy=False,
-            seed=1000 + seed,
-            max_new_tokens=24,
-        )
+        options = task_sampling(24, greedy=False, seed=1000 + seed)
+        with GenerationEngine() as engine:
+            rewards = generation_reward(
+                engine, model, self.encoder, self.task, self.prompts, options
+            )
         return sum(rewards) / len(rewards)
 
 

@@ -158,9 +158,9 @@ def test_generate_loads_the_model_in_the_precision_asked(tiny_model_dir, tmp_pat
     seen = []
     real = generation.generate_responses
 
-    def recording(model, *args, **kwargs):
+    def recording(engine, model, *args, **kwargs):
         seen.append({p.dtype for p in model.parameters()})
-        return real(model, *args, **kwargs)
+        return real(engine, model, *args, **kwargs)
 
     monkeypatch.setattr(generation, "generate_responses", recording)
     prompts = tmp_path / "prompts.jsonl"

@@ -58,16 +58,19 @@ def test_static_engine_on_gpu_compiles_once_and_frees_its_copy(tiny_model_dir):
     from transformers import AutoTokenizer
 
     from conftest import fresh_model
-    from demoalign.generation import generate_ids, static_engine
+    from demoalign.generation import QUIET, GenerationEngine, SamplingOptions, generate_ids
     from demoalign.logprobs import token_logps
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = fresh_model(tiny_model_dir).cuda()
     texts = ("Hello", "### Instruction: sort 3 1 2\n\n### Response: ")
     prompts = [tokenizer(p)["input_ids"] for p in texts]
-    common = dict(max_new_tokens=16, batch_size=4, seed=0, show_progress=False, backend="static")
-    out, logps = generate_ids(model, tokenizer, prompts, return_logps=True, **common)
-    engine = static_engine(model)
+    options = SamplingOptions(max_new_tokens=16, batch_size=4, seed=0, backend="static")
+    generation_engine = GenerationEngine()
+    out, logps = generate_ids(
+        generation_engine, model, tokenizer, prompts, options, QUIET, return_logps=True
+    )
+    engine = generation_engine.static_engine(model)
     assert engine.half, "no bf16 copy"
     assert engine.released, "the copy was not freed"
     assert engine.compile, "compile failed (see the message above)"
@@ -89,12 +92,15 @@ def test_static_engine_on_gpu_compiles_once_and_frees_its_copy(tiny_model_dir):
         for p in model.parameters():
             p.mul_(0.5)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    generate_ids(model, tokenizer, prompts, **common)
+    generate_ids(generation_engine, model, tokenizer, prompts, options, QUIET)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "recompiled"
     engine.refresh()
     for dst, src in zip(engine.model.parameters(), model.parameters()):
         assert torch.equal(dst, src.detach().to(dst.dtype))
     engine.release()
+    generation_engine.close()
+    assert engine.model is None, "close kept the copy"
+    assert not hasattr(copy, "_compiled_call"), "close kept the compiled decode step"
 
 
 def test_a_second_model_of_the_same_architecture_reuses_the_compiled_engine(tiny_model_dir):
@@ -103,27 +109,29 @@ def test_a_second_model_of_the_same_architecture_reuses_the_compiled_engine(tiny
     from transformers import AutoTokenizer
 
     from conftest import fresh_model
-    from demoalign.generation import generate_ids, static_engine
+    from demoalign.generation import QUIET, GenerationEngine, SamplingOptions, generate_ids
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = [tokenizer(p)["input_ids"] for p in ("Hello", "sort 3 1 2")]
-    common = dict(max_new_tokens=16, batch_size=4, seed=0, show_progress=False, backend="static")
-    first = fresh_model(tiny_model_dir).cuda()
-    generate_ids(first, tokenizer, prompts, **common)
-    engine = static_engine(first)
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    del first
-    second = fresh_model(tiny_model_dir).cuda()
-    with torch.no_grad():  # other weights than the first model's
-        for p in second.parameters():
-            p.mul_(0.5)
-    generate_ids(second, tokenizer, prompts, **common)
-    assert static_engine(second) is engine, "a new engine was built"
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "recompiled"
-    engine.refresh()
-    for dst, src in zip(engine.model.parameters(), second.parameters()):
-        assert torch.equal(dst, src.detach().to(dst.dtype))
-    engine.release()
+    options = SamplingOptions(max_new_tokens=16, batch_size=4, seed=0, backend="static")
+    with GenerationEngine() as generation_engine:
+        first = fresh_model(tiny_model_dir).cuda()
+        generate_ids(generation_engine, first, tokenizer, prompts, options, QUIET)
+        engine = generation_engine.static_engine(first)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        generation_engine.finish(first)  # the first run is over
+        del first
+        second = fresh_model(tiny_model_dir).cuda()
+        with torch.no_grad():  # other weights than the first model's
+            for p in second.parameters():
+                p.mul_(0.5)
+        generate_ids(generation_engine, second, tokenizer, prompts, options, QUIET)
+        assert generation_engine.static_engine(second) is engine, "a new engine was built"
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "recompiled"
+        engine.refresh()
+        for dst, src in zip(engine.model.parameters(), second.parameters()):
+            assert torch.equal(dst, src.detach().to(dst.dtype))
+        engine.release()
 
 
 def test_rft_kl_is_zero_at_the_first_policy_step_in_bf16(tiny_model_dir, tmp_path):

@@ -22,7 +22,7 @@ from conftest import (
     small_run_values,
 )
 from demoalign import IRFTConfig, train
-from demoalign.generation import generate_ids
+from demoalign.generation import GenerationEngine, SamplingOptions, generate_ids
 from demoalign.logprobs import SequenceScorer
 from demoalign.sharding import (
     GatheredCopy,
@@ -196,7 +196,8 @@ def test_generation_refuses_sharded_parameters(tiny_model_dir, tokenizer):
     next(model.parameters()).ds_id = 0  # what a ZeRO-3 partition carries
     assert is_sharded(model)
     with pytest.raises(ValueError, match="sharded"):
-        generate_ids(model, tokenizer, [[5, 6, 7]], max_new_tokens=2, greedy=True)
+        options = SamplingOptions(max_new_tokens=2, greedy=True)
+        generate_ids(GenerationEngine(), model, tokenizer, [[5, 6, 7]], options)
 
 
 def _accelerator(kind: str, version_or_stage: int, clipping="auto"):

@@ -99,7 +99,7 @@ def run_generate(config: GenerateConfig) -> None:
 
     from .data import load_examples, load_prompts, parse_columns
     from .encoding import Encoder
-    from .generation import generate_responses
+    from .generation import GenerationEngine, generate_responses
     from .models import generation_dtype, load_model_and_tokenizer
     from .runio import atomic_write_jsonl
     from .templates import resolve_template
@@ -122,7 +122,10 @@ def run_generate(config: GenerateConfig) -> None:
         config.max_prompt_length + config.max_new_tokens,
         config.max_prompt_length,
     )
-    records = generate_responses(model, tokenizer, encoder, examples, config, show_progress=True)
+    with GenerationEngine() as engine:
+        records = generate_responses(
+            engine, model, tokenizer, encoder, examples, config, show_progress=True
+        )
     atomic_write_jsonl(config.output, records)
     print(f"wrote {len(records)} generations to {config.output}")
 

@@ -13,6 +13,7 @@ from .checkpoint import STATE_FILE, Checkpoints, clean_leftovers, latest_checkpo
 from .config import TrainConfig, config_to_dict
 from .data.sources import demonstrations
 from .encoding import Encoder
+from .generation import GenerationEngine
 from .lora import add_lora
 from .methods import method_of
 from .methods.context import RunContext
@@ -33,7 +34,7 @@ from .runio import (
 from .sharding import check_distributed_setup, plain_model, sharding_of
 from .templates import resolve_template
 from .tracking import start_trackers
-from .trainer import Trainer, make_accelerator
+from .trainer import Trainer, make_accelerator, use_padding_free
 
 
 @dataclass
@@ -46,6 +47,8 @@ class RunParts:
     examples: list
     accelerator: object
     log: MetricsLog
+    engine: GenerationEngine
+    padding_free: bool
     on_stage_end: object = None
 
 
@@ -124,11 +127,19 @@ def _claim(config: TrainConfig, folder: Path | None, checkpoint: Path | None, ma
         write_run_state(out, "running", method=config.method, **resumed)
 
 
-def train(config: TrainConfig, on_stage_end=None) -> Path:
+def train(config: TrainConfig, on_stage_end=None, engine: GenerationEngine | None = None) -> Path:
     """Run SFT, SPIN, IRFT or RFT as `config` says; returns the run folder. `on_stage_end(model,
     stage)` is called on the main process after every IRFT stage (for evaluation over stages).
     Every input is checked and loaded before the run folder is created or cleared. With
-    resume=true the run continues from the folder's last checkpoint (checkpoint.py)."""
+    resume=true the run continues from the folder's last checkpoint (checkpoint.py).
+
+    engine: the GenerationEngine negatives and rollouts are sampled through. None: the run
+    creates one and closes it at its end. A sweep passes one engine to every run: at its end a
+    run tells the engine it is done with its models (`finish_all`), and the next run's model of
+    the same architecture takes over the bf16 copy and its compiled decode step."""
+    if engine is None:
+        with GenerationEngine() as own:
+            return train(config, on_stage_end, own)
     config.validate()
     check_model_path(config.model)
     if getattr(config, "reward_model", ""):  # RFT's start; looked at before the folder is taken
@@ -162,13 +173,16 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
         model = add_lora(model, config)
     template = resolve_template(tokenizer, config.template)
     encoder = Encoder(tokenizer, template, config.max_length, config.max_prompt_length)
+    padding_free = use_padding_free(config.padding_free, model, accelerator.device)
 
     _claim(config, folder, checkpoint, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     log = _open_log(config, checkpoint, accelerator)
     try:
-        log.write(_start_record(config, checkpoint, template, accelerator, examples, data_counts))
-        parts = RunParts(config, model, encoder, examples, accelerator, log, on_stage_end)
+        start = _start_record(config, checkpoint, template, accelerator, examples, data_counts)
+        log.write({**start, "padding_free": padding_free} if checkpoint is None else start)
+        parts = RunParts(config, model, encoder, examples, accelerator, log, engine, padding_free)
+        parts.on_stage_end = on_stage_end
         _train_and_save(parts, checkpoint)
     except BaseException as exc:
         if accelerator.is_main_process:
@@ -177,6 +191,7 @@ def train(config: TrainConfig, on_stage_end=None) -> Path:
             )
         raise
     finally:
+        engine.finish_all()
         log.close()
         if accelerator.is_main_process:
             release_lock(out)
@@ -221,12 +236,12 @@ def _train_and_save(parts: RunParts, resume_from: Path | None) -> None:
     config, accelerator, log = parts.config, parts.accelerator, parts.log
     out = Path(config.output_dir)
     method = method_of(config).load()
-    trainer = Trainer(config, parts.model, accelerator, log)
+    trainer = Trainer(config, parts.model, accelerator, log, padding_free=parts.padding_free)
     ckpt = _checkpoints(config, out, accelerator, log, resume_from)
     ckpt.register("policy", trainer)
     state = method.State()
     ckpt.track(state)  # loaded from the checkpoint when resuming
-    ctx = RunContext(config, trainer, parts.encoder, parts.examples, out, ckpt, state)
+    ctx = RunContext(config, trainer, parts.encoder, parts.examples, out, ckpt, state, parts.engine)
     ctx.on_stage_end = parts.on_stage_end
     started = time.perf_counter()
     counts = method.run(ctx)

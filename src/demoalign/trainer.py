@@ -166,11 +166,18 @@ class Trainer:
     """Owns the accelerator, the prepared model, the optimiser and the schedule."""
 
     def __init__(
-        self, config, model, accelerator: Accelerator, metrics_log, wrapper=SequenceScorer
+        self,
+        config,
+        model,
+        accelerator: Accelerator,
+        metrics_log,
+        wrapper=SequenceScorer,
+        padding_free: bool | None = None,
     ):
         """`wrapper` turns the model into the module whose forward the loss functions call (it
         must keep the model as `.lm`): SequenceScorer for a causal LM (every method's policy),
-        rft.RewardScorer for RFT's scalar reward model."""
+        rft.RewardScorer for RFT's scalar reward model (always padded). `padding_free`: decided
+        by the caller (`use_padding_free`), or None to decide from `config.padding_free` here."""
         self.config = config
         self.accelerator = accelerator
         self.log = metrics_log
@@ -192,9 +199,12 @@ class Trainer:
             )
         _fill_deepspeed_batch(accelerator, config)
         scorer = wrapper(model)
-        self.padding_free = isinstance(scorer, SequenceScorer) and use_padding_free(
-            getattr(config, "padding_free", "false"), model, accelerator.device
-        )
+        if not isinstance(scorer, SequenceScorer):
+            padding_free = False
+        elif padding_free is None:
+            setting = getattr(config, "padding_free", "false")
+            padding_free = use_padding_free(setting, model, accelerator.device)
+        self.padding_free = padding_free
         if isinstance(scorer, SequenceScorer):
             scorer.padding_free = self.padding_free
         # The scorer is what DDP wraps, so the one forward that yields log-probs is DDP's forward.

@@ -15,7 +15,7 @@ from conftest import DOLLY, fresh_model, small_run_config
 from demoalign import IRFTConfig, SFTConfig, SPINConfig, train
 from demoalign.data import load_examples
 from demoalign.encoding import Encoder, collate
-from demoalign.generation import generate_ids
+from demoalign.generation import QUIET, GenerationEngine, SamplingOptions, generate_ids
 from demoalign.logprobs import SequenceScorer
 from demoalign.methods import irft as methods
 from demoalign.methods.irft import count_pairs, irft_loss_fn, stage_chunks
@@ -29,9 +29,10 @@ def make_pairs(model, tokenizer, n=8):
     examples, _ = load_examples(DOLLY, limit=n)
     encoder = Encoder(tokenizer, "instruction", max_length=80, max_prompt_length=40)
     prompts = [encoder.prompt_ids(e) for e in examples]
-    negatives = generate_ids(
-        model, tokenizer, prompts, max_new_tokens=10, seed=0, show_progress=False
-    )
+    with GenerationEngine() as engine:
+        negatives = generate_ids(
+            engine, model, tokenizer, prompts, SamplingOptions(max_new_tokens=10, seed=0), QUIET
+        )
     pairs = []
     for i, e in enumerate(examples):
         demo = encoder.encode(e)
@@ -213,7 +214,9 @@ def test_end_to_end_two_stages_writes_every_output(tiny_model_dir, tmp_path):
     hf = model.generate(
         torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id
     )[0, len(ids) :].tolist()
-    ours = generate_ids(model, tok, [ids], max_new_tokens=8, greedy=True, show_progress=False)[0]
+    greedy = SamplingOptions(max_new_tokens=8, greedy=True)
+    with GenerationEngine() as engine:
+        ours = generate_ids(engine, model, tok, [ids], greedy, QUIET)[0]
     assert hf[: len(ours)] == ours and len(ours) >= 1
     start = fresh_model(tiny_model_dir).state_dict()
     assert any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())
@@ -304,9 +307,9 @@ def test_negatives_come_from_the_stage_start_weights(tiny_model_dir, tmp_path, m
     seen, stage_ends = [], {}
     real = negatives.generate_ids
 
-    def recording(model, *args, **kwargs):
+    def recording(engine, model, *args, **kwargs):
         seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return real(model, *args, **kwargs)
+        return real(engine, model, *args, **kwargs)
 
     def on_stage_end(model, stage):
         stage_ends[stage] = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -13,7 +13,7 @@ from demoalign import RFTConfig, train
 from demoalign.config import build_config
 from demoalign.data.tasks import task_examples
 from demoalign.encoding import Encoder, Tokenized
-from demoalign.generation import generate_ids
+from demoalign.generation import QUIET, GenerationEngine, SamplingOptions, generate_ids
 from demoalign.methods.reward_model import (
     RewardPair,
     RewardScorer,
@@ -21,7 +21,7 @@ from demoalign.methods.reward_model import (
     reward_loss_fn,
     reward_step,
 )
-from demoalign.methods.rloo import policy_step, sequence_logps_of
+from demoalign.methods.rloo import PolicyPhase, Rollouts, policy_step, sequence_logps_of
 from demoalign.methods.sft import sft_loss_fn
 from demoalign.models import load_reward_model as load_reward_model_from
 from demoalign.runio import MetricsLog
@@ -59,14 +59,15 @@ def sort_pairs(tiny_model_dir, tokenizer, n, seed=0):
     encoder = Encoder(tokenizer, "plain", 48, 24)
     examples = task_examples("sort", n, seed=seed)
     prompts = [encoder.prompt_ids(e) for e in examples]
-    negatives = generate_ids(
-        fresh_model(tiny_model_dir),
-        tokenizer,
-        prompts,
-        max_new_tokens=12,
-        seed=seed,
-        show_progress=False,
-    )
+    with GenerationEngine() as engine:
+        negatives = generate_ids(
+            engine,
+            fresh_model(tiny_model_dir),
+            tokenizer,
+            prompts,
+            SamplingOptions(max_new_tokens=12, seed=seed),
+            QUIET,
+        )
     return [
         RewardPair(p, encoder.response_ids(e.response), negatives[i] or [tokenizer.eos_token_id])
         for i, (p, e) in enumerate(zip(prompts, examples))
@@ -256,18 +257,14 @@ def test_rloo_policy_step_converges_to_the_kl_regularised_optimum(
     trainer.start_schedule(150)
     from collections import deque
 
-    records = policy_step(
-        trainer,
-        tokenizer,
-        [prompt],
-        150,
+    rollouts = Rollouts(
+        GenerationEngine(),
         reward_fn=lambda rows: [rewards[r.response_ids[0]].item() for r in rows],
         ref_logps_fn=lambda rows: sequence_logps_of(reference, rows, tokenizer.pad_token_id, 80),
-        config=config,
-        seed_parts=(0,),
-        context={},
-        window=deque(maxlen=10),
     )
+    with rollouts.engine:
+        phase = PolicyPhase(150, seed_parts=(0,), context={}, window=deque(maxlen=10))
+        records = policy_step(trainer, tokenizer, [prompt], rollouts, config, phase)
     final = tv(distribution(trainer.unwrapped))
     assert final < 0.02, (start, final)
     # The logged KL estimate approaches KL(π* ‖ π_ref) = E*[r]/β − log Z.

@@ -29,12 +29,13 @@ from ..config import (
 from ..data.sources import HELDOUT_SEED
 from ..data.tasks import get_task, heldout_prompts, task_examples, task_pairs
 from ..encoding import Encoder
+from ..generation import GenerationEngine
 from ..models import load_model_and_tokenizer
 from ..progress import progress_bar
 from ..run import train
 from ..runio import atomic_write_text, claim_output_dir, release_lock
 from ..tiny import tiny_model, train_tokenizer
-from .metrics import generation_reward, pair_metrics, pair_sequence_logps
+from .metrics import generation_reward, pair_metrics, pair_sequence_logps, task_sampling
 from .stats import mean_std, paired_t_interval, paired_t_test, verdict
 
 SHORT = {
@@ -130,17 +131,13 @@ class Evaluator:
         model, self.tokenizer = load_model_and_tokenizer(str(start_dir))
         self.encoder = Encoder(self.tokenizer, "plain", 64, 32)
         self.ref_good, self.ref_bad = pair_sequence_logps(model, self.encoder, self.pairs)
+        self.engine = GenerationEngine()  # CPU, `auto` = hf: it holds no model between calls
 
     def stage_point(self, model, n: int, seed: int) -> dict:
         """Sampled reward and held-out log-prob gap on the first n prompts/pairs."""
+        sampled = task_sampling(self.demo.max_new_tokens, greedy=False, seed=seed)
         rewards = generation_reward(
-            model,
-            self.encoder,
-            self.task,
-            self.prompts[:n],
-            greedy=False,
-            seed=seed,
-            max_new_tokens=self.demo.max_new_tokens,
+            self.engine, model, self.encoder, self.task, self.prompts[:n], sampled
         )
         good, bad = pair_sequence_logps(model, self.encoder, self.pairs[:n])
         return {
@@ -149,13 +146,10 @@ class Evaluator:
         }
 
     def metrics(self, model, seed: int) -> dict:
-        common = dict(max_new_tokens=self.demo.max_new_tokens)
-        sampled = generation_reward(
-            model, self.encoder, self.task, self.prompts, greedy=False, seed=seed, **common
-        )
-        greedy = generation_reward(
-            model, self.encoder, self.task, self.prompts, greedy=True, seed=seed, **common
-        )
+        n = self.demo.max_new_tokens
+        args = (self.engine, model, self.encoder, self.task, self.prompts)
+        sampled = generation_reward(*args, task_sampling(n, greedy=False, seed=seed))
+        greedy = generation_reward(*args, task_sampling(n, greedy=True, seed=seed))
         good, bad = pair_sequence_logps(model, self.encoder, self.pairs)
         return {
             "task_reward_sampled": sum(sampled) / len(sampled),

@@ -19,7 +19,7 @@ from ..data import Example, load_prompts
 from ..data.sources import HELDOUT_SEED, data_root, preference_pairs
 from ..data.tasks import get_task, task_prompts
 from ..encoding import Encoder
-from ..generation import generate_responses
+from ..generation import GenerationEngine, generate_responses
 from ..modelcard import record_eval
 from ..models import (
     check_model_path,
@@ -30,7 +30,14 @@ from ..models import (
 from ..runio import atomic_write_jsonl, atomic_write_text, atomic_write_yaml
 from ..templates import resolve_template
 from .leaderboard import import_lm_eval, parse_tasks, run_leaderboard
-from .metrics import DEFINITIONS, generation_reward, pair_sequence_logps, pair_values, win_values
+from .metrics import (
+    DEFINITIONS,
+    generation_reward,
+    pair_sequence_logps,
+    pair_values,
+    task_sampling,
+    win_values,
+)
 from .report import write_report
 from .reward_scoring import reward_scores, reward_text
 from .stats import paired_deltas, summarize
@@ -161,8 +168,10 @@ def _reference_logps(config: EvalConfig, inputs: _Inputs, device):
     )
 
 
-def _model_metrics(model, tokenizer, config, inputs: _Inputs, refs, device, stats) -> dict:
-    """One model's entry: pair and task metrics, and its leaderboard results."""
+def _model_metrics(engine, model, tokenizer, config, inputs: _Inputs, refs, stats) -> dict:
+    """One model's entry: pair and task metrics (sampled through `engine`), and its leaderboard
+    results."""
+    device = _device(config)
     encoder = _encoder_for(tokenizer, config)
     entry = {"metrics": {}, "items": {}}  # items: per-item values, for paired differences
     if inputs.triples:
@@ -175,16 +184,15 @@ def _model_metrics(model, tokenizer, config, inputs: _Inputs, refs, device, stat
         entry["pairs_truncated"] = encoder.counts.responses_cut
     if inputs.task is not None:
         for mode in ("sampled", "greedy"):
-            rewards = generation_reward(
-                model,
-                encoder,
-                inputs.task,
-                inputs.task_prompts,
+            options = task_sampling(
+                config.max_new_tokens,
                 greedy=mode == "greedy",
                 seed=config.seed,
-                max_new_tokens=config.max_new_tokens,
                 batch_size=config.eval_batch_size,
                 backend=config.generation_backend,
+            )
+            rewards = generation_reward(
+                engine, model, encoder, inputs.task, inputs.task_prompts, options
             )
             entry["metrics"][f"task_exact_match_{mode}"] = summarize(rewards, **stats)
             entry["items"][f"task_exact_match_{mode}"] = rewards
@@ -215,13 +223,12 @@ def _model_metrics(model, tokenizer, config, inputs: _Inputs, refs, device, stat
     return entry
 
 
-def _generations(model, tokenizer, name: str, config: EvalConfig, inputs: _Inputs, out: Path):
+def _generations(engine, model, tokenizer, name: str, config: EvalConfig, inputs, out: Path):
     file = generation_file(out, name)
     if not config.regenerate and file.exists():
         return read_generations(file, inputs.prompts)
-    records = generate_responses(
-        model, tokenizer, _encoder_for(tokenizer, config), inputs.prompts, config
-    )
+    encoder = _encoder_for(tokenizer, config)
+    records = generate_responses(engine, model, tokenizer, encoder, inputs.prompts, config)
     atomic_write_jsonl(file, records)
     return records
 
@@ -263,9 +270,16 @@ def _paired_differences(results: dict, items: dict, baseline: str, stats: dict) 
         }
 
 
-def evaluate(config: EvalConfig | None = None, **values) -> dict:
+def evaluate(
+    config: EvalConfig | None = None, engine: GenerationEngine | None = None, **values
+) -> dict:
     """Evaluate `config.models` (an EvalConfig, or its keys as keyword arguments); writes
-    results.json, report.md and plots to `output_dir` and returns the results."""
+    results.json, report.md and plots to `output_dir` and returns the results. Every model
+    samples through one GenerationEngine (`engine`, else one created here and closed at the end),
+    each model finished after its evaluation, so a compiled decode step serves them all."""
+    if engine is None:
+        with GenerationEngine() as own:
+            return evaluate(config, own, **values)
     config = build_config(EvalConfig, values) if config is None else config
     config.validate()
     out = Path(config.output_dir)
@@ -293,12 +307,15 @@ def evaluate(config: EvalConfig | None = None, **values) -> dict:
     for name, path in zip(inputs.names, inputs.paths):
         model, tokenizer = load_model_and_tokenizer(path)
         model.to(device)
-        entry = _model_metrics(model, tokenizer, config, inputs, refs, device, stats)
-        results["definitions"].update(entry.pop("definitions", {}))
-        items[name] = entry.pop("items")
-        results["models"].append({"name": name, "path": path, **entry})
-        if inputs.prompts:
-            generations[name] = _generations(model, tokenizer, name, config, inputs, out)
+        with engine.for_model(model):
+            entry = _model_metrics(engine, model, tokenizer, config, inputs, refs, stats)
+            results["definitions"].update(entry.pop("definitions", {}))
+            items[name] = entry.pop("items")
+            results["models"].append({"name": name, "path": path, **entry})
+            if inputs.prompts:
+                generations[name] = _generations(
+                    engine, model, tokenizer, name, config, inputs, out
+                )
         del model
     if inputs.prompts:
         _score_generations(config, results, generations, items, out, device, stats)

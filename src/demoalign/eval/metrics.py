@@ -14,7 +14,7 @@ import torch
 
 from ..data import Example
 from ..encoding import Encoder
-from ..generation import generate_ids
+from ..generation import QUIET, GenerationEngine, SamplingOptions, generate_ids
 from ..models import eval_mode
 from ..pairs import Pair, pair_logps
 
@@ -65,31 +65,31 @@ def win_values(scores: list[float], baseline_scores: list[float]) -> list[float]
     return [win(a, b) for a, b in zip(scores, baseline_scores)]
 
 
+def task_sampling(
+    max_new_tokens: int, greedy: bool, seed: int, batch_size: int | str = 64, backend: str = "auto"
+) -> SamplingOptions:
+    """How the built-in task's exact match samples: temperature 1 (or greedy), no top-p."""
+    return SamplingOptions(
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        batch_size=batch_size,
+        backend=backend,
+        seed=seed,
+    )
+
+
 def generation_reward(
+    engine: GenerationEngine,
     model,
     encoder: Encoder,
     task,
     prompts: list[str],
-    *,
-    greedy: bool,
-    seed: int,
-    max_new_tokens: int,
-    batch_size: int = 64,
-    backend: str = "auto",
+    options: SamplingOptions,
 ) -> list[float]:
+    """The task's reward of one response per prompt, sampled from `model` through `engine`."""
     tok = encoder.tokenizer
     ids = [encoder.prompt_ids(Example(p, "")) for p in prompts]
-    out = generate_ids(
-        model,
-        tok,
-        ids,
-        max_new_tokens=max_new_tokens,
-        greedy=greedy,
-        seed=seed,
-        batch_size=batch_size,
-        show_progress=False,
-        backend=backend,
-    )
+    out = generate_ids(engine, model, tok, ids, options, QUIET)
     return [
         task.reward(p, tok.decode(out[i], skip_special_tokens=True)) for i, p in enumerate(prompts)
     ]

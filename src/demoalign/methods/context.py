@@ -8,6 +8,7 @@ from typing import Callable
 
 from ..checkpoint import Checkpoints
 from ..encoding import Encoder
+from ..generation import GenerationEngine
 from ..trainer import Trainer
 
 
@@ -16,7 +17,8 @@ class RunContext:
     """One run's parts, built by `demoalign.train` before the method starts: the checked config,
     the trainer holding the policy, the prompt encoder, the demonstrations, the run folder, the
     checkpoints (already tracking `state`), the method's `State` (loaded from the checkpoint when
-    resuming), and `on_stage_end(model, stage)` for evaluation over IRFT/SPIN stages."""
+    resuming), the generation engine every sampling of the run goes through, and
+    `on_stage_end(model, stage)` for evaluation over IRFT/SPIN stages."""
 
     config: object
     trainer: Trainer
@@ -25,4 +27,5 @@ class RunContext:
     out_dir: Path
     checkpoints: Checkpoints
     state: object
+    engine: GenerationEngine
     on_stage_end: Callable | None = None

@@ -73,13 +73,13 @@ def _stage_plan(config, n_examples: int, global_batch: int):
 
 
 def _sample_stage(
-    config, trainer: Trainer, encoder: Encoder, chunk: list, stage_id: int, out_dir: Path
+    config, trainer: Trainer, encoder: Encoder, chunk: list, stage_id: int, out_dir: Path, engine
 ):
     """The stage's pairs (negatives and reference log-probs), its truncation counts and the
     seconds it took; the negatives are written to stages/<k>/negatives.jsonl."""
     started = time.perf_counter()
     prompts_cut_before = encoder.counts.prompts_cut  # every process renders every prompt
-    pairs = make_negatives(config, trainer, encoder, chunk, stage_id)
+    pairs = make_negatives(config, trainer, encoder, chunk, stage_id, engine=engine)
     gen_time = time.perf_counter() - started
     cuts = {
         "prompts_truncated": encoder.counts.prompts_cut - prompts_cut_before,
@@ -166,7 +166,7 @@ def _new_stage(ctx: RunContext, chunk: list, where: dict) -> None:
     """Sample the stage's pairs, log its stage_start record, and make it the state's stage."""
     trainer = ctx.trainer
     pairs, cuts, gen_time = _sample_stage(
-        ctx.config, trainer, ctx.encoder, chunk, where["stage"], ctx.out_dir
+        ctx.config, trainer, ctx.encoder, chunk, where["stage"], ctx.out_dir, ctx.engine
     )
     record = _stage_start_record(pairs, gen_time, cuts, **where)
     trainer.log.write({**record, **trainer.parking_record()})

@@ -7,33 +7,36 @@ from __future__ import annotations
 from accelerate.utils import gather_object
 
 from ..encoding import Encoder
-from ..generation import check_one_each, forward_batch_size, generate_ids
+from ..generation import (
+    GenerationEngine,
+    SamplingOptions,
+    Share,
+    check_one_each,
+    forward_batch_size,
+    generate_ids,
+)
 from ..pairs import Pair, fill_reference_logps
 from ..trainer import Trainer
 
 
-def _sample(config, model, acc, encoder: Encoder, prompts: list, stage_id: int, decode: bool):
-    """{index: negative ids} of this process's share, and (with decode) their token log-probs."""
+def _sample(engine: GenerationEngine, config, model, acc, prompts: list, stage_id: int, tok):
+    """{index: negative ids} of this process's share, and their token log-probs (an empty dict
+    unless reference_logps=decode)."""
+    decode = getattr(config, "reference_logps", "forward") == "decode"
     # Each negative is then cut to its own room by `encoder.fit`, like its demonstration.
     room = config.max_length - min(len(p) for p in prompts)
+    options = SamplingOptions(
+        max_new_tokens=max(1, min(config.max_new_tokens, room)),
+        temperature=config.temperature,
+        top_p=config.top_p,
+        greedy=config.greedy,
+        batch_size=config.generation_batch_size,
+        backend=config.generation_backend,
+        seed=config.seed * 7919 + stage_id,
+    )
+    share = Share.of(acc, f"stage {stage_id}: negatives", config.show_progress)
     with acc.autocast():
-        generated = generate_ids(
-            model,
-            encoder.tokenizer,
-            prompts,
-            max_new_tokens=max(1, min(config.max_new_tokens, room)),
-            temperature=config.temperature,
-            top_p=config.top_p,
-            greedy=config.greedy,
-            batch_size=config.generation_batch_size,
-            seed=config.seed * 7919 + stage_id,
-            process_index=acc.process_index,
-            num_processes=acc.num_processes,
-            desc=f"stage {stage_id}: negatives",
-            show_progress=config.show_progress and acc.is_main_process,
-            backend=config.generation_backend,
-            return_logps=decode,
-        )
+        generated = generate_ids(engine, model, tok, prompts, options, share, return_logps=decode)
     return generated if decode else (generated, {})
 
 
@@ -51,13 +54,20 @@ def _pair(i: int, prompt_ids, example, neg_ids: list[int], encoder: Encoder) -> 
 
 
 def make_negatives(
-    config, trainer: Trainer, encoder: Encoder, chunk: list, stage_id: int
+    config,
+    trainer: Trainer,
+    encoder: Encoder,
+    chunk: list,
+    stage_id: int,
+    *,
+    engine: GenerationEngine,
 ) -> list[Pair]:
-    """Sample one negative per prompt with the current model, then its reference log-probs with the
-    SAME weights; each process does its share, and everyone gets all pairs. With
-    reference_logps=decode the negatives' come from the logits they were sampled from."""
+    """Sample one negative per prompt with the current model (through the run's `engine`), then
+    its reference log-probs with the SAME weights; each process does its share, and everyone gets
+    all pairs. With reference_logps=decode the negatives' come from the logits they were sampled
+    from."""
     with trainer.inference_model() as model:
-        mine = _my_pairs(config, model, trainer, encoder, chunk, stage_id)
+        mine = _my_pairs(engine, config, model, trainer, encoder, chunk, stage_id)
     if trainer.accelerator.num_processes == 1:
         return mine
     pairs = sorted(gather_object(mine), key=lambda p: p.index)
@@ -65,12 +75,14 @@ def make_negatives(
     return pairs
 
 
-def _my_pairs(config, model, trainer, encoder: Encoder, chunk: list, stage_id: int) -> list[Pair]:
+def _my_pairs(
+    engine: GenerationEngine, config, model, trainer, encoder: Encoder, chunk: list, stage_id: int
+) -> list[Pair]:
     tok, acc, padding_free = encoder.tokenizer, trainer.accelerator, trainer.padding_free
     prompts = [encoder.prompt_ids(e) for e in chunk]
     # RFT's negatives train a reward model: no reference log-probs of theirs are used.
     decode = getattr(config, "reference_logps", "forward") == "decode"
-    generated, decoded = _sample(config, model, acc, encoder, prompts, stage_id, decode)
+    generated, decoded = _sample(engine, config, model, acc, prompts, stage_id, tok)
     mine, forward = [], []
     for i, neg_ids in sorted(generated.items()):
         pair = _pair(i, prompts[i], chunk[i], neg_ids or [tok.eos_token_id], encoder)

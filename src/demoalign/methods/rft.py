@@ -34,7 +34,7 @@ from .reward_model import (
     reward_step,
 )
 from .rft_state import RFTRun, State, set_up_run
-from .rloo import policy_step
+from .rloo import PolicyPhase, Rollouts, policy_step
 
 
 def _save_iteration(run: RFTRun, k: int, pairs, chunk, reward_pairs, held) -> None:
@@ -90,18 +90,9 @@ def _policy_phase(run: RFTRun, k: int, pairs: list) -> None:
     config, tok = run.config, run.encoder.tokenizer
     prompts = [p.prompt_ids for p in pairs]
     context = {"method": "rft", "phase": "policy", "iteration": k}
-    scores, seeds = (run.rewards, run.reference_logps), (config.seed, 3, k)
-    policy_step(
-        run.trainer,
-        tok,
-        prompts,
-        config.policy_steps,
-        *scores,
-        config,
-        seeds,
-        context,
-        run.state.window,
-    )
+    rollouts = Rollouts(run.engine, run.rewards, run.reference_logps)
+    phase = PolicyPhase(config.policy_steps, (config.seed, 3, k), context, run.state.window)
+    policy_step(run.trainer, tok, prompts, rollouts, config, phase)
     if run.trainer.accelerator.is_main_process:
         folder = run.out_dir / "iterations" / str(k)
         save_pretrained_atomic(run.trainer.unwrapped, tok, folder / "policy")
@@ -138,7 +129,7 @@ def run(ctx: RunContext) -> dict:
             continue
         chunk = [ctx.examples[i] for i in chunk_idx]
         started = time.perf_counter()
-        pairs = make_negatives(config, trainer, encoder, chunk, k)  # sampled by π_{k−1}
+        pairs = make_negatives(config, trainer, encoder, chunk, k, engine=ctx.engine)  # by π_{k−1}
         run.last_generation_s = time.perf_counter() - started
         state.add_negatives(pairs)
         _reward_phase(run, k, pairs, chunk, chunk_idx)

@@ -13,7 +13,7 @@ from accelerate.utils import gather_object
 
 from ..data.sources import TRAIN_SEED, preference_pairs
 from ..encoding import Encoder, Tokenized
-from ..generation import forward_batch_size
+from ..generation import GenerationEngine, forward_batch_size
 from ..models import load_reward_model
 from ..trainer import Trainer
 from .reward_model import (
@@ -101,6 +101,7 @@ class RFTRun:
     out_dir: Path
     reference: object  # None with LoRA: the base with adapters disabled is the reference
     state: State
+    engine: GenerationEngine  # the run's: negatives and rollouts are sampled through it
     last_generation_s: float = 0.0
 
     @property
@@ -192,7 +193,8 @@ def set_up_run(ctx) -> RFTRun:
         reward_config, reward_model, trainer.accelerator, trainer.log, wrapper=RewardScorer
     )
     _prepare(ctx.state, config, encoder, len(ctx.examples))
-    run = RFTRun(config, trainer, reward_trainer, encoder, ctx.out_dir, reference, ctx.state)
+    parts = (config, trainer, reward_trainer, encoder, ctx.out_dir, reference, ctx.state)
+    run = RFTRun(*parts, ctx.engine)
     _log_memory(run)
     reward_trainer.start_schedule(config.outer_iterations * config.reward_steps)
     trainer.start_schedule(config.outer_iterations * config.policy_steps)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import gather_object
 
 from ..encoding import Tokenized, collate
-from ..generation import check_one_each, generate_ids
+from ..generation import GenerationEngine, SamplingOptions, Share, check_one_each, generate_ids
 from ..logprobs import model_sequence_logps
 from ..losses import rloo_advantages
 from ..pairs import in_eval_batches
@@ -68,51 +69,53 @@ def sequence_logps_of(
     )
 
 
+@dataclass
+class Rollouts:
+    """How rollouts are sampled and scored: through `engine` (the run's GenerationEngine);
+    `reward_fn(rows)` and `ref_logps_fn(rows)` give one float per Tokenized row (prompt ids +
+    response ids, the response's EOS included when it was generated)."""
+
+    engine: GenerationEngine
+    reward_fn: Callable[[list[Tokenized]], list[float]]
+    ref_logps_fn: Callable[[list[Tokenized]], list[float]]
+
+
+def rollout_options(config, prompts: list[list[int]], seed: int) -> SamplingOptions:
+    """The run's sampling settings, with as many new tokens as the longest prompt leaves room for
+    within max_length."""
+    room = config.max_length - max(len(p) for p in prompts)
+    return SamplingOptions(
+        max_new_tokens=max(1, min(config.max_new_tokens, room)),
+        temperature=config.temperature,
+        top_p=config.top_p,
+        batch_size=config.generation_batch_size,
+        backend=config.generation_backend,
+        seed=seed,
+    )
+
+
 def make_rollouts(
+    rollouts: Rollouts,
     policy,
     tokenizer,
     prompts: list[list[int]],
     k: int,
-    reward_fn,
-    ref_logps_fn,
-    *,
-    max_length: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    batch_size: int | str,
-    seed: int,
-    backend: str = "hf",
-    process_index: int = 0,
-    num_processes: int = 1,
+    options: SamplingOptions,
+    share: Share = Share(show_progress=False),
 ) -> list[RolloutGroup]:
-    """k samples per prompt from `policy`; `reward_fn(rows)` and `ref_logps_fn(rows)` give one
-    float per Tokenized row (prompt ids + response ids, the response's EOS included when it was
-    generated). With several processes each samples its share of the generation batches (the
-    samples do not depend on the number of processes) and every process gets every group."""
+    """k samples per prompt from `policy`, scored by `rollouts`. With several processes (`share`)
+    each samples its share of the generation batches (the samples do not depend on the number of
+    processes) and every process gets every group."""
     repeated = [p for p in prompts for _ in range(k)]
-    room = max_length - max(len(p) for p in prompts)
-    generated = generate_ids(
-        policy,
-        tokenizer,
-        repeated,
-        max_new_tokens=max(1, min(max_new_tokens, room)),
-        temperature=temperature,
-        top_p=top_p,
-        batch_size=batch_size,
-        seed=seed,
-        process_index=process_index,
-        num_processes=num_processes,
-        show_progress=False,
-        backend=backend,
-    )
+    generated = generate_ids(rollouts.engine, policy, tokenizer, repeated, options, share)
     indices = sorted(generated)
     rows = [Tokenized(repeated[i], generated[i] or [tokenizer.eos_token_id]) for i in indices]
     # Each process scores what it sampled, then all is gathered: Trainer.step takes the global
     # batch on every process and splits it itself. Scoring only the groups of one's own
     # micro-batches would tie this to that split, and would still need the others' samples.
-    scored = list(zip(indices, [r.response_ids for r in rows], reward_fn(rows), ref_logps_fn(rows)))
-    if num_processes > 1:
+    rewards, refs = rollouts.reward_fn(rows), rollouts.ref_logps_fn(rows)
+    scored = list(zip(indices, [r.response_ids for r in rows], rewards, refs))
+    if share.num_processes > 1:
         scored = sorted(gather_object(scored), key=lambda s: s[0])
         check_one_each([s[0] for s in scored], len(repeated), "rollouts")
     _, samples, rewards, refs = (list(column) for column in zip(*scored))
@@ -127,49 +130,48 @@ def make_rollouts(
     ]
 
 
+@dataclass
+class PolicyPhase:
+    """One policy phase of RFT: its optimiser steps, the seeds of its prompt order, what its
+    records carry, and the window of the KL and reward running means (kept across phases)."""
+
+    steps: int
+    seed_parts: tuple[int, ...]
+    context: dict
+    window: deque = field(default_factory=lambda: deque(maxlen=10))
+
+
 def policy_step(
     trainer: Trainer,
     tokenizer,
     prompts: list[list[int]],
-    steps: int,
-    reward_fn,
-    ref_logps_fn,
+    rollouts: Rollouts,
     config,
-    seed_parts: tuple[int, ...],
-    context: dict,
-    window: deque,
+    phase: PolicyPhase,
 ) -> list[dict]:
-    """`steps` RLOO steps; each samples `rollouts` responses for each of `global_batch` prompts
-    with the current weights, then takes one optimiser step on them (strictly on-policy)."""
+    """`phase.steps` RLOO steps; each samples `config.rollouts` responses for each of `global_batch`
+    prompts with the current weights (sampled and scored as `rollouts` says), then takes one
+    optimiser step on them (strictly on-policy)."""
     loss_fn = rloo_loss_fn(config.beta, tokenizer.pad_token_id)
     acc = trainer.accelerator
-    batches = cyclic_batches(prompts, trainer.global_batch, *seed_parts)
-    records = []
-    for _ in range(steps):
+    batches = cyclic_batches(prompts, trainer.global_batch, *phase.seed_parts)
+    window, records = phase.window, []
+    for _ in range(phase.steps):
         started = time.perf_counter()
         with acc.autocast():  # sampled as negatives are: the run's precision
+            batch = next(batches)
+            seed = config.seed * 7919 + 1_000_000 + trainer.global_step
+            options = rollout_options(config, batch, seed)
+            share = Share(acc.process_index, acc.num_processes, show_progress=False)
+            policy = trainer.unwrapped
             groups = make_rollouts(
-                trainer.unwrapped,
-                tokenizer,
-                next(batches),
-                config.rollouts,
-                reward_fn,
-                ref_logps_fn,
-                max_length=config.max_length,
-                max_new_tokens=config.max_new_tokens,
-                temperature=config.temperature,
-                top_p=config.top_p,
-                batch_size=config.generation_batch_size,
-                seed=config.seed * 7919 + 1_000_000 + trainer.global_step,
-                backend=config.generation_backend,
-                process_index=acc.process_index,
-                num_processes=acc.num_processes,
+                rollouts, policy, tokenizer, batch, config.rollouts, options, share
             )
         rollout_s = time.perf_counter() - started
         record = trainer.step(groups, loss_fn, float(len(groups)))
         window.append((record["kl"], record["reward"]))
         record.update(
-            context,
+            phase.context,
             rollout_s=rollout_s,
             kl_running_mean=sum(w[0] for w in window) / len(window),
             reward_running_mean=sum(w[1] for w in window) / len(window),
