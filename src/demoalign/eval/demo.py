@@ -1,9 +1,10 @@
 """`demoalign demo`: the built-in task, re-testing the paper's claims on CPU with error bars.
 
 A tiny model is trained by SFT to a start model; from that same start each arm (continued SFT,
-SPIN, IRFT with several T) trains on the same demonstrations with the same number of optimiser
-steps, over several seeds; every arm is evaluated on held-out prompts and pairs and compared with
-continued SFT by a paired t-test over seeds.
+SPIN, IRFT with several T, RFT) trains on the same demonstrations with the same number of
+optimiser steps (RFT: policy steps), over several seeds; every arm is evaluated on held-out
+prompts and pairs and compared with continued SFT by a paired t-test over seeds. The arms × seeds
+loop and its statistics are demoalign.sweep's.
 """
 
 from __future__ import annotations
@@ -17,15 +18,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from ..config import (
-    DemoConfig,
-    IRFTConfig,
-    RFTConfig,
-    SFTConfig,
-    SPINConfig,
-    build_config,
-    parse_arm,
-)
+from ..config import DemoConfig, SFTConfig, build_config, parse_arm
 from ..data.sources import HELDOUT_SEED
 from ..data.tasks import get_task, heldout_prompts, task_examples, task_pairs
 from ..encoding import Encoder
@@ -33,9 +26,10 @@ from ..models import load_model_and_tokenizer
 from ..progress import progress_bar
 from ..run import train
 from ..runio import atomic_write_text, claim_output_dir, release_lock
-from ..tiny import tiny_model, train_tokenizer
+from ..sweep import Sweep, arm_config, by_arm, paired_over_seeds, run_sweep, summarize
+from ..tiny import make_tiny_model
 from .metrics import generation_reward, pair_metrics, pair_sequence_logps
-from .stats import mean_std, paired_t_interval, paired_t_test, verdict
+from .stats import verdict
 
 SHORT = {
     "task_reward_sampled": "sampled",
@@ -57,6 +51,7 @@ TEST_NAME = "paired t-test over seeds (two-sided)"
 
 
 def _arm_config(demo: DemoConfig, arm: str, start: Path, seed: int, out: Path):
+    """One arm's run: the same demonstrations and optimiser steps as every other arm."""
     common = dict(
         model=str(start),
         data=f"task:{demo.task}:1",
@@ -72,42 +67,31 @@ def _arm_config(demo: DemoConfig, arm: str, start: Path, seed: int, out: Path):
         overwrite=True,
         keep_checkpoints=0,  # a demo arm is never resumed: no time on checkpoints
     )
-    method, stages, weight = parse_arm(arm)
-    if method == "sft":
-        return build_config(
-            SFTConfig, {**common, "epochs": demo.epochs, "learning_rate": demo.sft_learning_rate}
-        )
-    if method == "rft":
-        # Equal budget in policy optimiser steps: RFT's policy steps add up to SFT's steps.
-        total_steps = demo.epochs * -(-demo.train_examples // demo.batch_size)
-        return build_config(
-            RFTConfig,
-            {
-                **common,
-                "learning_rate": demo.learning_rate,
-                "beta": demo.rft_beta,
-                "outer_iterations": demo.rft_outer_iterations,
-                "policy_steps": max(1, total_steps // demo.rft_outer_iterations),
-                "reward_steps": demo.rft_reward_steps,
-                "reward_learning_rate": demo.rft_reward_learning_rate,
-                "rollouts": demo.rft_rollouts,
-                "max_new_tokens": demo.max_new_tokens,
-                "generation_batch_size": 64,
-            },
-        )
-    pairwise = {
-        **common,
-        "learning_rate": demo.learning_rate,
-        "beta": demo.beta,
-        "loss_type": demo.loss_type,
-        "sft_weight": demo.sft_weight if weight is None else weight,
-        "epochs_per_stage": demo.epochs,
-        "max_new_tokens": demo.max_new_tokens,
-        "generation_batch_size": 64,
+    # Equal budget in policy optimiser steps: RFT's policy steps add up to SFT's steps.
+    total_steps = demo.epochs * -(-demo.train_examples // demo.batch_size)
+    generation = {"max_new_tokens": demo.max_new_tokens, "generation_batch_size": 64}
+    settings = {
+        "sft": {"epochs": demo.epochs, "learning_rate": demo.sft_learning_rate},
+        "rft": {
+            "learning_rate": demo.learning_rate,
+            "beta": demo.rft_beta,
+            "outer_iterations": demo.rft_outer_iterations,
+            "policy_steps": max(1, total_steps // demo.rft_outer_iterations),
+            "reward_steps": demo.rft_reward_steps,
+            "reward_learning_rate": demo.rft_reward_learning_rate,
+            "rollouts": demo.rft_rollouts,
+            **generation,
+        },
+        "pairwise": {
+            "learning_rate": demo.learning_rate,
+            "beta": demo.beta,
+            "loss_type": demo.loss_type,
+            "sft_weight": demo.sft_weight,
+            "epochs_per_stage": demo.epochs,
+            **generation,
+        },
     }
-    if method == "spin":
-        return build_config(SPINConfig, pairwise)
-    return build_config(IRFTConfig, {**pairwise, "stages": stages})
+    return arm_config(arm, common, settings)
 
 
 def training_prompts(demo: DemoConfig) -> set[str]:
@@ -148,6 +132,11 @@ class Evaluator:
             "logp_gap": sum(g - b for g, b in zip(good, bad)) / n,
         }
 
+    def __call__(self, model_dir: Path, seed: int) -> dict:
+        """The held-out metrics of the model in `model_dir` (the sweep's evaluator)."""
+        model, _ = load_model_and_tokenizer(str(model_dir))
+        return self.metrics(model, seed)
+
     def metrics(self, model, seed: int) -> dict:
         common = dict(max_new_tokens=self.demo.max_new_tokens)
         sampled = generation_reward(
@@ -164,15 +153,17 @@ class Evaluator:
         }
 
 
-def _make_start_model(demo: DemoConfig, out: Path) -> Path:
-    task = get_task(demo.task)
-    texts = [f"{e.prompt}\n{e.response}" for e in task_examples(task.name, 500, seed=0)]
-    tokenizer = train_tokenizer(texts, vocab_size=demo.vocab_size)
-    init = out / "start_init"
-    tiny_model(
-        tokenizer, hidden_size=demo.hidden_size, num_layers=demo.layers, seed=0
-    ).save_pretrained(init)
-    tokenizer.save_pretrained(init)
+def make_start_model(demo: DemoConfig, out: Path) -> Path:
+    """A tiny model (tokenizer trained on the task's text) SFT'd on the task: out/start/final."""
+    texts = [f"{e.prompt}\n{e.response}" for e in task_examples(demo.task, 500, seed=0)]
+    init = make_tiny_model(
+        out / "start_init",
+        vocab_size=demo.vocab_size,
+        hidden_size=demo.hidden_size,
+        num_layers=demo.layers,
+        seed=0,
+        corpus=texts,
+    )
     config = build_config(
         SFTConfig,
         dict(
@@ -206,6 +197,23 @@ def run_demo(demo: DemoConfig) -> dict:
         release_lock(out)
 
 
+def demo_sweep(demo: DemoConfig, start: Path, evaluator: Evaluator, runs_dir: Path) -> Sweep:
+    """Every arm × seed from `start`, evaluated on the held-out set, curves over stages on its
+    first stage_eval_prompts."""
+
+    def stage_point(model, seed: int) -> dict:
+        return evaluator.stage_point(model, demo.stage_eval_prompts, seed=1000 + seed)
+
+    return Sweep(
+        arms=demo.arm_list(),
+        seeds=list(range(demo.seeds)),
+        arm_config=lambda arm, seed, out: _arm_config(demo, arm, start, seed, out),
+        evaluate=evaluator,
+        runs_dir=runs_dir,
+        stage_eval=stage_point,
+    )
+
+
 def _run_demo_in(out: Path, demo: DemoConfig) -> dict:
     atomic_write_text(out / "config.yaml", _yaml({"method": "demo", **asdict(demo)}))
     console = Console()
@@ -213,75 +221,54 @@ def _run_demo_in(out: Path, demo: DemoConfig) -> dict:
     console.print(
         f"[bold]demoalign demo[/]: task {demo.task}, arms {demo.arms}, {demo.seeds} seeds -> {out}"
     )
-    start = _make_start_model(demo, out)
+    start = make_start_model(demo, out)
     evaluator = Evaluator(demo, start)
-    start_model, _ = load_model_and_tokenizer(str(start))
-    start_metrics = evaluator.metrics(start_model, seed=0)
+    start_metrics = evaluator(start, seed=0)
     console.print(
         f"start model: sampled reward {start_metrics['task_reward_sampled']:.3f}, "
         f"greedy {start_metrics['task_reward_greedy']:.3f}"
     )
-
-    arms = {
-        arm: {"seeds": [], "values": {m: [] for m in METRICS}, "stage_curves": []}
-        for arm in demo.arm_list()
-    }
-    runs = [(seed, arm) for seed in range(demo.seeds) for arm in demo.arm_list()]
-    with progress_bar("arms x seeds", total=len(runs)) as advance:
-        for seed, arm in runs:
-            curve, eval_time = [], [0.0]
-
-            def on_stage_end(model, stage, seed=seed, curve=curve, eval_time=eval_time):
-                t = time.perf_counter()
-                curve.append(
-                    evaluator.stage_point(model, demo.stage_eval_prompts, seed=1000 + seed)
-                )
-                eval_time[0] += time.perf_counter() - t
-
-            t0 = time.perf_counter()
-            run_dir = train(
-                _arm_config(demo, arm, start, seed, out / "arms" / arm / f"seed{seed}"),
-                on_stage_end,
-            )
-            wall = (
-                time.perf_counter() - t0 - eval_time[0]
-            )  # the over-stages evaluation is not training
-            model, _ = load_model_and_tokenizer(str(run_dir / "final"))
-            values = {**evaluator.metrics(model, seed=seed), "wall_time_s": wall}
-            arms[arm]["seeds"].append(seed)
-            arms[arm]["stage_curves"].append(curve)
-            for m in METRICS:
-                arms[arm]["values"][m].append(values[m])
-            advance(1)
-
-    results = _results(demo, arms, start_metrics)
+    sweep = demo_sweep(demo, start, evaluator, out / "arms")
+    with progress_bar("arms x seeds", total=len(sweep.plan())) as advance:
+        outcome = run_sweep(sweep, on_run=lambda *_: advance(1))
+    results = _results(demo, outcome.runs, start_metrics)
     _write_report(out, demo, results, time.perf_counter() - started)
     _print_table(console, results)
     console.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}")
     return results
 
 
-def _results(demo: DemoConfig, arms: dict, start_metrics: dict) -> dict:
-    sft = arms["sft"]["values"]
+def _results(demo: DemoConfig, runs: list[dict], start_metrics: dict) -> dict:
+    """Per arm: every metric's values over seeds with mean ± std, and the paired test against
+    continued SFT; the curves over stages."""
+    arms = demo.arm_list()
+    summary, runs_by_arm = summarize(runs, arms), by_arm(runs, arms)
+    columns = {
+        arm: {m: summary[arm]["train_s" if m == "wall_time_s" else m] for m in METRICS}
+        for arm in arms
+    }
     out_arms = []
-    for name, arm in arms.items():
-        metrics = {}
-        for m in METRICS:
-            mean, std = mean_std(arm["values"][m])
-            metrics[m] = {"values": arm["values"][m], "mean": mean, "std": std}
+    for name in arms:
+        metrics = {
+            m: {k: c[k] for k in ("values", "mean", "std")} for m, c in columns[name].items()
+        }
         vs_sft = {}
         if name != "sft":
-            for m in METRICS:
-                _, p = paired_t_test(arm["values"][m], sft[m])
-                interval = paired_t_interval(arm["values"][m], sft[m])
-                vs_sft[m] = {"test": TEST_NAME, "p_value": p, **interval}
+            vs_sft = {
+                m: {
+                    "test": TEST_NAME,
+                    **paired_over_seeds(c["values"], columns["sft"][m]["values"]),
+                }
+                for m, c in columns[name].items()
+            }
+        seeds = runs_by_arm[name]
         out_arms.append(
             {
                 "name": name,
-                "seeds": arm["seeds"],
+                "seeds": list(seeds),
                 "metrics": metrics,
                 "vs_sft": vs_sft,
-                "over_stages": arm["stage_curves"],
+                "over_stages": [run["over_stages"] for run in seeds.values()],
             }
         )
     return {"settings": asdict(demo), "start_model": start_metrics, "arms": out_arms}
