@@ -70,6 +70,11 @@ def real_tokenizer(name: str):
     path = data_root() / REAL_TOKENIZERS[name]
     if not path.exists():
         raise FileNotFoundError(f"{path} not found (DEMOALIGN_DATA must hold tokenizers/)")
+    return tokenizer_from_file(path)
+
+
+def tokenizer_from_file(path: str | Path):
+    """A tokenizer.json file as a tokenizer of tiny models (its EOS, a pad token added)."""
     tok = Tokenizer.from_file(str(path))
     tok.add_special_tokens([SPECIAL_PAD])
     return _wrap(tok)
