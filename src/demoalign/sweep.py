@@ -261,6 +261,68 @@ def paired_over_seeds(a: list[float], b: list[float]) -> dict:
     return {"p_value": paired_t_test(a, b)[1], **paired_t_interval(a, b)}
 
 
+SEED_TEST = "paired t-test over seeds (two-sided)"
+
+
+def arm_results(runs: list[dict], arms: list[str], metrics: dict, baseline: str = "sft") -> list:
+    """Per arm, its per-seed metrics: [{name, seeds, metrics: {m: {values, mean, std}},
+    vs_<baseline>: {m: {test, p_value, difference, low, high, n}} (empty for the baseline),
+    over_stages (where evaluated)}]. `metrics`: {name in the results: metric of the runs, or
+    "train_s" for the training seconds}."""
+    summary, runs_by_arm = summarize(runs, arms), by_arm(runs, arms)
+    columns = {arm: {m: summary[arm][source] for m, source in metrics.items()} for arm in arms}
+    out = []
+    for name in arms:
+        mine, base = columns[name], columns[baseline]
+        paired = {}
+        if name != baseline:
+            paired = {
+                m: {"test": SEED_TEST, **paired_over_seeds(c["values"], base[m]["values"])}
+                for m, c in mine.items()
+            }
+        seeds = runs_by_arm[name]
+        arm = {
+            "name": name,
+            "seeds": list(seeds),
+            "metrics": {m: {k: c[k] for k in ("values", "mean", "std")} for m, c in mine.items()},
+            f"vs_{baseline}": paired,
+        }
+        if any("over_stages" in run for run in seeds.values()):
+            arm["over_stages"] = [run["over_stages"] for run in seeds.values()]
+        out.append(arm)
+    return out
+
+
+def mean_cell(metric: dict) -> str:
+    return f"{metric['mean']:.3f} ± {metric['std']:.3f}"
+
+
+def seed_table(arms: list[dict], metrics: list[str], baseline: str = "sft") -> list[str]:
+    """Markdown of `arm_results`: mean ± std over seeds, with the p-value against the baseline."""
+    rows = ["| arm | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for arm in arms:
+        paired = arm[f"vs_{baseline}"]
+        cells = [
+            mean_cell(arm["metrics"][m]) + (f" (p={paired[m]['p_value']:.2g})" if paired else "")
+            for m in metrics
+        ]
+        rows.append(f"| {arm['name']} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def paired_seed_table(arms: list[dict], metrics: list[str], baseline: str = "sft") -> list[str]:
+    """Markdown of `arm_results`: arm − baseline per metric over matched seeds, with the 95%
+    t-interval of the paired test."""
+    rows = ["| arm | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for arm in (a for a in arms if a[f"vs_{baseline}"]):
+        cells = [
+            f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+            for d in (arm[f"vs_{baseline}"][m] for m in metrics)
+        ]
+        rows.append(f"| {arm['name']} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def compare(runs_a: dict, runs_b: dict, metric: str, resamples: int) -> dict | None:
     """Arm a − arm b on `metric`: paired over items (pooled over the seeds both have: per item
     the mean over seeds of a − b, with a bootstrap interval over items) and over seeds (paired

@@ -26,7 +26,16 @@ from ..models import load_model_and_tokenizer
 from ..progress import progress_bar
 from ..run import train
 from ..runio import atomic_write_text, claim_output_dir, release_lock
-from ..sweep import Sweep, arm_config, by_arm, paired_over_seeds, run_sweep, summarize
+from ..sweep import (
+    SEED_TEST,
+    Sweep,
+    arm_config,
+    arm_results,
+    mean_cell,
+    paired_seed_table,
+    run_sweep,
+    seed_table,
+)
 from ..tiny import make_tiny_model
 from .metrics import generation_reward, pair_metrics, pair_sequence_logps
 from .stats import verdict
@@ -47,7 +56,7 @@ METRICS = (
     "implicit_reward_accuracy",
     "wall_time_s",
 )
-TEST_NAME = "paired t-test over seeds (two-sided)"
+TEST_NAME = SEED_TEST
 
 
 def _arm_config(demo: DemoConfig, arm: str, start: Path, seed: int, out: Path):
@@ -241,45 +250,13 @@ def _run_demo_in(out: Path, demo: DemoConfig) -> dict:
 def _results(demo: DemoConfig, runs: list[dict], start_metrics: dict) -> dict:
     """Per arm: every metric's values over seeds with mean ± std, and the paired test against
     continued SFT; the curves over stages."""
-    arms = demo.arm_list()
-    summary, runs_by_arm = summarize(runs, arms), by_arm(runs, arms)
-    columns = {
-        arm: {m: summary[arm]["train_s" if m == "wall_time_s" else m] for m in METRICS}
-        for arm in arms
-    }
-    out_arms = []
-    for name in arms:
-        metrics = {
-            m: {k: c[k] for k in ("values", "mean", "std")} for m, c in columns[name].items()
-        }
-        vs_sft = {}
-        if name != "sft":
-            vs_sft = {
-                m: {
-                    "test": TEST_NAME,
-                    **paired_over_seeds(c["values"], columns["sft"][m]["values"]),
-                }
-                for m, c in columns[name].items()
-            }
-        seeds = runs_by_arm[name]
-        out_arms.append(
-            {
-                "name": name,
-                "seeds": list(seeds),
-                "metrics": metrics,
-                "vs_sft": vs_sft,
-                "over_stages": [run["over_stages"] for run in seeds.values()],
-            }
-        )
-    return {"settings": asdict(demo), "start_model": start_metrics, "arms": out_arms}
+    columns = {m: "train_s" if m == "wall_time_s" else m for m in METRICS}
+    arms = arm_results(runs, demo.arm_list(), columns, baseline="sft")
+    return {"settings": asdict(demo), "start_model": start_metrics, "arms": arms}
 
 
 def _yaml(data: dict) -> str:
     return yaml.safe_dump(data, sort_keys=False)
-
-
-def _fmt(metric: dict) -> str:
-    return f"{metric['mean']:.3f} ± {metric['std']:.3f}"
 
 
 def _claims(results: dict) -> list[str]:
@@ -330,35 +307,18 @@ def _claims(results: dict) -> list[str]:
 
 def _paired_table(results: dict) -> str:
     """Arm − SFT per metric over matched seeds, with the 95% t-interval of the paired test."""
-    arms = [a for a in results["arms"] if a["vs_sft"]]
     lines = [
         "## Paired differences to SFT over seeds (arm − sft, 95% t-interval)",
         "",
-        "| arm | " + " | ".join(METRICS) + " |",
-        "|---|" + "---|" * len(METRICS),
+        *paired_seed_table(results["arms"], list(METRICS)),
     ]
-    for arm in arms:
-        cells = [
-            f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
-            for d in (arm["vs_sft"][m] for m in METRICS)
-        ]
-        lines.append(f"| {arm['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _write_report(out: Path, demo: DemoConfig, results: dict, wall: float) -> None:
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     _plots(out, results)
-    header = "| arm | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
-    rows = ""
-    for arm in results["arms"]:
-        cells = []
-        for m in METRICS:
-            cell = _fmt(arm["metrics"][m])
-            if arm["vs_sft"]:
-                cell += f" (p={arm['vs_sft'][m]['p_value']:.2g})"
-            cells.append(cell)
-        rows += f"| {arm['name']} | " + " | ".join(cells) + " |\n"
+    table = "\n".join(seed_table(results["arms"], list(METRICS))) + "\n"
     start = results["start_model"]
     text = (
         f"""# demoalign demo: task `{demo.task}`
@@ -374,7 +334,7 @@ seed gives p = 0. Verdicts: yes = higher and p < 0.05; no = not higher; not sign
 but p ≥ 0.05. `wall_time_s` is training time only (evaluation excluded).
 How the settings were chosen: docs/demo-findings.md. Total wall time {wall:.0f} s.
 
-{header}{rows}
+{table}
 {_paired_table(results)}
 ## The paper's claims, re-tested
 
@@ -464,7 +424,7 @@ def _print_table(console, results: dict) -> None:
     for arm in results["arms"]:
         cells = []
         for m in METRICS:
-            cell = _fmt(arm["metrics"][m])
+            cell = mean_cell(arm["metrics"][m])
             if arm["vs_sft"]:
                 cell += f"\np={arm['vs_sft'][m]['p_value']:.2g}"
             cells.append(cell)
