@@ -6,22 +6,15 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from demoalign import IRFTConfig
+from demoalign import IRFTConfig, sweep
 from demoalign.config import parse_arm
 from demoalign.sweep import (
-    arm_config as sweep_arm_config,
-)
-from demoalign.sweep import (
     by_arm,
-    compare_all,
     diff_table,
+    fold_outcome,
     mean_table,
     remaining_estimate,
     run_table,
-    summarize,
-)
-from demoalign.sweep import (
-    verdict_text as sweep_verdict_text,
 )
 
 # name: (description, higher is better)
@@ -109,12 +102,12 @@ def arm_config(arm: str, seed: int, args, data_file: Path, model: str, out: Path
         "max_new_tokens": args.max_new_tokens,
         **generation_options(args, on_gpu),
     }
-    return sweep_arm_config(arm, common, {"sft": {"epochs": args.epochs}, "pairwise": pairwise})
+    return sweep.arm_config(arm, common, {"sft": {"epochs": args.epochs}, "pairwise": pairwise})
 
 
 def verdict_text(runs_a: dict, runs_b: dict, name_a: str, name_b: str, metric: str) -> str:
     higher = METRICS.get(metric, ("", True))[1] is not False
-    return sweep_verdict_text(runs_a, runs_b, name_a, name_b, metric, higher)
+    return sweep.verdict_text(runs_a, runs_b, name_a, name_b, metric, higher)
 
 
 def claims(runs_by_arm: dict, leaderboard: list[str]) -> list[str]:
@@ -141,19 +134,10 @@ def claims(runs_by_arm: dict, leaderboard: list[str]) -> list[str]:
 
 
 def update(results: dict, outcome, arms: list[str], resamples: int, started: float) -> None:
-    """Fold the sweep's outcome so far (None: nothing run yet) into `results`."""
-    if outcome is not None:
-        results.update(runs=outcome.runs, failed=outcome.failed, skipped=outcome.skipped)
-        results["status"] = outcome.status
-    runs = results["runs"]
-    results["summary"] = summarize(runs, arms)
-    results["vs_sft"] = compare_all(runs, arms, "sft", resamples)
+    """Fold the sweep's outcome so far (None: nothing run yet) into `results`, with verdicts."""
+    fold_outcome(results, outcome, arms, resamples, started)
     tasks = [m[3:] for m in results["start_model"] if m.startswith("lb_")]
-    results["verdicts"] = claims(by_arm(runs, arms), tasks)
-    earlier = results["slices"][:-1]
-    results["slices"][-1]["runs"] = len(runs) - sum(p["runs"] for p in earlier)
-    results["slices"][-1]["wall_s"] = time.perf_counter() - started
-    results["wall_s"] = sum(piece["wall_s"] for piece in results["slices"])
+    results["verdicts"] = claims(by_arm(results["runs"], arms), tasks)
 
 
 def report_text(results: dict) -> str:

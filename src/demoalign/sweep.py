@@ -79,7 +79,6 @@ class Sweep:
     arm_config: Callable[[str, int, Path], object]
     evaluate: Evaluator
     runs_dir: Path  # each run trains in runs_dir/<arm>/seed<seed>
-    baseline: str = "sft"
     # Called as stage_eval(model, seed) at the end of every IRFT stage; its points are kept per
     # run as "over_stages" and its time is not counted as training time.
     stage_eval: Callable | None = None
@@ -368,6 +367,22 @@ def compare_all(runs: list[dict], arms: list[str], baseline: str, resamples: int
             if (c := compare(runs_by_arm[arm], runs_by_arm[baseline], m, resamples)) is not None
         }
     return out
+
+
+def fold_outcome(results: dict, outcome, arms: list[str], resamples: int, started: float) -> None:
+    """Fold a sweep's outcome so far (None: nothing run yet) into a results dict that holds the
+    slices so far (the last is this one, begun at `started`): runs, failures, skipped runs,
+    status, the summary over seeds and every arm against sft (`compare`)."""
+    if outcome is not None:
+        results.update(runs=outcome.runs, failed=outcome.failed, skipped=outcome.skipped)
+        results["status"] = outcome.status
+    runs = results["runs"]
+    results["summary"] = summarize(runs, arms)
+    results["vs_sft"] = compare_all(runs, arms, "sft", resamples)
+    earlier = results["slices"][:-1]
+    results["slices"][-1]["runs"] = len(runs) - sum(p["runs"] for p in earlier)
+    results["slices"][-1]["wall_s"] = time.perf_counter() - started
+    results["wall_s"] = sum(piece["wall_s"] for piece in results["slices"])
 
 
 def verdict_text(runs_a: dict, runs_b: dict, name_a: str, name_b: str, metric: str, higher=True):
