@@ -10,7 +10,7 @@ from demoalign.config import IRFTConfig
 from demoalign.methods.irft import count_pairs, irft_loss_fn
 from demoalign.pairs import Pair, fill_reference_logps
 from demoalign.runio import MetricsLog
-from demoalign.tiny import tiny_model, train_tokenizer
+from demoalign.tiny import TinyShape, tiny_llama, train_tokenizer
 from demoalign.trainer import Trainer, make_accelerator
 
 
@@ -25,10 +25,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args()
     tok = train_tokenizer(vocab_size=512)
-    model = tiny_model(
-        tok, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads
-    )
-    model.resize_token_embeddings(args.vocab_size)
+    shape = TinyShape(args.hidden_size, args.layers, args.heads, vocab_size=args.vocab_size)
+    model = tiny_llama(tok, shape)
     cuda = args.device == "cuda"
     config = IRFTConfig(
         model="x",

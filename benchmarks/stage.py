@@ -106,7 +106,7 @@ def parse_args(argv=None):
 
 
 def load_tokenizer(args):
-    from demoalign.tiny import SPECIAL_PAD, _wrap, train_tokenizer
+    from demoalign.tiny import tokenizer_from_file, train_tokenizer
 
     if args.model:
         from transformers import AutoTokenizer
@@ -119,11 +119,7 @@ def load_tokenizer(args):
 
             tok = AutoTokenizer.from_pretrained(path)
         else:
-            from tokenizers import Tokenizer
-
-            raw = Tokenizer.from_file(str(path))
-            raw.add_special_tokens([SPECIAL_PAD])
-            tok = _wrap(raw)
+            tok = tokenizer_from_file(path)
     elif args.device == "cpu":
         tok = train_tokenizer(vocab_size=args.vocab_size)
     else:
@@ -138,26 +134,23 @@ def load_tokenizer(args):
 
 def build_model(tok, args, device):
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from demoalign.tiny import TinyShape, tiny_llama
 
     if args.model:
         return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
-    config = LlamaConfig(
-        vocab_size=max(args.vocab_size, len(tok)),
-        hidden_size=args.hidden_size,
+    shape = TinyShape(
+        args.hidden_size,
+        args.layers,
+        args.heads,
         intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=max(1024, args.prompt_tokens + 2 * args.new_tokens),
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.eos_token_id,
+        vocab_size=args.vocab_size,
+        max_positions=max(1024, args.prompt_tokens + 2 * args.new_tokens),
         tie_word_embeddings=False,
     )
-    torch.manual_seed(args.seed)
-    with torch.device(device):  # random init on the GPU: seconds instead of a minute on CPU
-        return LlamaForCausalLM(config)
+    # random init on the GPU: seconds instead of a minute on CPU
+    return tiny_llama(tok, shape, seed=args.seed, device=device)
 
 
 def build_examples(tok, args):

@@ -182,25 +182,12 @@ def sync(device: str) -> None:
 
 
 def build_model(tok, args):
-    """demoalign.tiny.tiny_model's layout, with the vocabulary set by --vocab-size."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """demoalign.tiny's Llama, with the vocabulary set by --vocab-size."""
+    from demoalign.tiny import TinyShape, tiny_llama
 
-    config = LlamaConfig(
-        vocab_size=max(len(tok), args.vocab_size),
-        hidden_size=args.hidden_size,
-        intermediate_size=args.hidden_size * 2,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=max(1024, args.seq_len),
-        bos_token_id=tok.eos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(args.seed)
-    return LlamaForCausalLM(config)
+    shape = TinyShape(args.hidden_size, args.layers, args.heads, vocab_size=args.vocab_size)
+    shape.max_positions = max(1024, args.seq_len)
+    return tiny_llama(tok, shape, seed=args.seed)
 
 
 def build_data(tok, args):

@@ -126,10 +126,12 @@ def _run(arm, seed, values):
     return {"arm": arm, "seed": seed, "train_s": 1.0, "items": {"m": values}}
 
 
-def test_paired_difference_pools_items_over_seeds(real_text):
+def test_paired_difference_pools_items_over_seeds():
+    from demoalign.sweep import compare
+
     a = {0: _run("x", 0, [1.0, 2.0, 3.0]), 1: _run("x", 1, [2.0, 1.0, 5.0])}
     b = {0: _run("sft", 0, [0.0, 2.0, 2.0]), 1: _run("sft", 1, [1.0, 1.0, 3.0])}
-    c = real_text.compare(a, b, "m", resamples=500)
+    c = compare(a, b, "m", resamples=500)
     # per item, the mean over seeds of a - b: (1+1)/2, (0+0)/2, (1+2)/2
     assert c["diff"] == pytest.approx((1.0 + 0.0 + 1.5) / 3)
     assert 0.0 <= c["low"] < c["diff"] < c["high"] <= 1.5
@@ -137,18 +139,19 @@ def test_paired_difference_pools_items_over_seeds(real_text):
     assert c["p_value"] == pytest.approx(0.1257, abs=1e-4)  # t = 5 with 1 degree of freedom
     same = {0: _run("x", 0, [1.0, 3.0]), 1: _run("x", 1, [2.0, 4.0])}
     base = {0: _run("sft", 0, [0.0, 2.0]), 1: _run("sft", 1, [1.0, 3.0])}
-    assert real_text.compare(same, base, "m", resamples=100)["p_value"] == 0.0
+    assert compare(same, base, "m", resamples=100)["p_value"] == 0.0
 
 
 def test_lower_is_better_metrics_flip_the_verdict(real_text):
+    parts = sys.modules["real_text_parts"]  # the script's helper module, imported by it
     low = {s: _run("x", s, [1.0, 1.0]) for s in (0, 1, 2)}
     high = {s: _run("sft", s, [2.0 + s, 2.0]) for s in (0, 1, 2)}
-    real_text.METRICS["m"] = ("test metric", False)
+    parts.METRICS["m"] = ("test metric", False)
     try:
-        assert "**yes**" in real_text.verdict_text(low, high, "x", "sft", "m")
-        assert "**no**" in real_text.verdict_text(high, low, "sft", "x", "m")
+        assert "**yes**" in parts.verdict_text(low, high, "x", "sft", "m")
+        assert "**no**" in parts.verdict_text(high, low, "sft", "x", "m")
     finally:
-        del real_text.METRICS["m"]
+        del parts.METRICS["m"]
 
 
 @needs_data
@@ -201,14 +204,16 @@ def test_a_gguf_start_model_is_converted_once_and_trained_from(real_text, tmp_pa
 
 @needs_data
 def test_a_failed_run_is_reported_and_the_others_go_on(real_text, tmp_path, monkeypatch):
-    real_one_run = real_text.one_run
+    from demoalign.sweep import Sweep
 
-    def one_run(arm, seed, *rest):
+    real_one_run = Sweep.run_one
+
+    def one_run(self, arm, seed):
         if arm == "spin" and seed == 0:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_one_run(arm, seed, *rest)
+        return real_one_run(self, arm, seed)
 
-    monkeypatch.setattr(real_text, "one_run", one_run)
+    monkeypatch.setattr(Sweep, "run_one", one_run)
     out = tmp_path / "out"
     results = real_text.main([*SMALLEST, "--arms=sft,spin", f"--out={out}"])
     assert results["status"] == "finished with failures"

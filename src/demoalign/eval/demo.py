@@ -1,9 +1,10 @@
 """`demoalign demo`: the built-in task, re-testing the paper's claims on CPU with error bars.
 
 A tiny model is trained by SFT to a start model; from that same start each arm (continued SFT,
-SPIN, IRFT with several T) trains on the same demonstrations with the same number of optimiser
-steps, over several seeds; every arm is evaluated on held-out prompts and pairs and compared with
-continued SFT by a paired t-test over seeds.
+SPIN, IRFT with several T, RFT) trains on the same demonstrations with the same number of
+optimiser steps (RFT: policy steps), over several seeds; every arm is evaluated on held-out
+prompts and pairs and compared with continued SFT by a paired t-test over seeds. The arms × seeds
+loop and its statistics are demoalign.sweep's.
 """
 
 from __future__ import annotations
@@ -17,15 +18,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from ..config import (
-    DemoConfig,
-    IRFTConfig,
-    RFTConfig,
-    SFTConfig,
-    SPINConfig,
-    build_config,
-    parse_arm,
-)
+from ..config import DemoConfig, SFTConfig, build_config, parse_arm
 from ..data.sources import HELDOUT_SEED
 from ..data.tasks import get_task, heldout_prompts, task_examples, task_pairs
 from ..encoding import Encoder
@@ -34,9 +27,19 @@ from ..models import load_model_and_tokenizer
 from ..progress import progress_bar
 from ..run import train
 from ..runio import atomic_write_text, claim_output_dir, release_lock
-from ..tiny import tiny_model, train_tokenizer
+from ..sweep import (
+    SEED_TEST,
+    Sweep,
+    arm_config,
+    arm_results,
+    mean_cell,
+    paired_seed_table,
+    run_sweep,
+    seed_table,
+)
+from ..tiny import make_tiny_model
 from .metrics import generation_reward, pair_metrics, pair_sequence_logps, task_sampling
-from .stats import mean_std, paired_t_interval, paired_t_test, verdict
+from .stats import verdict
 
 SHORT = {
     "task_reward_sampled": "sampled",
@@ -54,10 +57,11 @@ METRICS = (
     "implicit_reward_accuracy",
     "wall_time_s",
 )
-TEST_NAME = "paired t-test over seeds (two-sided)"
+TEST_NAME = SEED_TEST
 
 
 def _arm_config(demo: DemoConfig, arm: str, start: Path, seed: int, out: Path):
+    """One arm's run: the same demonstrations and optimiser steps as every other arm."""
     common = dict(
         model=str(start),
         data=f"task:{demo.task}:1",
@@ -73,42 +77,31 @@ def _arm_config(demo: DemoConfig, arm: str, start: Path, seed: int, out: Path):
         overwrite=True,
         keep_checkpoints=0,  # a demo arm is never resumed: no time on checkpoints
     )
-    method, stages, weight = parse_arm(arm)
-    if method == "sft":
-        return build_config(
-            SFTConfig, {**common, "epochs": demo.epochs, "learning_rate": demo.sft_learning_rate}
-        )
-    if method == "rft":
-        # Equal budget in policy optimiser steps: RFT's policy steps add up to SFT's steps.
-        total_steps = demo.epochs * -(-demo.train_examples // demo.batch_size)
-        return build_config(
-            RFTConfig,
-            {
-                **common,
-                "learning_rate": demo.learning_rate,
-                "beta": demo.rft_beta,
-                "outer_iterations": demo.rft_outer_iterations,
-                "policy_steps": max(1, total_steps // demo.rft_outer_iterations),
-                "reward_steps": demo.rft_reward_steps,
-                "reward_learning_rate": demo.rft_reward_learning_rate,
-                "rollouts": demo.rft_rollouts,
-                "max_new_tokens": demo.max_new_tokens,
-                "generation_batch_size": 64,
-            },
-        )
-    pairwise = {
-        **common,
-        "learning_rate": demo.learning_rate,
-        "beta": demo.beta,
-        "loss_type": demo.loss_type,
-        "sft_weight": demo.sft_weight if weight is None else weight,
-        "epochs_per_stage": demo.epochs,
-        "max_new_tokens": demo.max_new_tokens,
-        "generation_batch_size": 64,
+    # Equal budget in policy optimiser steps: RFT's policy steps add up to SFT's steps.
+    total_steps = demo.epochs * -(-demo.train_examples // demo.batch_size)
+    generation = {"max_new_tokens": demo.max_new_tokens, "generation_batch_size": 64}
+    settings = {
+        "sft": {"epochs": demo.epochs, "learning_rate": demo.sft_learning_rate},
+        "rft": {
+            "learning_rate": demo.learning_rate,
+            "beta": demo.rft_beta,
+            "outer_iterations": demo.rft_outer_iterations,
+            "policy_steps": max(1, total_steps // demo.rft_outer_iterations),
+            "reward_steps": demo.rft_reward_steps,
+            "reward_learning_rate": demo.rft_reward_learning_rate,
+            "rollouts": demo.rft_rollouts,
+            **generation,
+        },
+        "pairwise": {
+            "learning_rate": demo.learning_rate,
+            "beta": demo.beta,
+            "loss_type": demo.loss_type,
+            "sft_weight": demo.sft_weight,
+            "epochs_per_stage": demo.epochs,
+            **generation,
+        },
     }
-    if method == "spin":
-        return build_config(SPINConfig, pairwise)
-    return build_config(IRFTConfig, {**pairwise, "stages": stages})
+    return arm_config(arm, common, settings)
 
 
 def training_prompts(demo: DemoConfig) -> set[str]:
@@ -145,6 +138,11 @@ class Evaluator:
             "logp_gap": sum(g - b for g, b in zip(good, bad)) / n,
         }
 
+    def __call__(self, model_dir: Path, seed: int) -> dict:
+        """The held-out metrics of the model in `model_dir` (the sweep's evaluator)."""
+        model, _ = load_model_and_tokenizer(str(model_dir))
+        return self.metrics(model, seed)
+
     def metrics(self, model, seed: int) -> dict:
         n = self.demo.max_new_tokens
         args = (self.engine, model, self.encoder, self.task, self.prompts)
@@ -158,15 +156,17 @@ class Evaluator:
         }
 
 
-def _make_start_model(demo: DemoConfig, out: Path) -> Path:
-    task = get_task(demo.task)
-    texts = [f"{e.prompt}\n{e.response}" for e in task_examples(task.name, 500, seed=0)]
-    tokenizer = train_tokenizer(texts, vocab_size=demo.vocab_size)
-    init = out / "start_init"
-    tiny_model(
-        tokenizer, hidden_size=demo.hidden_size, num_layers=demo.layers, seed=0
-    ).save_pretrained(init)
-    tokenizer.save_pretrained(init)
+def make_start_model(demo: DemoConfig, out: Path) -> Path:
+    """A tiny model (tokenizer trained on the task's text) SFT'd on the task: out/start/final."""
+    texts = [f"{e.prompt}\n{e.response}" for e in task_examples(demo.task, 500, seed=0)]
+    init = make_tiny_model(
+        out / "start_init",
+        vocab_size=demo.vocab_size,
+        hidden_size=demo.hidden_size,
+        num_layers=demo.layers,
+        seed=0,
+        corpus=texts,
+    )
     config = build_config(
         SFTConfig,
         dict(
@@ -200,6 +200,23 @@ def run_demo(demo: DemoConfig) -> dict:
         release_lock(out)
 
 
+def demo_sweep(demo: DemoConfig, start: Path, evaluator: Evaluator, runs_dir: Path) -> Sweep:
+    """Every arm × seed from `start`, evaluated on the held-out set, curves over stages on its
+    first stage_eval_prompts."""
+
+    def stage_point(model, seed: int) -> dict:
+        return evaluator.stage_point(model, demo.stage_eval_prompts, seed=1000 + seed)
+
+    return Sweep(
+        arms=demo.arm_list(),
+        seeds=list(range(demo.seeds)),
+        arm_config=lambda arm, seed, out: _arm_config(demo, arm, start, seed, out),
+        evaluate=evaluator,
+        runs_dir=runs_dir,
+        stage_eval=stage_point,
+    )
+
+
 def _run_demo_in(out: Path, demo: DemoConfig) -> dict:
     atomic_write_text(out / "config.yaml", _yaml({"method": "demo", **asdict(demo)}))
     console = Console()
@@ -207,86 +224,33 @@ def _run_demo_in(out: Path, demo: DemoConfig) -> dict:
     console.print(
         f"[bold]demoalign demo[/]: task {demo.task}, arms {demo.arms}, {demo.seeds} seeds -> {out}"
     )
-    start = _make_start_model(demo, out)
+    start = make_start_model(demo, out)
     evaluator = Evaluator(demo, start)
-    start_model, _ = load_model_and_tokenizer(str(start))
-    start_metrics = evaluator.metrics(start_model, seed=0)
+    start_metrics = evaluator(start, seed=0)
     console.print(
         f"start model: sampled reward {start_metrics['task_reward_sampled']:.3f}, "
         f"greedy {start_metrics['task_reward_greedy']:.3f}"
     )
-
-    arms = {
-        arm: {"seeds": [], "values": {m: [] for m in METRICS}, "stage_curves": []}
-        for arm in demo.arm_list()
-    }
-    runs = [(seed, arm) for seed in range(demo.seeds) for arm in demo.arm_list()]
-    with progress_bar("arms x seeds", total=len(runs)) as advance:
-        for seed, arm in runs:
-            curve, eval_time = [], [0.0]
-
-            def on_stage_end(model, stage, seed=seed, curve=curve, eval_time=eval_time):
-                t = time.perf_counter()
-                curve.append(
-                    evaluator.stage_point(model, demo.stage_eval_prompts, seed=1000 + seed)
-                )
-                eval_time[0] += time.perf_counter() - t
-
-            t0 = time.perf_counter()
-            run_dir = train(
-                _arm_config(demo, arm, start, seed, out / "arms" / arm / f"seed{seed}"),
-                on_stage_end,
-            )
-            wall = (
-                time.perf_counter() - t0 - eval_time[0]
-            )  # the over-stages evaluation is not training
-            model, _ = load_model_and_tokenizer(str(run_dir / "final"))
-            values = {**evaluator.metrics(model, seed=seed), "wall_time_s": wall}
-            arms[arm]["seeds"].append(seed)
-            arms[arm]["stage_curves"].append(curve)
-            for m in METRICS:
-                arms[arm]["values"][m].append(values[m])
-            advance(1)
-
-    results = _results(demo, arms, start_metrics)
+    sweep = demo_sweep(demo, start, evaluator, out / "arms")
+    with progress_bar("arms x seeds", total=len(sweep.plan())) as advance:
+        outcome = run_sweep(sweep, on_run=lambda *_: advance(1))
+    results = _results(demo, outcome.runs, start_metrics)
     _write_report(out, demo, results, time.perf_counter() - started)
     _print_table(console, results)
     console.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}")
     return results
 
 
-def _results(demo: DemoConfig, arms: dict, start_metrics: dict) -> dict:
-    sft = arms["sft"]["values"]
-    out_arms = []
-    for name, arm in arms.items():
-        metrics = {}
-        for m in METRICS:
-            mean, std = mean_std(arm["values"][m])
-            metrics[m] = {"values": arm["values"][m], "mean": mean, "std": std}
-        vs_sft = {}
-        if name != "sft":
-            for m in METRICS:
-                _, p = paired_t_test(arm["values"][m], sft[m])
-                interval = paired_t_interval(arm["values"][m], sft[m])
-                vs_sft[m] = {"test": TEST_NAME, "p_value": p, **interval}
-        out_arms.append(
-            {
-                "name": name,
-                "seeds": arm["seeds"],
-                "metrics": metrics,
-                "vs_sft": vs_sft,
-                "over_stages": arm["stage_curves"],
-            }
-        )
-    return {"settings": asdict(demo), "start_model": start_metrics, "arms": out_arms}
+def _results(demo: DemoConfig, runs: list[dict], start_metrics: dict) -> dict:
+    """Per arm: every metric's values over seeds with mean ± std, and the paired test against
+    continued SFT; the curves over stages."""
+    columns = {m: "train_s" if m == "wall_time_s" else m for m in METRICS}
+    arms = arm_results(runs, demo.arm_list(), columns, baseline="sft")
+    return {"settings": asdict(demo), "start_model": start_metrics, "arms": arms}
 
 
 def _yaml(data: dict) -> str:
     return yaml.safe_dump(data, sort_keys=False)
-
-
-def _fmt(metric: dict) -> str:
-    return f"{metric['mean']:.3f} ± {metric['std']:.3f}"
 
 
 def _claims(results: dict) -> list[str]:
@@ -337,35 +301,18 @@ def _claims(results: dict) -> list[str]:
 
 def _paired_table(results: dict) -> str:
     """Arm − SFT per metric over matched seeds, with the 95% t-interval of the paired test."""
-    arms = [a for a in results["arms"] if a["vs_sft"]]
     lines = [
         "## Paired differences to SFT over seeds (arm − sft, 95% t-interval)",
         "",
-        "| arm | " + " | ".join(METRICS) + " |",
-        "|---|" + "---|" * len(METRICS),
+        *paired_seed_table(results["arms"], list(METRICS)),
     ]
-    for arm in arms:
-        cells = [
-            f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
-            for d in (arm["vs_sft"][m] for m in METRICS)
-        ]
-        lines.append(f"| {arm['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _write_report(out: Path, demo: DemoConfig, results: dict, wall: float) -> None:
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     _plots(out, results)
-    header = "| arm | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
-    rows = ""
-    for arm in results["arms"]:
-        cells = []
-        for m in METRICS:
-            cell = _fmt(arm["metrics"][m])
-            if arm["vs_sft"]:
-                cell += f" (p={arm['vs_sft'][m]['p_value']:.2g})"
-            cells.append(cell)
-        rows += f"| {arm['name']} | " + " | ".join(cells) + " |\n"
+    table = "\n".join(seed_table(results["arms"], list(METRICS))) + "\n"
     start = results["start_model"]
     text = (
         f"""# demoalign demo: task `{demo.task}`
@@ -381,7 +328,7 @@ seed gives p = 0. Verdicts: yes = higher and p < 0.05; no = not higher; not sign
 but p ≥ 0.05. `wall_time_s` is training time only (evaluation excluded).
 How the settings were chosen: docs/demo-findings.md. Total wall time {wall:.0f} s.
 
-{header}{rows}
+{table}
 {_paired_table(results)}
 ## The paper's claims, re-tested
 
@@ -471,7 +418,7 @@ def _print_table(console, results: dict) -> None:
     for arm in results["arms"]:
         cells = []
         for m in METRICS:
-            cell = _fmt(arm["metrics"][m])
+            cell = mean_cell(arm["metrics"][m])
             if arm["vs_sft"]:
                 cell += f"\np={arm['vs_sft'][m]['p_value']:.2g}"
             cells.append(cell)
