@@ -29,7 +29,11 @@ Usage:
     python benchmarks/train_step.py                      # CPU defaults, ~1 min on 2 cores
     python benchmarks/train_step.py --device cuda --hidden-size 1024 --layers 8 --vocab-size 32000 \
         --pairs 64 --batch-size 8 --seq-len 512 --steps 20
-The LAST line printed is `ratio throughput=<ours/TRL> peak_memory=<ours/TRL>`.
+Variants, each in its own process: demoalign plain, with padding-free batches, with liger's
+kernels, with both (liger only on CUDA with liger-kernel installed), TRL plain and TRL with its
+own padding_free and use_liger_kernel options. MFU = 6 N tokens/s over the GPU's dense bf16 peak
+(nan on the CPU). The LAST line printed is `ratio mfu=<ours, all levers> vs_trl=<ours all levers /
+TRL's fastest variant, tokens/s> memory_vs_trl=<the same, peak memory>`.
 TRL and datasets are needed for the TRL side (they are test-only dependencies of demoalign); without
 them the script says so and exits with status 2.
 """
@@ -51,6 +55,17 @@ import time
 import warnings
 
 RESULT_TAG = "BENCH_RESULT "
+# Each variant runs in its own process: (side, demoalign's levers or TRL's own options).
+VARIANTS = {
+    "ours": ("ours", {"padding_free": False, "liger": False}),
+    "ours-padding-free": ("ours", {"padding_free": True, "liger": False}),
+    "ours-liger": ("ours", {"padding_free": False, "liger": True}),
+    "ours-all": ("ours", {"padding_free": True, "liger": True}),
+    "trl": ("trl", {"padding_free": False, "liger": False}),
+    "trl-levers": ("trl", {"padding_free": True, "liger": True}),
+}
+# Dense bf16 peak FLOP/s per GPU, for MFU (6 N FLOPs per token).
+PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12}
 TEMPLATE = "hh"  # prompt ends "Assistant:", response starts " ": identical tokens on both sides
 WORDS = (
     "mix flour water salt yeast knead dough rise shape bake degrees minutes quick brown fox jumps "
@@ -96,7 +111,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--only", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.warmup_steps < 1 or args.steps < 1:
         p.error(
@@ -261,8 +276,9 @@ def use_bf16(device: str) -> bool:
 # ----------------------------------------------------------------------------- sides
 
 
-def run_ours(args, tok, model, ids, memory: PeakMemory) -> dict:
+def run_ours(args, tok, model, ids, memory: PeakMemory, levers: dict) -> dict:
     from demoalign.config import IRFTConfig
+    from demoalign.kernels import apply_liger
     from demoalign.methods.irft import count_pairs, irft_loss_fn
     from demoalign.pairs import Pair, fill_reference_logps
     from demoalign.runio import MetricsLog
@@ -281,7 +297,10 @@ def run_ours(args, tok, model, ids, memory: PeakMemory) -> dict:
         optimizer="adamw",
         weight_decay=0.0,
         max_grad_norm=1.0,
+        padding_free="true" if levers["padding_free"] else "false",
     )
+    if levers["liger"]:
+        apply_liger(model)
     memory.start()
     accelerator = make_accelerator(config)
     trainer = Trainer(config, model, accelerator, MetricsLog(os.devnull, enabled=False))
@@ -289,7 +308,12 @@ def run_ours(args, tok, model, ids, memory: PeakMemory) -> dict:
     sync(args.device)
     started = time.perf_counter()
     fill_reference_logps(
-        trainer.unwrapped, pairs, tok.pad_token_id, args.batch_size, accelerator.autocast
+        trainer.unwrapped,
+        pairs,
+        tok.pad_token_id,
+        args.batch_size,
+        accelerator.autocast,
+        padding_free=trainer.padding_free,
     )
     sync(args.device)
     ref_s = time.perf_counter() - started
@@ -318,7 +342,7 @@ def run_ours(args, tok, model, ids, memory: PeakMemory) -> dict:
     }
 
 
-def run_trl(args, tok, model, texts, memory: PeakMemory) -> dict:
+def run_trl(args, tok, model, texts, memory: PeakMemory, levers: dict) -> dict:
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback
@@ -340,7 +364,8 @@ def run_trl(args, tok, model, texts, memory: PeakMemory) -> dict:
             return SequentialSampler(self.train_dataset)
 
         def compute_loss(self, model, inputs, *a, **k):
-            tokens.append(int(inputs["attention_mask"].sum()))
+            mask = inputs.get("attention_mask")  # none when TRL packs the batch (padding_free)
+            tokens.append(int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel()))
             loss = super().compute_loss(model, inputs, *a, **k)
             losses.append(float(loss.detach()))
             return loss
@@ -374,6 +399,8 @@ def run_trl(args, tok, model, texts, memory: PeakMemory) -> dict:
             dataloader_num_workers=0,
             seed=args.seed,
             precompute_ref_log_probs=False,
+            padding_free=levers["padding_free"],
+            use_liger_kernel=levers["liger"],
         )
         trainer = CountingDPOTrainer(
             model=model,
@@ -404,7 +431,7 @@ def child(args) -> None:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible to torch")
-    if args.only == "trl":
+    if args.only.startswith("trl"):
         import datasets  # noqa: F401  (imports before the baseline, like ours)
         import trl  # noqa: F401
     import demoalign.methods  # noqa: F401
@@ -417,11 +444,13 @@ def child(args) -> None:
     if args.device == "cuda":
         model.to("cuda")
     memory = PeakMemory(args.device)
-    if args.only == "ours":
-        result = run_ours(args, tok, model, ids, memory)
+    side, levers = VARIANTS[args.only]
+    if side == "ours":
+        result = run_ours(args, tok, model, ids, memory, levers)
     else:
-        result = run_trl(args, tok, model, texts, memory)
+        result = run_trl(args, tok, model, texts, memory, levers)
     result["params"] = sum(p.numel() for p in model.parameters())
+    result["variant"] = args.only
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
@@ -432,8 +461,9 @@ def missing_trl() -> list[str]:
     return [name for name in ("trl", "datasets") if importlib.util.find_spec(name) is None]
 
 
-def spawn(side: str, argv: list[str]) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--only", side]
+def spawn(variant: str, argv: list[str]) -> dict | None:
+    """One variant in its own process; None (with the reason printed) where it failed."""
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--only", variant]
     env = {
         **os.environ,
         "TQDM_DISABLE": "1",
@@ -444,12 +474,70 @@ def spawn(side: str, argv: list[str]) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG) :])
-    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-    sys.exit(f"the {side} side failed (exit status {proc.returncode}); its output is above")
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    print(f"{variant}: failed (exit status {proc.returncode}): {last}", flush=True)
+    return None
 
 
 def mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
+
+
+def variants_here(device: str) -> list[str]:
+    """Every variant that can run here: liger (and TRL's own levers, which include it) only on
+    CUDA with liger-kernel installed; on the CPU TRL's padding-free mode runs alone."""
+    liger = device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    names = ["ours", "ours-padding-free"] + (["ours-liger", "ours-all"] if liger else [])
+    return names + ["trl", "trl-levers"]
+
+
+def peak_flops(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def describe_device(args) -> str:
+    import torch
+
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device is visible to torch")
+        return torch.cuda.get_device_name(0)
+    return f"CPU, {torch.get_num_threads()} torch threads"
+
+
+def run_variants(args, argv: list[str]) -> dict[str, dict]:
+    results = {}
+    for name in variants_here(args.device):
+        result = spawn(name, argv)
+        if result is None:
+            continue
+        result["tok_s"] = result["tokens"] / result["train_s"]
+        result["ms_step"] = 1000 * result["train_s"] / args.steps
+        peak = peak_flops(args.device)
+        result["mfu"] = 6 * result["params"] * result["tok_s"] / peak if peak else float("nan")
+        results[name] = result
+    return results
+
+
+def print_table(args, results: dict[str, dict]) -> str:
+    """The table of every variant; returns the memory key the ratios use."""
+    mem_key = "peak_bytes" if args.device == "cuda" else "growth_bytes"
+    mem_name = "peak GPU MiB (total)" if args.device == "cuda" else "peak RSS growth MiB"
+    print(f"{'variant':18}  {'tokens/s':>9}  {'ms/step':>8}  {'MFU':>6}  {mem_name:>20}  loss")
+    for name, r in results.items():
+        print(
+            f"{name:18}  {r['tok_s']:9.0f}  {r['ms_step']:8.1f}  {r['mfu']:6.1%}  "
+            f"{mib(r[mem_key]):>20}  {r['first_loss']:.4f} -> {r['last_loss']:.4f}"
+        )
+    counts = {r["tokens"] for r in results.values()}
+    if len(counts) > 1:
+        print(f"WARNING: the variants processed different token counts: {sorted(counts)}")
+    return mem_key
 
 
 def parent(args, argv: list[str]) -> None:
@@ -457,95 +545,41 @@ def parent(args, argv: list[str]) -> None:
     if missing:
         print(
             f"train_step.py: {', '.join(missing)} not importable in {sys.executable}; the TRL "
-            "side needs "
-            "`trl` and `datasets` (pip install 'trl>=1.0' datasets, or put their wheels on "
-            "PYTHONPATH). "
-            "Nothing was measured.",
+            "side needs `trl` and `datasets` (pip install 'trl>=1.0' datasets, or put their "
+            "wheels on PYTHONPATH). Nothing was measured.",
             file=sys.stderr,
         )
         sys.exit(2)
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            sys.exit("--device cuda: no CUDA device is visible to torch")
-        device_name = torch.cuda.get_device_name(0)
-    else:
-        import torch
-
-        device_name = f"CPU, {torch.get_num_threads()} torch threads"
     print(
-        f"device: {device_name}; model: Llama hidden {args.hidden_size}, {args.layers} layers, "
-        "vocab "
-        f"{args.vocab_size}; {args.pairs} pairs, batch {args.batch_size} pairs, seq-len <= "
-        f"{args.seq_len}, "
-        f"{args.warmup_steps} warm-up + {args.steps} timed AdamW steps, lr {args.lr}, "
-        f"{'bf16 autocast' if use_bf16(args.device) else 'fp32'}",
+        f"device: {describe_device(args)}; model: Llama hidden {args.hidden_size}, {args.layers} "
+        f"layers, vocab {args.vocab_size}; {args.pairs} pairs, batch {args.batch_size} pairs, "
+        f"seq-len <= {args.seq_len}, {args.warmup_steps} warm-up + {args.steps} timed AdamW "
+        f"steps, lr {args.lr}, {'bf16 autocast' if use_bf16(args.device) else 'fp32'}",
         flush=True,
     )
-    ours = spawn("ours", argv)
-    trl_ = spawn("trl", argv)
-    for r in (ours, trl_):
-        r["tok_s"] = r["tokens"] / r["train_s"]
-        r["ms_step"] = 1000 * r["train_s"] / args.steps
-    if ours["tokens"] != trl_["tokens"]:
-        print(
-            f"WARNING: the sides processed different token counts ({ours['tokens']} vs "
-            f"{trl_['tokens']})"
-        )
-    mem_key = "peak_bytes" if args.device == "cuda" else "growth_bytes"
-    rows = [
-        ("tokens/s (chosen+rejected, non-pad)", f"{ours['tok_s']:.0f}", f"{trl_['tok_s']:.0f}"),
-        ("ms per optimiser step", f"{ours['ms_step']:.1f}", f"{trl_['ms_step']:.1f}"),
-        ("tokens in timed steps", str(ours["tokens"]), str(trl_["tokens"])),
-        (
-            "reference log-probs",
-            f"once, {ours['ref_precompute_s'] * 1000:.0f} ms (untimed)",
-            "a ref forward every step",
-        ),
-        (
-            "loss first -> last step",
-            f"{ours['first_loss']:.4f} -> {ours['last_loss']:.4f}",
-            f"{trl_['first_loss']:.4f} -> {trl_['last_loss']:.4f}",
-        ),
-    ]
-    if args.device == "cuda":
-        rows += [
-            ("peak GPU MiB allocated (total)", mib(ours["peak_bytes"]), mib(trl_["peak_bytes"])),
-            (
-                "peak GPU MiB above policy weights",
-                mib(ours["growth_bytes"]),
-                mib(trl_["growth_bytes"]),
-            ),
-        ]
-    else:
-        rows += [("peak RSS growth MiB", mib(ours["growth_bytes"]), mib(trl_["growth_bytes"]))]
-    width = max(len(r[0]) for r in rows)
-    col = max(len(r[1]) for r in rows)
-    print(f"{'':{width}}  {'demoalign IRFT':{col}}  TRL DPOTrainer")
-    for name, a, b in rows:
-        print(f"{name:{width}}  {a:{col}}  {b}")
-    if args.device == "cuda":
-        print(
-            "memory: torch.cuda.max_memory_allocated in each side's own process, from the moment "
-            "the policy "
-            "model sits on the GPU to the last step (weights, reference copy, optimiser state, "
-            "activations, "
-            "gradients); the ratio uses the total peak."
-        )
-    else:
-        print(
-            f"memory: peak RSS growth ({ours['method']}) of each side's own process above its RSS "
-            "after imports, "
-            "tokenizer, data and policy model creation: optimiser state, TRL's reference copy and "
-            "dataset "
-            "preparation, our reference pre-computation, activations and gradients. At tiny model "
-            "sizes "
-            "allocator and framework overheads weigh as much as tensors."
-        )
+    results = run_variants(args, argv)
+    if "ours" not in results or "trl" not in results:
+        sys.exit("the plain demoalign or TRL variant failed: no ratio")
+    mem_key = print_table(args, results)
     print(
-        f"ratio throughput={ours['tok_s'] / trl_['tok_s']:.3f} "
-        f"peak_memory={ours[mem_key] / trl_[mem_key]:.3f}"
+        "ours: the reference log-probs once, before training (untimed); TRL: a reference model "
+        "and its forward every step. Memory: each variant's own process, "
+        + (
+            "torch.cuda.max_memory_allocated from the moment the policy sits on the GPU."
+            if args.device == "cuda"
+            else "RSS growth above imports, tokenizer, data and the policy model."
+        )
+    )
+    ours = results.get("ours-all") or results.get("ours-padding-free") or results["ours"]
+    trl_best = max((r for n, r in results.items() if n.startswith("trl")), key=lambda r: r["tok_s"])
+    print(
+        f"plain paths: throughput={results['ours']['tok_s'] / results['trl']['tok_s']:.3f} "
+        f"peak_memory={results['ours'][mem_key] / results['trl'][mem_key]:.3f}; compared below: "
+        f"{ours['variant']} vs TRL's fastest, {trl_best['variant']}"
+    )
+    print(
+        f"ratio mfu={ours['mfu']:.3f} vs_trl={ours['tok_s'] / trl_best['tok_s']:.3f} "
+        f"memory_vs_trl={ours[mem_key] / trl_best[mem_key]:.3f}"
     )
 
 

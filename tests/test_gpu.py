@@ -1,5 +1,6 @@
 """GPU path (bf16 autocast on CUDA). Skipped cleanly where there is no GPU, as in CI."""
 
+import importlib.util
 import json
 
 import pytest
@@ -197,6 +198,7 @@ def test_irft_under_fsdp2_on_one_gpu(tiny_model_dir, tmp_path, precision):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["sharding"] == "FSDP2" and metrics[0]["mixed_precision"] == precision
+    assert metrics[0]["padding_free"] is True  # auto on CUDA: packed batches under FSDP2
     assert [m["sharded_parameters"] for m in metrics if m.get("event") == "run_end"] == [True]
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert losses and all(loss == loss for loss in losses), "NaN loss"
@@ -209,3 +211,35 @@ def test_irft_under_fsdp2_on_one_gpu(tiny_model_dir, tmp_path, precision):
         plain = train(load_config(CONFIGS["irft"], None, overrides))
         expected = [m["loss"] for m in read_metrics(plain) if "loss" in m]
         assert losses == pytest.approx(expected, rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel not installed"
+)
+def test_liger_kernels_give_the_plain_paths_loss_and_gradients_in_bf16(tiny_model_dir, tokenizer):
+    from test_padding_free import make_pairs
+
+    from conftest import fresh_model
+    from demoalign.kernels import apply_liger
+    from demoalign.logprobs import SequenceScorer
+    from demoalign.methods.irft import irft_loss_fn
+    from demoalign.pairs import fill_reference_logps
+
+    pad = tokenizer.pad_token_id
+    pairs, _ = make_pairs(tokenizer, 4)
+    results = []
+    for liger in (False, True):
+        model = fresh_model(tiny_model_dir).cuda()
+        if liger:
+            assert apply_liger(model) == "llama"
+        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+        fill_reference_logps(model, pairs, pad, 4, autocast)
+        scorer = SequenceScorer(model, padding_free=True)
+        with autocast():
+            losses, _, _ = irft_loss_fn(0.1, "sigmoid", 0.5, pad)(scorer, pairs)
+        losses.sum().backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+        results.append((losses.detach().float(), grads))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=2e-2, atol=2e-2)
+    assert (grad_b - grad_a).norm() <= 5e-2 * grad_a.norm()

@@ -14,6 +14,7 @@ from .config import TrainConfig, config_to_dict
 from .data.sources import demonstrations
 from .encoding import Encoder
 from .generation import GenerationEngine
+from .kernels import apply_liger, use_liger
 from .lora import add_lora
 from .methods import method_of
 from .methods.context import RunContext
@@ -158,29 +159,18 @@ def train(config: TrainConfig, on_stage_end=None, engine: GenerationEngine | Non
             print(f"{out} holds a finished run (final/ is complete); nothing to resume")
         return out
 
-    examples, summary, data_counts = demonstrations(
-        config.data,
-        config.columns,
-        config.max_examples,
-        data_split=config.data_split,
-        data_config=config.data_config,
-        data_revision=config.data_revision,
-    )
-    if accelerator.is_main_process and config.show_progress:
-        print(summary)
-    model, tokenizer = load_model_and_tokenizer(config.model)
-    if config.lora_r:  # before the folder is claimed: unknown target modules fail here
-        model = add_lora(model, config)
+    examples, data_counts = _read_demonstrations(config, accelerator)
+    model, tokenizer, levers = _load_policy(config, accelerator.device)
     template = resolve_template(tokenizer, config.template)
     encoder = Encoder(tokenizer, template, config.max_length, config.max_prompt_length)
-    padding_free = use_padding_free(config.padding_free, model, accelerator.device)
 
     _claim(config, folder, checkpoint, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     log = _open_log(config, checkpoint, accelerator)
     try:
         start = _start_record(config, checkpoint, template, accelerator, examples, data_counts)
-        log.write({**start, "padding_free": padding_free} if checkpoint is None else start)
+        log.write({**start, **levers} if checkpoint is None else start)
+        padding_free = levers["padding_free"]
         parts = RunParts(config, model, encoder, examples, accelerator, log, engine, padding_free)
         parts.on_stage_end = on_stage_end
         _train_and_save(parts, checkpoint)
@@ -196,6 +186,35 @@ def train(config: TrainConfig, on_stage_end=None, engine: GenerationEngine | Non
         if accelerator.is_main_process:
             release_lock(out)
     return out
+
+
+def _read_demonstrations(config, accelerator) -> tuple[list, dict]:
+    """The demonstrations and their counts (the summary printed on the main process)."""
+    examples, summary, data_counts = demonstrations(
+        config.data,
+        config.columns,
+        config.max_examples,
+        data_split=config.data_split,
+        data_config=config.data_config,
+        data_revision=config.data_revision,
+    )
+    if accelerator.is_main_process and config.show_progress:
+        print(summary)
+    return examples, data_counts
+
+
+def _load_policy(config, device) -> tuple:
+    """(the policy, its tokenizer, the training levers it gets: padding_free, kernels). Fused
+    kernels go in before LoRA wraps the linear layers they call; unknown LoRA target modules and
+    a padding_free=true the model cannot take fail here, before the folder is claimed."""
+    model, tokenizer = load_model_and_tokenizer(config.model)
+    kernels = "liger" if use_liger(config.kernels, device) else "none"
+    if kernels == "liger":
+        apply_liger(model)
+    if config.lora_r:
+        model = add_lora(model, config)
+    padding_free = use_padding_free(config.padding_free, model, device)
+    return model, tokenizer, {"padding_free": padding_free, "kernels": kernels}
 
 
 def _start_record(config, checkpoint, template, accelerator, examples, data_counts) -> dict:

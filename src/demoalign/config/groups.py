@@ -223,6 +223,13 @@ class Optimisation(Options):
         "the CPU; true (an error where the model does not mask them); false.",
         choices=("auto", "true", "false"),
     )
+    kernels: str = opt(
+        "auto",
+        "Fused training kernels: liger (liger-kernel's Triton RMSNorm, rotary embedding and "
+        "SwiGLU patched into the model; extra demoalign[kernels]; CUDA only, an error elsewhere), "
+        "none, or auto (liger when training on CUDA with liger-kernel installed, else none).",
+        choices=("auto", "liger", "none"),
+    )
 
     def validate(self) -> None:
         if isinstance(self.padding_free, str):  # YAML's true/false arrive as "True"/"False"
