@@ -56,3 +56,17 @@ def test_kernels_liger_on_the_cpu_is_one_error_line_and_no_folder(tiny_model_dir
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: kernels=liger needs a CUDA GPU")
     assert not out.exists()
+
+
+def test_micro_batches_cut_by_tokens():
+    from demoalign.encoding import Tokenized
+    from demoalign.microbatch import split_by_tokens
+
+    items = [Tokenized([1] * 3, [2] * n) for n in (2, 5, 1, 9, 3)]  # 5, 8, 4, 12, 6 tokens
+    packed = split_by_tokens(items, 13, padding_free=True)
+    assert [[len(t.response_ids) for t in mb] for mb in packed] == [[2, 5], [1], [9], [3]]
+    padded = split_by_tokens(items, 16, padding_free=False)  # rows x longest
+    assert [[len(t.response_ids) for t in mb] for mb in padded] == [[2, 5], [1], [9], [3]]
+    assert sum(packed, []) == items  # every item once, in order
+    assert split_by_tokens(items, 1, padding_free=True) == [[t] for t in items]  # one each
+    assert split_by_tokens([object()], 100, padding_free=True) is None  # split by count instead

@@ -35,7 +35,7 @@ from .runio import (
 from .sharding import check_distributed_setup, plain_model, sharding_of
 from .templates import resolve_template
 from .tracking import start_trackers
-from .trainer import Trainer, make_accelerator, use_padding_free
+from .trainer import Levers, Trainer, make_accelerator, training_levers
 
 
 @dataclass
@@ -49,7 +49,7 @@ class RunParts:
     accelerator: object
     log: MetricsLog
     engine: GenerationEngine
-    padding_free: bool
+    levers: Levers
     on_stage_end: object = None
 
 
@@ -160,7 +160,7 @@ def train(config: TrainConfig, on_stage_end=None, engine: GenerationEngine | Non
         return out
 
     examples, data_counts = _read_demonstrations(config, accelerator)
-    model, tokenizer, levers = _load_policy(config, accelerator.device)
+    model, tokenizer, levers = _load_policy(config, accelerator)
     template = resolve_template(tokenizer, config.template)
     encoder = Encoder(tokenizer, template, config.max_length, config.max_prompt_length)
 
@@ -170,8 +170,8 @@ def train(config: TrainConfig, on_stage_end=None, engine: GenerationEngine | Non
     try:
         start = _start_record(config, checkpoint, template, accelerator, examples, data_counts)
         log.write({**start, **levers} if checkpoint is None else start)
-        padding_free = levers["padding_free"]
-        parts = RunParts(config, model, encoder, examples, accelerator, log, engine, padding_free)
+        chosen = Levers(levers["padding_free"], levers["micro_batch_tokens"])
+        parts = RunParts(config, model, encoder, examples, accelerator, log, engine, chosen)
         parts.on_stage_end = on_stage_end
         _train_and_save(parts, checkpoint)
     except BaseException as exc:
@@ -203,18 +203,20 @@ def _read_demonstrations(config, accelerator) -> tuple[list, dict]:
     return examples, data_counts
 
 
-def _load_policy(config, device) -> tuple:
-    """(the policy, its tokenizer, the training levers it gets: padding_free, kernels). Fused
-    kernels go in before LoRA wraps the linear layers they call; unknown LoRA target modules and
-    a padding_free=true the model cannot take fail here, before the folder is claimed."""
+def _load_policy(config, accelerator) -> tuple:
+    """(the policy, its tokenizer, the training levers it gets: padding_free, kernels, the
+    micro-batch token budget). Fused kernels go in before LoRA wraps the linear layers they
+    call; unknown LoRA target modules and a padding_free=true the model cannot take fail here,
+    before the folder is claimed."""
     model, tokenizer = load_model_and_tokenizer(config.model)
-    kernels = "liger" if use_liger(config.kernels, device) else "none"
+    kernels = "liger" if use_liger(config.kernels, accelerator.device) else "none"
     if kernels == "liger":
         apply_liger(model)
     if config.lora_r:
         model = add_lora(model, config)
-    padding_free = use_padding_free(config.padding_free, model, device)
-    return model, tokenizer, {"padding_free": padding_free, "kernels": kernels}
+    levers = training_levers(config, model, accelerator)
+    chosen = {"padding_free": levers.padding_free, "kernels": kernels}
+    return model, tokenizer, {**chosen, "micro_batch_tokens": levers.micro_batch_tokens}
 
 
 def _start_record(config, checkpoint, template, accelerator, examples, data_counts) -> dict:
@@ -255,7 +257,7 @@ def _train_and_save(parts: RunParts, resume_from: Path | None) -> None:
     config, accelerator, log = parts.config, parts.accelerator, parts.log
     out = Path(config.output_dir)
     method = method_of(config).load()
-    trainer = Trainer(config, parts.model, accelerator, log, padding_free=parts.padding_free)
+    trainer = Trainer(config, parts.model, accelerator, log, levers=parts.levers)
     ckpt = _checkpoints(config, out, accelerator, log, resume_from)
     ckpt.register("policy", trainer)
     state = method.State()

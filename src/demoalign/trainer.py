@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from .logprobs import SequenceScorer, padding_free_works
+from .microbatch import micro_batch_tokens, split_by_tokens
 from .parking import OptimizerParking, parking_enabled
 from .progress import progress_bar
 from .sharding import (
@@ -90,6 +91,27 @@ def use_padding_free(setting: str, model, device: torch.device) -> bool:
             "padded and packed, its log-probs differ); use padding_free=false or auto"
         )
     return False
+
+
+@dataclass(frozen=True)
+class Levers:
+    """How the training forwards run, decided once per run: padding-free batches, and the token
+    budget of a micro-batch (None: `batch_size` items)."""
+
+    padding_free: bool = False
+    micro_batch_tokens: int | None = None
+
+
+def training_levers(config, model, accelerator: Accelerator) -> Levers:
+    """The levers `config` asks for, resolved for this model and device (auto's choices)."""
+    device = accelerator.device
+    padding_free = use_padding_free(getattr(config, "padding_free", "false"), model, device)
+    tokens = None
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        checkpointing = getattr(config, "gradient_checkpointing", False)
+        setting = getattr(config, "micro_batch_size", "fixed")
+        tokens = micro_batch_tokens(setting, model, device, checkpointing)
+    return Levers(padding_free, tokens)
 
 
 def lr_factor(num_steps: int, warmup_ratio: float, kind: str):
@@ -172,12 +194,12 @@ class Trainer:
         accelerator: Accelerator,
         metrics_log,
         wrapper=SequenceScorer,
-        padding_free: bool | None = None,
+        levers: Levers | None = None,
     ):
         """`wrapper` turns the model into the module whose forward the loss functions call (it
         must keep the model as `.lm`): SequenceScorer for a causal LM (every method's policy),
-        rft.RewardScorer for RFT's scalar reward model (always padded). `padding_free`: decided
-        by the caller (`use_padding_free`), or None to decide from `config.padding_free` here."""
+        rft.RewardScorer for RFT's scalar reward model (always padded). `levers`: decided by the
+        caller (the run, before its folder is claimed), or None to decide from `config` here."""
         self.config = config
         self.accelerator = accelerator
         self.log = metrics_log
@@ -199,12 +221,10 @@ class Trainer:
             )
         _fill_deepspeed_batch(accelerator, config)
         scorer = wrapper(model)
-        if not isinstance(scorer, SequenceScorer):
-            padding_free = False
-        elif padding_free is None:
-            setting = getattr(config, "padding_free", "false")
-            padding_free = use_padding_free(setting, model, accelerator.device)
-        self.padding_free = padding_free
+        if levers is None:  # a reward model is always scored padded, `batch_size` at a time
+            policy = isinstance(scorer, SequenceScorer)
+            levers = training_levers(config, model, accelerator) if policy else Levers()
+        self.levers, self.padding_free = levers, levers.padding_free
         if isinstance(scorer, SequenceScorer):
             scorer.padding_free = self.padding_free
         # The scorer is what DDP wraps, so the one forward that yields log-probs is DDP's forward.
@@ -362,6 +382,10 @@ class Trainer:
         mine, weight = batch[rank::world], 1.0
         if not mine:
             mine, weight = batch[:1], 0.0
+        budget = self.levers.micro_batch_tokens
+        by_tokens = split_by_tokens(mine, budget, self.padding_free) if budget else None
+        if by_tokens is not None:
+            return by_tokens, weight
         size = self.config.batch_size
         return [mine[i : i + size] for i in range(0, len(mine), size)], weight
 

@@ -86,9 +86,22 @@ def test_batch1_accumulation8_equals_batch8(tiny_model_dir, tokenizer, tmp_path)
     pairs, sft_items = make_pairs(fresh_model(tiny_model_dir), tokenizer)
     pad = tokenizer.pad_token_id
     runs = {}
-    for name, bs, acc in (("8x1", 8, 1), ("1x8", 1, 8), ("2x4", 2, 4)):
-        trainer = _trainer(tiny_model_dir, tmp_path, batch_size=bs, gradient_accumulation_steps=acc)
+    # Micro-batches cut by tokens (micro_batch_size=N), padded and packed; auto is fixed on CPU.
+    variants = {
+        "8x1": dict(batch_size=8),
+        "1x8": dict(batch_size=1, gradient_accumulation_steps=8),
+        "2x4": dict(batch_size=2, gradient_accumulation_steps=4),
+        "tokens": dict(batch_size=2, gradient_accumulation_steps=4, micro_batch_size="400"),
+        "tokens-packed": dict(batch_size=8, micro_batch_size="300", padding_free="true"),
+        "auto": dict(batch_size=2, gradient_accumulation_steps=4, micro_batch_size="auto"),
+    }
+    for name, overrides in variants.items():
+        trainer = _trainer(tiny_model_dir, tmp_path, **overrides)
         assert trainer.global_batch == 8
+        cut = len(trainer._my_micro_batches(pairs)[0])
+        assert cut == {"8x1": 1, "1x8": 8, "2x4": 4, "auto": 4}.get(name, cut)
+        if name.startswith("tokens"):
+            assert 1 < cut < 8 and trainer.levers.micro_batch_tokens, name
         records = [
             trainer.step(pairs, irft_loss_fn(0.5, "sigmoid", 0.2, pad), count_pairs(pairs))
             for _ in range(3)
@@ -104,7 +117,7 @@ def test_batch1_accumulation8_equals_batch8(tiny_model_dir, tokenizer, tmp_path)
         )
     ref_losses, ref_norms, ref_params = runs["8x1"]
     assert ref_losses[1] != ref_losses[0], "the optimiser must have moved"
-    for name in ("1x8", "2x4"):
+    for name in variants:
         losses, norms, params = runs[name]
         assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), name
         # Adam is blind to a constant loss scale, so the accumulated gradient itself is compared

@@ -223,6 +223,16 @@ class Optimisation(Options):
         "the CPU; true (an error where the model does not mask them); false.",
         choices=("auto", "true", "false"),
     )
+    micro_batch_size: str = opt(
+        "auto",
+        "How a process's share of each global batch is cut into micro-batches: fixed "
+        "(`batch_size` items each), an integer (at most that many tokens each: packed tokens "
+        "with padding_free, rows x longest row otherwise), or auto (on CUDA a token budget "
+        "estimated once from the free memory and the model's shape; fixed elsewhere and under "
+        "DeepSpeed, whose accumulation count is fixed). The global batch, and so each optimiser "
+        "step, stays batch_size x gradient_accumulation_steps x processes items: only how its "
+        "gradient is accumulated changes (equal up to float rounding).",
+    )
     kernels: str = opt(
         "auto",
         "Fused training kernels: liger (liger-kernel's Triton RMSNorm, rotary embedding and "
@@ -235,6 +245,12 @@ class Optimisation(Options):
         if isinstance(self.padding_free, str):  # YAML's true/false arrive as "True"/"False"
             self.padding_free = self.padding_free.lower()
         super().validate()
+        size = self.micro_batch_size
+        if size not in ("auto", "fixed") and not (size.isdigit() and int(size) >= 1):
+            raise ValueError(
+                f"micro_batch_size={size!r}: expected auto, fixed or a token budget (an integer "
+                ">= 1)"
+            )
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("warmup_ratio must be in [0, 1)")
 
