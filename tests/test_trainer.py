@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import torch
 
-from demoalign.trainer import Trainer, disable_dropout, lr_factor
+from demoalign.trainer import Levers, Trainer, disable_dropout, lr_factor
 
 
 def test_lr_schedule_by_hand():
@@ -30,6 +30,8 @@ def test_a_process_without_items_runs_one_with_weight_zero():
         fake = SimpleNamespace(
             accelerator=SimpleNamespace(num_processes=world, process_index=rank),
             config=SimpleNamespace(batch_size=batch_size),
+            levers=Levers(),  # fixed micro-batches of batch_size items
+            padding_free=False,
         )
         return Trainer._my_micro_batches(fake, batch)
 

@@ -29,7 +29,7 @@ from ..models import (
 )
 from ..runio import atomic_write_jsonl, atomic_write_text, atomic_write_yaml
 from ..templates import resolve_template
-from .leaderboard import import_lm_eval, parse_tasks, run_leaderboard
+from .leaderboard import LeaderboardRun, import_lm_eval, parse_tasks, run_leaderboard
 from .metrics import (
     DEFINITIONS,
     generation_reward,
@@ -197,10 +197,7 @@ def _model_metrics(engine, model, tokenizer, config, inputs: _Inputs, refs, stat
             entry["metrics"][f"task_exact_match_{mode}"] = summarize(rewards, **stats)
             entry["items"][f"task_exact_match_{mode}"] = rewards
     if inputs.leaderboard:
-        board = run_leaderboard(
-            model,
-            tokenizer,
-            inputs.leaderboard,
+        how = LeaderboardRun(
             root=Path(config.leaderboard_data or data_root()),
             limit=config.leaderboard_limit or None,
             mmlu_shots=config.mmlu_shots,
@@ -208,6 +205,7 @@ def _model_metrics(engine, model, tokenizer, config, inputs: _Inputs, refs, stat
             seed=config.seed,
             device=device,
         )
+        board = run_leaderboard(model, tokenizer, inputs.leaderboard, how)
         for task_name, r in board.items():
             entry["items"][task_name] = r["values"]
             entry["metrics"][task_name] = {
@@ -321,6 +319,13 @@ def evaluate(
         _score_generations(config, results, generations, items, out, device, stats)
     if inputs.baseline:
         _paired_differences(results, items, inputs.baseline, stats)
+    _write_results(results, config, out)
+    return results
+
+
+def _write_results(results: dict, config, out: Path) -> None:
+    """The definitions of the metrics given, the stage curves of `run_dir`, results.json,
+    report.md, and the figures in the model card of every evaluated run folder."""
     used = {m for e in results["models"] for m in e["metrics"]}
     results["definitions"] = {
         **{k: v for k, v in DEFINITIONS.items() if k in used},
@@ -331,6 +336,5 @@ def evaluate(
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     write_report(out, results, config)
     source = {"output_dir": str(out), "pairs": config.pairs, "task": config.task}
-    for entry in results["models"]:  # the model cards of run folders get these figures
+    for entry in results["models"]:
         record_eval(entry["path"], entry, {**source, "reward_model": config.reward_model})
-    return results

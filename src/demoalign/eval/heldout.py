@@ -162,19 +162,11 @@ class HeldoutEvaluator:
     def leaderboard(self, model, tokenizer) -> dict:
         if not self.options.leaderboard_tasks:
             return {}
-        from .leaderboard import run_leaderboard
+        from .leaderboard import LeaderboardRun, run_leaderboard
 
-        board = run_leaderboard(
-            model,
-            tokenizer,
-            self.options.leaderboard_tasks,
-            root=data_root(),
-            limit=self.options.leaderboard_limit or None,
-            mmlu_shots=4,
-            batch_size=self.options.eval_batch_size,
-            seed=0,
-            device=self.device,
-        )
+        limit, batch = self.options.leaderboard_limit or None, self.options.eval_batch_size
+        how = LeaderboardRun(data_root(), limit, 4, batch, 0, self.device)
+        board = run_leaderboard(model, tokenizer, self.options.leaderboard_tasks, how)
         return {f"lb_{task}": [float(v) for v in r["values"]] for task, r in board.items()}
 
     def evaluate(self, path: Path, gen_seed: int) -> tuple[dict, list[str]]:

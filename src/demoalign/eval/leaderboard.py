@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bz2
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -264,19 +265,23 @@ def _wg_target(doc):
 # ---------------------------------------------------------------- running
 
 
-def run_leaderboard(
-    model,
-    tokenizer,
-    names: list[str],
-    *,
-    root: Path,
-    limit: int | None,
-    mmlu_shots: int,
-    batch_size: int,
-    seed: int,
-    device,
-) -> dict[str, dict]:
+@dataclass
+class LeaderboardRun:
+    """Where the tasks' local files are and how lm-eval runs them: items per task (None = all),
+    MMLU's shots, the batch size, the seed and the device."""
+
+    root: Path
+    limit: int | None
+    mmlu_shots: int
+    batch_size: int
+    seed: int
+    device: object
+
+
+def run_leaderboard(model, tokenizer, names: list[str], how: LeaderboardRun) -> dict[str, dict]:
     """{task: {"values": per-item scores, "metric", "filter", "num_fewshot", "lm_eval_task"}}."""
+    root, limit, mmlu_shots, seed = how.root, how.limit, how.mmlu_shots, how.seed
+    batch_size, device = how.batch_size, how.device
     import_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
