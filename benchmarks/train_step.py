@@ -400,7 +400,7 @@ def run_trl(args, tok, model, texts, memory: PeakMemory, levers: dict) -> dict:
             seed=args.seed,
             precompute_ref_log_probs=False,
             padding_free=levers["padding_free"],
-            use_liger_kernel=levers["liger"],
+            use_liger_kernel=levers["liger"] and liger_here(device),
         )
         trainer = CountingDPOTrainer(
             model=model,
@@ -483,10 +483,14 @@ def mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
 
 
+def liger_here(device: str) -> bool:
+    return device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+
+
 def variants_here(device: str) -> list[str]:
-    """Every variant that can run here: liger (and TRL's own levers, which include it) only on
-    CUDA with liger-kernel installed; on the CPU TRL's padding-free mode runs alone."""
-    liger = device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    """Every variant that can run here: liger only on CUDA with liger-kernel installed (TRL's
+    own levers then include it; elsewhere its padding-free mode runs alone)."""
+    liger = liger_here(device)
     names = ["ours", "ours-padding-free"] + (["ours-liger", "ours-all"] if liger else [])
     return names + ["trl", "trl-levers"]
 

@@ -190,6 +190,7 @@ def test_irft_under_fsdp2_on_one_gpu(tiny_model_dir, tmp_path, precision):
     args = [f"model={tiny_model_dir}", f"data={DOLLY}", "max_examples=16", "max_length=80"]
     args += ["max_prompt_length=40", "batch_size=4", "max_new_tokens=10", "stages=2"]
     args += ["save_steps=2", "show_progress=false", f"mixed_precision={precision}", "cpu=false"]
+    args += ["padding_free=true"]
     # The launcher's module, not its console script: a system Python may put that elsewhere.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version"]
     cmd += ["2", "--num_processes", "1", "--mixed_precision", precision]
@@ -198,7 +199,7 @@ def test_irft_under_fsdp2_on_one_gpu(tiny_model_dir, tmp_path, precision):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["sharding"] == "FSDP2" and metrics[0]["mixed_precision"] == precision
-    assert metrics[0]["padding_free"] is True  # auto on CUDA: packed batches under FSDP2
+    assert metrics[0]["padding_free"] is True  # packed batches under FSDP2
     assert [m["sharded_parameters"] for m in metrics if m.get("event") == "run_end"] == [True]
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert losses and all(loss == loss for loss in losses), "NaN loss"

@@ -173,6 +173,10 @@ def test_a_model_that_attends_across_packed_sequences_is_detected(tiny_model_dir
     assert padding_free_works(model)
     assert use_padding_free("true", model, torch.device("cpu"))
     assert not use_padding_free("auto", model, torch.device("cpu"))  # CPU: the padded figures
+    assert not use_padding_free("auto", model, torch.device("cuda"))  # sdpa: a dense N x N mask
+    model.config._attn_implementation = "flex_attention"
+    assert use_padding_free("auto", model, torch.device("cuda"))
+    model.config._attn_implementation = "sdpa"
     assert not use_padding_free("false", model, torch.device("cuda"))
     # As if the model ignored the packing: one causal mask over the whole packed row.
     monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)

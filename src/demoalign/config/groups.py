@@ -219,8 +219,10 @@ class Optimisation(Options):
         "Padding-free training forwards: the sequences of a micro-batch concatenated into one row "
         "with positions restarting per sequence (transformers masks attention within each), so no "
         "FLOPs go to padding; the reference log-probs take the same path. auto: on when training "
-        "on a GPU and the model masks packed sequences (checked once on two sequences), off on "
-        "the CPU; true (an error where the model does not mask them); false.",
+        "on a GPU with flash or flex attention and the model masks packed sequences (checked once "
+        "on two sequences); off on the CPU and with sdpa or eager attention, whose dense mask over "
+        "the packed row costs more than the padding saves; true (an error where the model does "
+        "not mask them); false.",
         choices=("auto", "true", "false"),
     )
     micro_batch_size: str = opt(
