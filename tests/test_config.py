@@ -51,6 +51,11 @@ def test_unknown_key_names_the_nearest_valid_key():
         build_config(IRFTConfig, {**REQUIRED, "learnig_rate": 1e-3})
     with pytest.raises(ValueError, match="did you mean `stages`"):
         load_config(IRFTConfig, None, ["model=m", "data=d", "stage=3"])
+    # Other trainers' names, which spelling alone would match to the wrong key (lr -> lora_r).
+    with pytest.raises(ValueError, match="did you mean `learning_rate`"):
+        load_config(IRFTConfig, None, ["model=m", "data=d", "lr=1e-5"])
+    with pytest.raises(ValueError, match="did you mean `epochs`"):
+        load_config(SFTConfig, None, ["model=m", "data=d", "num_train_epochs=2"])
 
 
 def test_values_are_typed_and_checked(tmp_path):

@@ -160,6 +160,7 @@ def train(config: TrainConfig, on_stage_end=None, engine: GenerationEngine | Non
         return out
 
     examples, data_counts = _read_demonstrations(config, accelerator)
+    method_of(config).load().check(config, len(examples))  # e.g. too few examples for T stages
     model, tokenizer, levers = _load_policy(config, accelerator)
     template = resolve_template(tokenizer, config.template)
     encoder = Encoder(tokenizer, template, config.max_length, config.max_prompt_length)

@@ -19,7 +19,7 @@ def test_the_registry_serves_every_method_config():
         assert method.config_class is CONFIGS[name]
         assert method.config_class.method == name
         module = method.load()
-        assert callable(module.run)
+        assert callable(module.run) and callable(module.check)
         assert json.loads(json.dumps(module.State().state_dict())) == module.State().state_dict()
 
 
@@ -68,3 +68,29 @@ def test_the_command_line_loads_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "cls, overrides, message",
+    [
+        ("irft", {"stages": 100}, "16 examples cannot fill 100 stages"),
+        ("rft", {"outer_iterations": 40}, "cannot fill 40 outer iterations"),
+    ],
+)
+def test_data_a_method_cannot_split_is_refused_before_the_folder_exists(
+    tiny_model_dir, tmp_path, cls, overrides, message
+):
+    from conftest import small_rft_values, small_run_values
+    from demoalign.config import build_config
+    from demoalign.run import train
+
+    out = tmp_path / "never"
+    values = (
+        small_rft_values(tiny_model_dir, out, **overrides)
+        if cls == "rft"
+        else small_run_values(CONFIGS[cls], tiny_model_dir, out, **overrides)
+    )
+    config = build_config(CONFIGS[cls], values)
+    with pytest.raises(ValueError, match=message):
+        train(config)
+    assert not out.exists()

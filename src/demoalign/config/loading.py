@@ -11,8 +11,25 @@ import yaml
 
 from .options import OPTION_TYPES
 
+# Names other trainers (transformers' TrainingArguments, TRL, the paper's scripts) give options
+# demoalign spells otherwise: spelling is no guide to these.
+OTHER_TOOLS_NAMES = {
+    "lr": "learning_rate",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size",
+    "max_grad_norm_clip": "max_grad_norm",
+    "model_name_or_path": "model",
+    "dataset": "data",
+    "dataset_name": "data",
+    "max_seq_length": "max_length",
+    "T": "stages",
+}
+
 
 def _nearest(key: str, valid: list[str]) -> str:
+    if OTHER_TOOLS_NAMES.get(key) in valid:
+        return f"; did you mean `{OTHER_TOOLS_NAMES[key]}`?"
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(sorted(valid))}"
 

@@ -1,12 +1,13 @@
 """The methods, one file each, readable top to bottom: sft, irft (and SPIN = IRFT with T = 1),
 rft (with its reward_model and rloo steps). Their math is in `demoalign.losses`.
 
-Every method module provides the same three things: its config class (in `demoalign.config`), a
+Every method module provides the same things: its config class (in `demoalign.config`), a
 `State` class (where a run of it is, with `state_dict()` / `load_state_dict()`: what a checkpoint
-keeps) and `run(context) -> dict` (the algorithm, given a `context.RunContext`; returns the counts
-of its run_end record). `METHODS` below is the one registry of them, read by the command line,
-`demoalign.train`, the option reference and the demo. It names each module rather than importing
-it: `demoalign --help` must not wait for torch."""
+keeps), `check(config, n_examples)` (refuses data the method cannot split, before the run folder
+is taken) and `run(context) -> dict` (the algorithm, given a `context.RunContext`; returns the
+counts of its run_end record). `METHODS` below is the one registry of them, read by the command
+line and `demoalign.train`. It names each module rather than importing it: `demoalign --help`
+must not wait for torch."""
 
 from __future__ import annotations
 

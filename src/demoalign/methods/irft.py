@@ -55,6 +55,14 @@ def stage_chunks(n: int, stages: int, seed: int, iteration: int) -> list[list[in
     return [order[t * n // stages : (t + 1) * n // stages] for t in range(stages)]
 
 
+def check(config, n_examples: int) -> None:
+    """Before the run folder is taken: every stage of every pass gets at least one example."""
+    if n_examples < config.stages:
+        raise ValueError(
+            f"{n_examples} examples cannot fill {config.stages} stages; lower `stages`"
+        )
+
+
 def _stage_plan(config, n_examples: int, global_batch: int):
     """(chunks of every iteration, optimiser steps of every stage)."""
     chunks_per_iteration = [

@@ -110,6 +110,11 @@ def off_policy_warning(config) -> str | None:
     )
 
 
+def check(config, n_examples: int) -> None:
+    """Before the run folder is taken: every outer iteration gets its chunk of prompts."""
+    iteration_chunks(n_examples, config.outer_iterations, config.prompts_per_iteration, config.seed)
+
+
 def run(ctx: RunContext) -> dict:
     """All outer iterations; `ctx.trainer` holds the policy. Returns counts for the run_end
     record. Checkpoints (both models) at every outer-iteration end; a resumed run skips those
@@ -139,4 +144,4 @@ def run(ctx: RunContext) -> dict:
     return {**state.totals, "reward_optimizer_steps": run.reward_trainer.global_step}
 
 
-__all__ = ["State", "run"]
+__all__ = ["State", "check", "run"]

@@ -35,6 +35,10 @@ class State:
         pass
 
 
+def check(config, n_examples: int) -> None:
+    """SFT takes any non-empty set of demonstrations (the data readers refuse an empty one)."""
+
+
 def run(ctx: RunContext) -> dict:
     """Returns the truncation counts of the run. Checkpoints at every epoch end (and every
     `save_steps`); a resumed run continues at the checkpoint's epoch and step."""
