@@ -188,12 +188,9 @@ class SequenceScorer(torch.nn.Module):
         else:
             logits = self.lm(**inputs, use_cache=False).logits[0]
             per_token = _scored_logps(logits[scored], targets[scored], self.tile_tokens)
-        n = labels.shape[0]
+        n, rows = labels.shape[0], rows[scored]
         sums = torch.zeros(n, dtype=per_token.dtype, device=per_token.device)
-        counts = torch.zeros(n, dtype=torch.long, device=per_token.device)
-        return sums.index_add(0, rows[scored], per_token), counts.index_add(
-            0, rows[scored], torch.ones_like(rows[scored])
-        )
+        return sums.index_add(0, rows, per_token), torch.bincount(rows, minlength=n)
 
     def _head_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Log-prob of each target from its hidden state, the head applied a tile at a time."""

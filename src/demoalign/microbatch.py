@@ -51,32 +51,16 @@ def split_by_tokens(items: list, budget: int, padding_free: bool) -> list[list] 
     return batches + [current] if current else batches
 
 
-def parse_micro_batch_size(value: str) -> int | str:
-    """`auto`, `fixed`, or a token budget (an integer >= 1)."""
-    if value in ("auto", "fixed"):
-        return value
-    try:
-        budget = int(value)
-    except ValueError:
-        budget = 0
-    if budget < 1:
-        raise ValueError(
-            f"micro_batch_size={value!r}: expected auto, fixed or a token budget (an integer >= 1)"
-        )
-    return budget
-
-
 def micro_batch_tokens(
     setting: str, model, device: torch.device, checkpointing: bool
 ) -> int | None:
     """The token budget of a micro-batch, or None for `batch_size` items (`fixed`, and `auto`
     off CUDA)."""
-    value = parse_micro_batch_size(setting)
-    if value == "fixed":
+    if setting == "fixed":
         return None
-    if value == "auto":
+    if setting == "auto":
         return auto_token_budget(model, device, checkpointing)
-    return value
+    return int(setting)  # a token budget, checked by the config
 
 
 def auto_token_budget(model, device: torch.device, checkpointing: bool) -> int | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from accelerate.utils import broadcast_object_list, set_seed
@@ -50,7 +50,6 @@ class RunParts:
     log: MetricsLog
     engine: GenerationEngine
     levers: Levers
-    on_stage_end: object = None
 
 
 def run_inputs(config: TrainConfig) -> list[str]:
@@ -161,7 +160,7 @@ def train(config: TrainConfig, on_stage_end=None, engine: GenerationEngine | Non
 
     examples, data_counts = _read_demonstrations(config, accelerator)
     method_of(config).load().check(config, len(examples))  # e.g. too few examples for T stages
-    model, tokenizer, levers = _load_policy(config, accelerator)
+    model, tokenizer, kernels, levers = _load_policy(config, accelerator)
     template = resolve_template(tokenizer, config.template)
     encoder = Encoder(tokenizer, template, config.max_length, config.max_prompt_length)
 
@@ -170,11 +169,10 @@ def train(config: TrainConfig, on_stage_end=None, engine: GenerationEngine | Non
     log = _open_log(config, checkpoint, accelerator)
     try:
         start = _start_record(config, checkpoint, template, accelerator, examples, data_counts)
-        log.write({**start, **levers} if checkpoint is None else start)
-        chosen = Levers(levers["padding_free"], levers["micro_batch_tokens"])
-        parts = RunParts(config, model, encoder, examples, accelerator, log, engine, chosen)
-        parts.on_stage_end = on_stage_end
-        _train_and_save(parts, checkpoint)
+        chosen = {**asdict(levers), "kernels": kernels}
+        log.write({**start, **chosen} if checkpoint is None else start)
+        parts = RunParts(config, model, encoder, examples, accelerator, log, engine, levers)
+        _train_and_save(parts, checkpoint, on_stage_end)
     except BaseException as exc:
         if accelerator.is_main_process:
             write_run_state(
@@ -205,19 +203,16 @@ def _read_demonstrations(config, accelerator) -> tuple[list, dict]:
 
 
 def _load_policy(config, accelerator) -> tuple:
-    """(the policy, its tokenizer, the training levers it gets: padding_free, kernels, the
-    micro-batch token budget). Fused kernels go in before LoRA wraps the linear layers they
-    call; unknown LoRA target modules and a padding_free=true the model cannot take fail here,
-    before the folder is claimed."""
+    """(the policy, its tokenizer, its kernels: liger or none, the training levers). Fused
+    kernels go in before LoRA wraps the linear layers they call; unknown LoRA target modules and
+    a padding_free=true the model cannot take fail here, before the folder is claimed."""
     model, tokenizer = load_model_and_tokenizer(config.model)
     kernels = "liger" if use_liger(config.kernels, accelerator.device) else "none"
     if kernels == "liger":
         apply_liger(model)
     if config.lora_r:
         model = add_lora(model, config)
-    levers = training_levers(config, model, accelerator)
-    chosen = {"padding_free": levers.padding_free, "kernels": kernels}
-    return model, tokenizer, {**chosen, "micro_batch_tokens": levers.micro_batch_tokens}
+    return model, tokenizer, kernels, training_levers(config, model, accelerator)
 
 
 def _start_record(config, checkpoint, template, accelerator, examples, data_counts) -> dict:
@@ -252,7 +247,7 @@ def _checkpoints(config, out: Path, accelerator, log, resume_from) -> Checkpoint
     return Checkpoints(config, out, accelerator, log, resume_from=resume_from)
 
 
-def _train_and_save(parts: RunParts, resume_from: Path | None) -> None:
+def _train_and_save(parts: RunParts, resume_from: Path | None, on_stage_end=None) -> None:
     """Run the method, then save final/; `run_end` and the finished state are written only once
     final/ is complete, so a run killed during the save never looks finished."""
     config, accelerator, log = parts.config, parts.accelerator, parts.log
@@ -263,8 +258,8 @@ def _train_and_save(parts: RunParts, resume_from: Path | None) -> None:
     ckpt.register("policy", trainer)
     state = method.State()
     ckpt.track(state)  # loaded from the checkpoint when resuming
-    ctx = RunContext(config, trainer, parts.encoder, parts.examples, out, ckpt, state, parts.engine)
-    ctx.on_stage_end = parts.on_stage_end
+    data = (parts.encoder, parts.examples)
+    ctx = RunContext(config, trainer, *data, out, ckpt, state, parts.engine, on_stage_end)
     started = time.perf_counter()
     counts = method.run(ctx)
     accelerator.wait_for_everyone()

@@ -78,7 +78,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
 # Attention implementations that mask packed sequences without an N x N mask over the packed row
 # (flash attention takes the sequence boundaries from the positions; flex attention builds a
 # block-sparse mask). sdpa and eager get a dense block-diagonal mask: their attention then costs
-# the square of the whole row, which is slower than padding (0.61x tokens/s measured on the CPU).
+# the square of the whole row: slower than padding (0.58x and 0.61x tokens/s in two CPU runs).
 PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
 
 
@@ -234,7 +234,7 @@ class Trainer:
         if levers is None:  # a reward model is always scored padded, `batch_size` at a time
             policy = isinstance(scorer, SequenceScorer)
             levers = training_levers(config, model, accelerator) if policy else Levers()
-        self.levers, self.padding_free = levers, levers.padding_free
+        self.levers = levers
         if isinstance(scorer, SequenceScorer):
             scorer.padding_free = self.padding_free
         # The scorer is what DDP wraps, so the one forward that yields log-probs is DDP's forward.
@@ -253,6 +253,10 @@ class Trainer:
         # Where `fit` is (epoch, steps done in it): saved with the trainer's checkpoint state, so
         # a resumed `fit` continues there.
         self.position = {"epoch": 0, "step": 0}
+
+    @property
+    def padding_free(self) -> bool:
+        return self.levers.padding_free
 
     @property
     def global_batch(self) -> int:

@@ -65,13 +65,10 @@ def check(config, n_examples: int) -> None:
 
 def _stage_plan(config, n_examples: int, global_batch: int):
     """(chunks of every iteration, optimiser steps of every stage)."""
+    check(config, n_examples)
     chunks_per_iteration = [
         stage_chunks(n_examples, config.stages, config.seed, it) for it in range(config.iterations)
     ]
-    if min(len(c) for chunks in chunks_per_iteration for c in chunks) == 0:
-        raise ValueError(
-            f"{n_examples} examples cannot fill {config.stages} stages; lower `stages`"
-        )
     steps = [
         config.epochs_per_stage * steps_per_epoch(len(c), global_batch)
         for chunks in chunks_per_iteration
