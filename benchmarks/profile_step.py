@@ -50,10 +50,10 @@ def main():
 
         pairs.append(
             Pair(
-                i,
                 ids(n_prompt),
                 ids(n_resp) + [tok.eos_token_id],
                 ids(n_resp // 2) + [tok.eos_token_id],
+                index=i,
             )
         )
     fill_reference_logps(trainer.unwrapped, pairs, tok.pad_token_id, 8, acc.autocast)

@@ -380,21 +380,21 @@ def main(argv=None) -> None:
                 f"in {phases['parking_s']:.2f} s (there and back)"
             )
             if stage == 2:
-                decoded = [p.ref_negative for p in pairs]
+                decoded = [p.ref_rejected for p in pairs]
                 check = [copy.copy(p) for p in pairs]
                 with Clock(device) as ref_clock:
                     real_reference(
                         trainer.unwrapped, check, tok.pad_token_id, 16, accelerator.autocast
                     )
                 phases["reference_forward"] = ref_clock.seconds
-                diffs = [abs(a - p.ref_negative) for a, p in zip(decoded, check)]
+                diffs = [abs(a - p.ref_rejected) for a, p in zip(decoded, check)]
                 phases["decode_diff"] = (
                     sum(diffs) / len(diffs),
                     max(diffs),
-                    sum(len(p.negative_ids) for p in pairs) / len(pairs),
+                    sum(len(p.rejected_ids) for p in pairs) / len(pairs),
                 )
             tokens = sum(
-                2 * len(p.prompt_ids) + len(p.demo_ids) + len(p.negative_ids) for p in pairs
+                2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs
             )
             log(f"[static] stage {stage}: training {len(pairs)} pairs ...")
             with Clock(device) as clock:

@@ -304,7 +304,7 @@ def run_ours(args, tok, model, ids, memory: PeakMemory, levers: dict) -> dict:
     memory.start()
     accelerator = make_accelerator(config)
     trainer = Trainer(config, model, accelerator, MetricsLog(os.devnull, enabled=False))
-    pairs = [Pair(i, p, c, r) for i, (p, c, r) in enumerate(ids)]
+    pairs = [Pair(p, c, r, index=i) for i, (p, c, r) in enumerate(ids)]
     sync(args.device)
     started = time.perf_counter()
     fill_reference_logps(
@@ -326,7 +326,7 @@ def run_ours(args, tok, model, ids, memory: PeakMemory, levers: dict) -> dict:
         sync(args.device)
         ends.append(time.perf_counter())
         tokens.append(
-            sum(2 * len(p.prompt_ids) + len(p.demo_ids) + len(p.negative_ids) for p in batch)
+            sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in batch)
         )
         losses.append(record["loss"])
     mem = memory.stop()

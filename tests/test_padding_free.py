@@ -30,7 +30,7 @@ def make_pairs(tokenizer, n: int, max_prompt_length: int = 40, history: bool = F
         demo = encoder.encode(e)
         other = encoder.response_ids(examples[(i + 1) % len(examples)].response)
         neg = encoder.fit(demo.prompt_ids, other)
-        pairs.append(Pair(i, demo.prompt_ids, demo.response_ids, neg.response_ids))
+        pairs.append(Pair(demo.prompt_ids, demo.response_ids, neg.response_ids, index=i))
     return pairs, encoder
 
 
@@ -70,7 +70,7 @@ def _compare_padded_and_packed(tiny_model_dir, tokenizer, n, max_prompt_length, 
     pairs, encoder = make_pairs(tokenizer, n, max_prompt_length, history)
     if max_prompt_length == 8:
         assert encoder.counts.prompts_cut > 0
-    lengths = {len(p.prompt_ids) + len(r) for p in pairs for r in (p.demo_ids, p.negative_ids)}
+    lengths = {len(p.prompt_ids) + len(r) for p in pairs for r in (p.chosen_ids, p.rejected_ids)}
     assert len(lengths) > 1  # padding is really there
     fill_reference_logps(model, pairs, pad, 4, nullcontext, True, padding_free=False)
     padded, packed = (
@@ -126,8 +126,8 @@ def _rows(pair: Pair):
     from demoalign.encoding import Tokenized
 
     return [
-        Tokenized(pair.prompt_ids, pair.demo_ids),
-        Tokenized(pair.prompt_ids, pair.negative_ids),
+        Tokenized(pair.prompt_ids, pair.chosen_ids),
+        Tokenized(pair.prompt_ids, pair.rejected_ids),
     ]
 
 
@@ -153,7 +153,7 @@ def test_the_head_sees_scored_positions_only_a_tile_at_a_time(
     model = fresh_model(tiny_model_dir)
     pairs, _ = make_pairs(tokenizer, 4)
     batch = collate([r for p in pairs for r in _rows(p)], tokenizer.pad_token_id)
-    scored = sum(len(p.demo_ids) + len(p.negative_ids) for p in pairs)
+    scored = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     real_tile = logprobs._tile_logps
     for padding_free in (False, True):
         seen = []

@@ -83,7 +83,7 @@ def setup():
         prompt_ids = encoder.prompt_ids(example)
         demo = encoder.fit(prompt_ids, encoder.response_ids(example.response))
         neg = encoder.fit(prompt_ids, encoder.response_ids(rejected))
-        pairs.append(Pair(i, demo.prompt_ids, demo.response_ids, neg.response_ids))
+        pairs.append(Pair(demo.prompt_ids, demo.response_ids, neg.response_ids, index=i))
 
     # The same pairs as text, the way a TRL user would give them (TRL appends the EOS itself).
     dataset = datasets.Dataset.from_dict(
@@ -138,8 +138,8 @@ def ours_logps(setup):
     )
     with torch.no_grad():
         demo, neg, _, _ = pair_logps(policy, pairs, tok.pad_token_id)
-    ref_demo = torch.tensor([p.ref_demo for p in pairs])
-    ref_neg = torch.tensor([p.ref_negative for p in pairs])
+    ref_demo = torch.tensor([p.ref_chosen for p in pairs])
+    ref_neg = torch.tensor([p.ref_rejected for p in pairs])
     return pairs, demo, neg, ref_demo, ref_neg
 
 
@@ -157,14 +157,14 @@ def test_tokenisation_identical(setup, trl_sigmoid):
     assert len(rows) == len(pairs)
     for row, pair in zip(rows, pairs):
         assert row["prompt_ids"] == pair.prompt_ids
-        assert row["chosen_ids"] == pair.demo_ids
-        assert row["rejected_ids"] == pair.negative_ids
+        assert row["chosen_ids"] == pair.chosen_ids
+        assert row["rejected_ids"] == pair.rejected_ids
         # Both sides end the completion with the EOS, and it is scored.
-        assert row["chosen_ids"][-1] == tok.eos_token_id == pair.demo_ids[-1]
-        assert row["rejected_ids"][-1] == tok.eos_token_id == pair.negative_ids[-1]
+        assert row["chosen_ids"][-1] == tok.eos_token_id == pair.chosen_ids[-1]
+        assert row["rejected_ids"][-1] == tok.eos_token_id == pair.rejected_ids[-1]
     # TRL's collator scores exactly the completion tokens (EOS included), and so does ours.
     n_completion = batch["completion_mask"].sum(-1).tolist()
-    assert n_completion == [len(p.demo_ids) for p in pairs] + [len(p.negative_ids) for p in pairs]
+    assert n_completion == [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
 
 
 def test_sequence_logps_match_trl(ours_logps, trl_sigmoid):

@@ -19,10 +19,10 @@ BYTES_PER_TOKEN_LAYER = {False: 34, True: 2}
 
 def item_rows(item) -> list[int] | None:
     """The lengths of the sequences a training item puts through the forward: a pair's two, one
-    example's one; None for items split by count (RLOO groups, reward pairs)."""
+    example's one; None for items split by count (RLOO groups)."""
     if isinstance(item, Pair):
         prompt = len(item.prompt_ids)
-        return [prompt + len(item.demo_ids), prompt + len(item.negative_ids)]
+        return [prompt + len(item.chosen_ids), prompt + len(item.rejected_ids)]
     if isinstance(item, Tokenized):
         return [len(item.prompt_ids) + len(item.response_ids)]
     return None

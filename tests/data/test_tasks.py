@@ -35,7 +35,9 @@ def test_rewards_by_hand(task, prompt, right, wrongs):
 def test_wrong_generator_never_gives_a_correct_response(name):
     task = get_task(name)
     prompts = task_prompts(task, 3000, seed=7)
-    for prompt, good, bad in task_pairs(task, prompts, seed=7):
+    for (example, bad), prompt in zip(task_pairs(task, prompts, seed=7), prompts):
+        good = example.response
+        assert example.prompt == prompt
         assert task.reward(prompt, good) == 1.0
         assert task.reward(prompt, bad) == 0.0, (prompt, bad)
         assert bad.strip(), "a wrong response must be plausible, not empty"

@@ -269,13 +269,13 @@ def test_eval_logps_equal_training_logps(tiny_model_dir, tokenizer):
     model = fresh_model(tiny_model_dir).eval()
     pairs = load_preference_pairs(HH, limit=3) + load_preference_pairs(UF, limit=3)
     enc = Encoder(tokenizer, "hh", 64, 32)
-    good, bad = pair_sequence_logps(model, enc, [(e, e.response, r) for e, r in pairs], fit=True)
+    good, bad = pair_sequence_logps(model, enc, pairs, fit=True)
     train_enc = Encoder(tokenizer, "hh", 64, 32)
     items = []
     for i, (e, r) in enumerate(pairs):
         demo = train_enc.encode(e)
         neg = train_enc.encode(Example(e.prompt, r, e.history))
-        items.append(Pair(i, demo.prompt_ids, demo.response_ids, neg.response_ids))
+        items.append(Pair(demo.prompt_ids, demo.response_ids, neg.response_ids, index=i))
     with torch.no_grad():
         g, b, _, _ = pair_logps(model, items, tokenizer.pad_token_id)
     assert good == pytest.approx(g.tolist(), abs=1e-5) and bad == pytest.approx(

@@ -37,7 +37,7 @@ def make_pairs(model, tokenizer, n=8):
     for i, e in enumerate(examples):
         demo = encoder.encode(e)
         neg = encoder.fit(prompts[i], negatives[i])
-        pairs.append(Pair(i, demo.prompt_ids, demo.response_ids, neg.response_ids))
+        pairs.append(Pair(demo.prompt_ids, demo.response_ids, neg.response_ids, index=i))
     fill_reference_logps(model, pairs, tokenizer.pad_token_id, 4, nullcontext)
     return pairs, [encoder.encode(e) for e in examples]
 

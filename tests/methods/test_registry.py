@@ -37,7 +37,7 @@ def test_irft_state_round_trips_through_json_and_says_where_the_run_is():
     irft = METHODS["irft"].load()
     state = irft.State()
     assert not state.is_done(1) and not state.is_inside(1)
-    pair = Pair(0, [1, 2], [3, 0], [4, 0], ref_demo=-1.25, ref_negative=-2.5)
+    pair = Pair([1, 2], [3, 0], [4, 0], ref_chosen=-1.25, ref_rejected=-2.5)
     state.start_stage(2, [pair], {"pairs": 1, "prompts_truncated": 1})
     assert state.totals["pairs"] == 1 and state.totals["prompts_truncated"] == 1
     loaded = irft.State()
@@ -49,12 +49,10 @@ def test_irft_state_round_trips_through_json_and_says_where_the_run_is():
 
 
 def test_rft_state_round_trips_through_json():
-    from demoalign.methods.reward_model import RewardPair
-
     rft = METHODS["rft"].load()
     state = rft.State(iteration=1, heldout_ids={3, 1}, heldout_trained={0})
     state.window.extend([(0.5, 1.0), (0.25, 2.0)])
-    state.preference_train = [RewardPair([1], [2, 0], [3, 0])]
+    state.preference_train = [Pair([1], [2, 0], [3, 0], weight=0.5, kind="preference")]
     loaded = rft.State()
     loaded.load_state_dict(json.loads(json.dumps(state.state_dict())))
     assert loaded.prepared and not rft.State().prepared

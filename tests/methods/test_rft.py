@@ -15,7 +15,6 @@ from demoalign.data.tasks import task_examples
 from demoalign.encoding import Encoder, Tokenized
 from demoalign.generation import QUIET, GenerationEngine, SamplingOptions, generate_ids
 from demoalign.methods.reward_model import (
-    RewardPair,
     RewardScorer,
     evaluate_reward_pairs,
     reward_loss_fn,
@@ -24,6 +23,7 @@ from demoalign.methods.reward_model import (
 from demoalign.methods.rloo import PolicyPhase, Rollouts, policy_step, sequence_logps_of
 from demoalign.methods.sft import sft_loss_fn
 from demoalign.models import load_reward_model as load_reward_model_from
+from demoalign.pairs import Pair
 from demoalign.runio import MetricsLog
 from demoalign.trainer import Trainer, make_accelerator
 
@@ -69,7 +69,7 @@ def sort_pairs(tiny_model_dir, tokenizer, n, seed=0):
             QUIET,
         )
     return [
-        RewardPair(p, encoder.response_ids(e.response), negatives[i] or [tokenizer.eos_token_id])
+        Pair(p, encoder.response_ids(e.response), negatives[i] or [tokenizer.eos_token_id])
         for i, (p, e) in enumerate(zip(prompts, examples))
     ]
 
@@ -154,17 +154,15 @@ def test_preference_pairs_with_weight_zero_change_nothing_and_enter_the_loss_oth
     raw = task_pairs(task, task_prompts(task, 8, seed=5), seed=5)
 
     def preference(weight):
-        from demoalign.data import Example
-
         return [
-            RewardPair(
-                encoder.prompt_ids(Example(p, g)),
-                encoder.response_ids(g),
-                encoder.response_ids(b),
-                weight,
-                "preference",
+            Pair(
+                encoder.prompt_ids(pair.example),
+                encoder.response_ids(pair.example.response),
+                encoder.response_ids(pair.rejected),
+                weight=weight,
+                kind="preference",
             )
-            for p, g, b in raw
+            for pair in raw
         ]
 
     config = rft_config(tiny_model_dir, tmp_path / "unused")

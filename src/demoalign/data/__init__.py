@@ -4,7 +4,7 @@ preferences (pairs), tasks (built-in tasks) and sources (data option or `task:NA
 
 from .errors import DataError
 from .examples import DataReport, inspect_data, load_examples, load_prompts
-from .formats import RECORD_FORMATS, Example, parse_columns
+from .formats import RECORD_FORMATS, Example, Preference, parse_columns
 from .hub import SPLIT_RULE, DataRef
 from .preferences import load_preference_pairs, read_preference_pairs
 from .readers import FILE_FORMATS
@@ -17,6 +17,7 @@ __all__ = [
     "DataRef",
     "DataReport",
     "Example",
+    "Preference",
     "inspect_data",
     "load_examples",
     "load_preference_pairs",

@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import DataError, _describe, _RecordError
 
@@ -79,6 +79,14 @@ class Example:
         msgs = [{"role": role, "content": content} for role, content in self.history]
         msgs.append({"role": "user", "content": self.prompt})
         return msgs
+
+
+class Preference(NamedTuple):
+    """A preference pair as text: ``example.response`` (the chosen response) is preferred to
+    ``rejected``, both answering ``example``'s conversation. Encoded, it is a ``pairs.Pair``."""
+
+    example: Example
+    rejected: str
 
 
 def _get_str(rec: dict, key: str) -> str:

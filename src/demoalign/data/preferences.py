@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import DataError, _describe, _RecordError
-from .formats import Example, _get_str, _parse_hh_record
+from .formats import Example, Preference, _get_str, _parse_hh_record
 from .readers import Source, iter_records, open_source
 
 
-def _parse_preference_record(rec: dict) -> tuple[Example, str]:
-    """(Example(prompt, chosen, history), rejected) from one preference record."""
+def _parse_preference_record(rec: dict) -> Preference:
+    """Preference(Example(prompt, chosen, history), rejected) from one preference record."""
     for key in ("chosen", "rejected"):
         if key not in rec:
             raise _RecordError(
@@ -20,7 +20,7 @@ def _parse_preference_record(rec: dict) -> tuple[Example, str]:
             )
     if isinstance(rec.get("prompt"), str) and isinstance(rec["chosen"], str):
         prompt = _get_str(rec, "prompt")
-        return Example(prompt, _get_str(rec, "chosen")), _get_str(rec, "rejected")
+        return Preference(Example(prompt, _get_str(rec, "chosen")), _get_str(rec, "rejected"))
     prompt, chosen, history = _parse_hh_record(rec)
     try:
         other_prompt, rejected, other_history = _parse_hh_record({**rec, "chosen": rec["rejected"]})
@@ -34,13 +34,11 @@ def _parse_preference_record(rec: dict) -> tuple[Example, str]:
             "(they must answer the same conversation)",
             "rejected",
         )
-    return Example(prompt, chosen, history), rejected
+    return Preference(Example(prompt, chosen, history), rejected)
 
 
-def load_preference_pairs(
-    path: str | Path | Source, limit: int | None = None
-) -> list[tuple[Example, str]]:
-    """Preference pairs ``[(Example(prompt, chosen, history), rejected)]`` from ``path``.
+def load_preference_pairs(path: str | Path | Source, limit: int | None = None) -> list[Preference]:
+    """Preference pairs ``[Preference(Example(prompt, chosen, history), rejected)]`` from ``path``.
 
     Records are UltraFeedback-style ``prompt``/``chosen``/``rejected`` strings, or HH
     ``chosen``/``rejected`` transcripts (or message lists, optionally with a ``prompt`` message
@@ -58,7 +56,7 @@ def read_preference_pairs(path: str | Path | Source, limit: int | None = None):
     dropped for an empty side or for a chosen identical to its rejected (no preference)."""
     source = open_source(path, limit)
     path, unit = source.ref, source.unit
-    pairs: list[tuple[Example, str]] = []
+    pairs: list[Preference] = []
     counts = {"records": 0, "empty": 0, "identical": 0}
     for lineno, rec in iter_records(source, limit):
         counts["records"] += 1
@@ -75,7 +73,7 @@ def read_preference_pairs(path: str | Path | Source, limit: int | None = None):
         elif example.response == rejected:
             counts["identical"] += 1
         else:
-            pairs.append((example, rejected))
+            pairs.append(Preference(example, rejected))
     if counts["records"] == 0:
         raise DataError(path, "no records found (empty file?)")
     if not pairs:

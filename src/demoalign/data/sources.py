@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .examples import load_examples
-from .formats import Example, parse_columns
+from .formats import Preference, parse_columns
 from .hub import data_ref
 from .preferences import load_preference_pairs
 from .tasks import get_task, task_examples, task_pairs, task_prompts
@@ -67,15 +67,15 @@ def demonstrations(
 
 def preference_pairs(
     spec: str, limit: int | None, default_seed: int, task_count: int
-) -> list[tuple[Example, str]]:
-    """(Example(prompt, chosen, history), rejected) from a file of pairs, or a task's
+) -> list[Preference]:
+    """Preference(Example(prompt, chosen, history), rejected) from a file of pairs, or a task's
     (correct, plausible-wrong) pairs: `limit` or `task_count` of them."""
     parsed = parse_task_spec(spec, default_seed)
     if parsed is None:
         return load_preference_pairs(spec, limit)
     task, seed = parsed
     prompts = task_prompts(task, limit or task_count, seed)
-    return [(Example(p, good), bad) for p, good, bad in task_pairs(task, prompts, seed)]
+    return task_pairs(task, prompts, seed)
 
 
 def data_root() -> Path:

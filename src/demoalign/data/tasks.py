@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .formats import Example
+from .formats import Example, Preference
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ def task_examples(name: str, n: int = 1000, seed: int = 0) -> list[Example]:
     return [Example(p, task.solve(p)) for p in task_prompts(task, n, seed)]
 
 
-def task_pairs(task, prompts: list[str], seed: int) -> list[tuple[str, str, str]]:
-    """(prompt, correct, plausible wrong) for held-out pair metrics."""
+def task_pairs(task, prompts: list[str], seed: int) -> list[Preference]:
+    """(the correct answer ≻ a plausible wrong one) for each prompt, for pair metrics."""
     rng = random.Random(f"{task.name}:pairs:{seed}")
-    return [(p, task.solve(p), task.wrong(p, rng)) for p in prompts]
+    return [Preference(Example(p, task.solve(p)), task.wrong(p, rng)) for p in prompts]

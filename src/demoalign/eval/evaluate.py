@@ -114,7 +114,7 @@ class _Inputs:
     paths: list[str]
     names: list[str]
     baseline: str | None
-    triples: list = field(default_factory=list)
+    pairs: list = field(default_factory=list)  # Preference pairs
     prompts: list = field(default_factory=list)
     leaderboard: list = field(default_factory=list)
     task: object = None
@@ -135,8 +135,7 @@ def _load_inputs(config: EvalConfig) -> _Inputs:
     baseline = names[resolved.index(Path(config.baseline).resolve())] if config.baseline else None
     inputs = _Inputs(paths, names, baseline)
     if config.pairs:
-        pairs = load_pairs(config.pairs, config.max_pairs or None)
-        inputs.triples = [(example, example.response, rejected) for example, rejected in pairs]
+        inputs.pairs = load_pairs(config.pairs, config.max_pairs or None)
     if config.prompts:
         inputs.prompts = load_prompts(config.prompts, config.max_prompts or None)
     if config.reward_model:
@@ -156,13 +155,13 @@ def _encoder_for(tokenizer, config: EvalConfig) -> Encoder:
 
 
 def _reference_logps(config: EvalConfig, inputs: _Inputs, device):
-    if not (inputs.triples and config.reference):
+    if not (inputs.pairs and config.reference):
         return None, None
     ref, ref_tok = load_model_and_tokenizer(config.reference)
     return pair_sequence_logps(
         ref.to(device),
         _encoder_for(ref_tok, config),
-        inputs.triples,
+        inputs.pairs,
         config.eval_batch_size,
         fit=True,
     )
@@ -174,9 +173,9 @@ def _model_metrics(engine, model, tokenizer, config, inputs: _Inputs, refs, stat
     device = _device(config)
     encoder = _encoder_for(tokenizer, config)
     entry = {"metrics": {}, "items": {}}  # items: per-item values, for paired differences
-    if inputs.triples:
+    if inputs.pairs:
         good, bad = pair_sequence_logps(
-            model, encoder, inputs.triples, config.eval_batch_size, fit=True
+            model, encoder, inputs.pairs, config.eval_batch_size, fit=True
         )
         for metric, vals in pair_values(good, bad, *refs).items():
             entry["metrics"][metric] = summarize(vals, **stats)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import Example, load_preference_pairs
+from ..data import Example, Preference, load_preference_pairs
 from ..data.sources import data_root
 from ..encoding import Encoder, collate
 from ..generation import QUIET, GenerationEngine, SamplingOptions, generate_ids
@@ -40,12 +40,15 @@ class HeldoutOptions:
     leaderboard_tasks: list[str] = field(default_factory=list)
 
 
-def eval_pairs(rel: str, n: int) -> list[tuple]:
-    """(prompt Example, chosen, rejected), the first n of a file under $DEMOALIGN_DATA, sorted by
-    length so that batches hold similar lengths (the per-item values do not depend on order)."""
+def eval_pairs(rel: str, n: int) -> list[Preference]:
+    """The first n preference pairs of a file under $DEMOALIGN_DATA, sorted by length so that
+    batches hold similar lengths (the per-item values do not depend on order)."""
     pairs = load_preference_pairs(data_root() / rel, limit=n)
-    triples = [(ex, ex.response, rejected) for ex, rejected in pairs]
-    return sorted(triples, key=lambda t: len(t[0].prompt) + len(t[1]) + len(t[2]))
+    return sorted(pairs, key=_text_length)
+
+
+def _text_length(pair: Preference) -> int:
+    return len(pair.example.prompt) + len(pair.example.response) + len(pair.rejected)
 
 
 def length_filter(model: str, max_length: int, max_prompt_length: int):
@@ -90,7 +93,7 @@ class HeldoutEvaluator:
     <pair set>_logp_gap, <pair set>_pair_win, <demos_name>_nll, gen_tokens, gen_eos, lb_<task>."""
 
     heldout: list[Example]
-    pairs: dict[str, list[tuple]]  # {name: (prompt, chosen, rejected) triples}
+    pairs: dict[str, list[Preference]]  # {name: its pairs}
     options: HeldoutOptions
     device: torch.device
     engine: GenerationEngine  # the sweep's: every model is sampled through it
@@ -104,8 +107,8 @@ class HeldoutEvaluator:
     def logps(self, model, tokenizer) -> dict:
         enc, bs = self.encoder(tokenizer), self.options.eval_batch_size
         out = {
-            name: pair_sequence_logps(model, enc, triples, bs, fit=True)
-            for name, triples in self.pairs.items()
+            name: pair_sequence_logps(model, enc, pairs, bs, fit=True)
+            for name, pairs in self.pairs.items()
         }
         out[self.demos_name] = self.demo_logps(model, tokenizer)
         return out

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from ..data import Example
+from ..data import Example, Preference
 from ..encoding import Encoder
 from ..generation import QUIET, GenerationEngine, SamplingOptions, generate_ids
 from ..models import eval_mode
-from ..pairs import Pair, pair_logps
+from ..pairs import encode_preference, pair_logps
 
 DEFINITIONS = {
     "logp_gap": "mean of log π(chosen|x) − log π(rejected|x)",
@@ -97,22 +97,11 @@ def generation_reward(
 
 @torch.no_grad()
 def pair_sequence_logps(
-    model, encoder: Encoder, pairs: list[tuple], batch_size: int = 64, fit: bool = False
+    model, encoder: Encoder, pairs: list[Preference], batch_size: int = 64, fit: bool = False
 ):
-    """(log π(correct|x), log π(wrong|x)) per pair, with the training code's own scoring.
-
-    A pair is (prompt, correct, wrong); the prompt is a string or an Example (which carries the
-    earlier turns). fit=True cuts responses to the encoder's max_length as training does."""
-    items = []
-    for i, (prompt, good, bad) in enumerate(pairs):
-        prompt_ids = encoder.prompt_ids(
-            prompt if isinstance(prompt, Example) else Example(prompt, good)
-        )
-        good_ids, bad_ids = encoder.response_ids(good), encoder.response_ids(bad)
-        if fit:
-            good_ids = encoder.fit(prompt_ids, good_ids).response_ids
-            bad_ids = encoder.fit(prompt_ids, bad_ids).response_ids
-        items.append(Pair(i, prompt_ids, good_ids, bad_ids))
+    """(log π(chosen|x), log π(rejected|x)) per pair, with the training code's own scoring;
+    fit=True cuts responses to the encoder's max_length as training does."""
+    items = [encode_preference(encoder, pair, fit) for pair in pairs]
     good_lp, bad_lp = [], []
     pad = encoder.tokenizer.pad_token_id
     with eval_mode(model):

@@ -24,8 +24,8 @@ from .negatives import make_negatives, negative_records, negative_stats
 def irft_loss_fn(beta: float, loss_type: str, sft_weight: float, pad_id: int):
     def loss_fn(model, pairs: list[Pair]):
         demo, neg, demo_tokens, neg_tokens = pair_logps(model, pairs, pad_id)
-        ref_demo = torch.tensor([p.ref_demo for p in pairs], device=demo.device)
-        ref_neg = torch.tensor([p.ref_negative for p in pairs], device=demo.device)
+        ref_demo = torch.tensor([p.ref_chosen for p in pairs], device=demo.device)
+        ref_neg = torch.tensor([p.ref_rejected for p in pairs], device=demo.device)
         losses = pairwise_loss(demo, neg, ref_demo, ref_neg, beta, loss_type)
         if sft_weight:
             losses = losses + sft_weight * nll(demo) / demo_tokens.clamp(min=1)
@@ -88,8 +88,8 @@ def _sample_stage(
     gen_time = time.perf_counter() - started
     cuts = {
         "prompts_truncated": encoder.counts.prompts_cut - prompts_cut_before,
-        "demonstrations_truncated": sum(p.demo_truncated for p in pairs),
-        "negatives_truncated": sum(p.negative_truncated for p in pairs),
+        "demonstrations_truncated": sum(p.chosen_truncated for p in pairs),
+        "negatives_truncated": sum(p.rejected_truncated for p in pairs),
         "pairs": len(pairs),
     }
     if trainer.accelerator.is_main_process:
@@ -108,8 +108,8 @@ def _stage_start_record(pairs: list[Pair], gen_time: float, cuts: dict, **where)
         "pairs": n,
         "generation_s": gen_time,
         **negative_stats(pairs),
-        "ref_logp_demo_mean": sum(p.ref_demo for p in pairs) / n,
-        "ref_logp_negative_mean": sum(p.ref_negative for p in pairs) / n,
+        "ref_logp_demo_mean": sum(p.ref_chosen for p in pairs) / n,
+        "ref_logp_negative_mean": sum(p.ref_rejected for p in pairs) / n,
         **cuts,
     }
 

@@ -15,7 +15,7 @@ from ..generation import (
     forward_batch_size,
     generate_ids,
 )
-from ..pairs import Pair, fill_reference_logps
+from ..pairs import Pair, fill_reference_logps, fit_pair
 from ..trainer import Trainer
 
 
@@ -38,19 +38,6 @@ def _sample(engine: GenerationEngine, config, model, acc, prompts: list, stage_i
     with acc.autocast():
         generated = generate_ids(engine, model, tok, prompts, options, share, return_logps=decode)
     return generated if decode else (generated, {})
-
-
-def _pair(i: int, prompt_ids, example, neg_ids: list[int], encoder: Encoder) -> Pair:
-    demo_ids = encoder.response_ids(example.response)
-    demo, neg = encoder.fit(prompt_ids, demo_ids), encoder.fit(prompt_ids, neg_ids)
-    return Pair(
-        i,
-        demo.prompt_ids,
-        demo.response_ids,
-        neg.response_ids,
-        demo_truncated=len(demo.response_ids) < len(demo_ids),
-        negative_truncated=len(neg.response_ids) < len(neg_ids),
-    )
 
 
 def make_negatives(
@@ -85,10 +72,11 @@ def _my_pairs(
     generated, decoded = _sample(engine, config, model, acc, prompts, stage_id, tok)
     mine, forward = [], []
     for i, neg_ids in sorted(generated.items()):
-        pair = _pair(i, prompts[i], chunk[i], neg_ids or [tok.eos_token_id], encoder)
+        demo_ids = encoder.response_ids(chunk[i].response)
+        pair = fit_pair(encoder, prompts[i], demo_ids, neg_ids or [tok.eos_token_id], index=i)
         token_logps = decoded.get(i, [])
-        if decode and neg_ids and len(token_logps) >= len(pair.negative_ids):
-            pair.ref_negative = sum(token_logps[: len(pair.negative_ids)])  # the kept tokens only
+        if decode and neg_ids and len(token_logps) >= len(pair.rejected_ids):
+            pair.ref_rejected = sum(token_logps[: len(pair.rejected_ids)])  # the kept tokens only
         else:
             forward.append(pair)  # an empty generation became a bare EOS: nothing decoded it
         mine.append(pair)
@@ -112,12 +100,12 @@ def negative_records(pairs: list[Pair], chunk: list, tokenizer) -> list[dict]:
                 "prompt": example.prompt,
                 "history": [list(turn) for turn in example.history],
                 "demonstration": example.response,
-                "negative": tokenizer.decode(p.negative_ids, skip_special_tokens=True),
-                "ref_logp_demonstration": p.ref_demo,
-                "ref_logp_negative": p.ref_negative,
-                "negative_tokens": len(p.negative_ids),
-                "negative_finished": bool(p.negative_ids)
-                and p.negative_ids[-1] == tokenizer.eos_token_id,
+                "negative": tokenizer.decode(p.rejected_ids, skip_special_tokens=True),
+                "ref_logp_demonstration": p.ref_chosen,
+                "ref_logp_negative": p.ref_rejected,
+                "negative_tokens": len(p.rejected_ids),
+                "negative_finished": bool(p.rejected_ids)
+                and p.rejected_ids[-1] == tokenizer.eos_token_id,
             }
         )
     return records
@@ -128,6 +116,6 @@ def negative_stats(pairs: list[Pair]) -> dict:
     a pair gives no gradient: u ≡ 0)."""
     n = len(pairs)
     return {
-        "negative_tokens_mean": sum(len(p.negative_ids) for p in pairs) / n,
-        "negatives_equal_demo": sum(p.negative_ids == p.demo_ids for p in pairs) / n,
+        "negative_tokens_mean": sum(len(p.rejected_ids) for p in pairs) / n,
+        "negatives_equal_demo": sum(p.rejected_ids == p.chosen_ids for p in pairs) / n,
     }

@@ -3,14 +3,12 @@ is `losses.reward_pair_loss`), its optimiser steps and its evaluation on pairs."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..encoding import Tokenized, collate
+from ..encoding import Tokenized
 from ..losses import reward_pair_loss
 from ..models import eval_mode
-from ..pairs import in_eval_batches
+from ..pairs import Pair, collate_pairs, encode_preference, in_eval_batches
 from ..trainer import Trainer, cyclic_batches, seeded_permutation
 
 
@@ -39,24 +37,9 @@ class RewardScorer(torch.nn.Module):
         return self.lm.score(pooled).squeeze(-1).float()
 
 
-@dataclass
-class RewardPair:
-    """A (better, worse) pair for the reward step: a demonstration and the policy's negative, or a
-    real preference pair (kind "preference", weighted by `preference_weight`)."""
-
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-    weight: float = 1.0
-    kind: str = "demo"
-
-
-def _scores(model, pairs: list[RewardPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _scores(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     device = next(model.parameters()).device
-    rows = [Tokenized(p.prompt_ids, p.chosen_ids) for p in pairs] + [
-        Tokenized(p.prompt_ids, p.rejected_ids) for p in pairs
-    ]
-    batch = collate(rows, pad_id)
+    batch = collate_pairs(pairs, pad_id)
     scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
     return scores[: len(pairs)], scores[len(pairs) :]
 
@@ -65,7 +48,7 @@ def reward_loss_fn(loss_type: str, pad_id: int):
     """Per pair: logistic −log σ(r(y) − r(ỹ)), or linear −(r(y) − r(ỹ)), times the pair's weight.
     Statistics are split by kind (demonstration pairs vs preference pairs)."""
 
-    def loss_fn(model, pairs: list[RewardPair]):
+    def loss_fn(model, pairs: list[Pair]):
         chosen, rejected = _scores(model, pairs, pad_id)
         margin = chosen - rejected
         per_pair = reward_pair_loss(margin, loss_type)
@@ -114,7 +97,7 @@ def _finish_reward_record(record: dict) -> dict:
 
 
 @torch.no_grad()
-def pair_margins(scorer, pairs: list[RewardPair], pad_id: int, batch_size: int) -> list[float]:
+def pair_margins(scorer, pairs: list[Pair], pad_id: int, batch_size: int) -> list[float]:
     """r(chosen) − r(rejected) of each pair, in eval mode."""
     margins = []
     with eval_mode(scorer):
@@ -135,7 +118,7 @@ def margin_summary(margins: list[float]) -> dict:
     }
 
 
-def evaluate_reward_pairs(scorer, pairs: list[RewardPair], pad_id: int, batch_size: int) -> dict:
+def evaluate_reward_pairs(scorer, pairs: list[Pair], pad_id: int, batch_size: int) -> dict:
     """Accuracy (ties ½) and mean margin r(chosen) − r(rejected) of a reward model on pairs."""
     return margin_summary(pair_margins(scorer, pairs, pad_id, batch_size))
 
@@ -148,8 +131,8 @@ def score_rows(scorer, rows: list[Tokenized], pad_id: int, batch_size: int) -> l
 
 def reward_step(
     trainer: Trainer,
-    pairs: list[RewardPair],
-    preference: list[RewardPair],
+    pairs: list[Pair],
+    preference: list[Pair],
     steps: int,
     loss_fn,
     seed_parts: tuple[int, ...],
@@ -175,17 +158,14 @@ def reward_step(
 
 
 def encode_preference_pairs(raw: list, encoder, config) -> tuple[list, list]:
-    """(train, held-out) RewardPairs of real preference pairs, weighted by `preference_weight`;
+    """(train, held-out) Pairs of real preference pairs, weighted by `preference_weight`;
     the held-out share is `heldout_fraction` (at least one pair when it is > 0)."""
     order = seeded_permutation(len(raw), config.seed, 1)
     n_eval = max(1, round(config.heldout_fraction * len(raw))) if config.heldout_fraction > 0 else 0
     train, held = [], []
     for rank, i in enumerate(order):
-        example, rejected = raw[i]
-        prompt = encoder.prompt_ids(example)
-        chosen = encoder.fit(prompt, encoder.response_ids(example.response)).response_ids
-        worse = encoder.fit(prompt, encoder.response_ids(rejected)).response_ids
-        pair = RewardPair(prompt, chosen, worse, config.preference_weight, "preference")
+        weight = config.preference_weight
+        pair = encode_preference(encoder, raw[i], True, weight=weight, kind="preference")
         (held if rank < n_eval else train).append(pair)
     return train, held
 
@@ -206,7 +186,7 @@ class HeldOutDemonstrations:
         Both are updated in place as iterations go (the run's state holds them)."""
         self.ids, self.trained = ids, trained
 
-    def split(self, k: int, reward_pairs: list, example_ids: list[int]) -> tuple[list, list]:
+    def split(self, k: int, pairs: list, example_ids: list[int]) -> tuple[list, list]:
         """(train pairs, held-out pairs) of iteration k; each iteration holds out at least one
         never-trained example, so every iteration is evaluated."""
         if self.ids and not self.ids.intersection(example_ids):
@@ -215,8 +195,8 @@ class HeldOutDemonstrations:
                 self.ids.add(fresh[-1])
         is_held = [e in self.ids for e in example_ids]
         self.trained.update(e for e, h in zip(example_ids, is_held) if not h)
-        held = [rp for rp, h in zip(reward_pairs, is_held) if h]
-        train = [rp for rp, h in zip(reward_pairs, is_held) if not h]
+        held = [p for p, h in zip(pairs, is_held) if h]
+        train = [p for p, h in zip(pairs, is_held) if not h]
         if not train:
             raise ValueError(
                 f"iteration {k}: every demonstration is held out; lower heldout_fraction"

@@ -21,14 +21,13 @@ import sys
 import time
 
 from ..config import config_to_dict
-from ..encoding import Tokenized
 from ..modelcard import read_records, reward_model_card
+from ..pairs import pair_rows
 from ..runio import atomic_write_jsonl, save_pretrained_atomic
 from ..trainer import iteration_chunks
 from .context import RunContext
 from .negatives import make_negatives, negative_records, negative_stats
 from .reward_model import (
-    RewardPair,
     evaluate_subsets,
     reward_loss_fn,
     reward_step,
@@ -37,17 +36,15 @@ from .rft_state import RFTRun, State, set_up_run
 from .rloo import PolicyPhase, Rollouts, policy_step
 
 
-def _save_iteration(run: RFTRun, k: int, pairs, chunk, reward_pairs, held) -> None:
+def _save_iteration(run: RFTRun, k: int, pairs, chunk, held) -> None:
     """Negatives with the scores of the reward model this iteration trained (r_k). Written by the
     main process; no process reads them during the run, so nobody waits for them."""
     tokenizer = run.encoder.tokenizer
     records = negative_records(pairs, chunk, tokenizer)
-    rows = [Tokenized(p.prompt_ids, p.demo_ids) for p in pairs]
-    rows += [Tokenized(p.prompt_ids, p.negative_ids) for p in pairs]
-    scores = run.shared(rows, run.rewards)
+    scores = run.shared(pair_rows(pairs), run.rewards)
     r_demo, r_neg = scores[: len(pairs)], scores[len(pairs) :]
     held_ids = {id(p) for p in held}
-    for rec, pair, rd, rn in zip(records, reward_pairs, r_demo, r_neg):
+    for rec, pair, rd, rn in zip(records, pairs, r_demo, r_neg):
         rec["policy_logp_demonstration"] = rec.pop("ref_logp_demonstration")
         rec["policy_logp_negative"] = rec.pop("ref_logp_negative")
         rec.update(reward_demonstration=rd, reward_negative=rn, heldout=id(pair) in held_ids)
@@ -62,8 +59,8 @@ def _save_iteration(run: RFTRun, k: int, pairs, chunk, reward_pairs, held) -> No
 def _reward_phase(run: RFTRun, k: int, pairs: list, chunk: list, chunk_idx: list[int]) -> None:
     """Train the reward model on this iteration's pairs; evaluate it before and after."""
     config, tok = run.config, run.encoder.tokenizer
-    reward_pairs = [RewardPair(p.prompt_ids, p.demo_ids, p.negative_ids) for p in pairs]
-    train, held = run.heldout.split(k, reward_pairs, [chunk_idx[p.index] for p in pairs])
+    # The reward step trains on the very pairs: demonstration ≻ negative, weight 1.
+    train, held = run.heldout.split(k, pairs, [chunk_idx[p.index] for p in pairs])
     subsets = {"train": train, "heldout": held, "preference_heldout": run.state.preference_eval}
     before = evaluate_subsets(run.margins, subsets, prefix="before")
     run.trainer.log.write(
@@ -82,7 +79,7 @@ def _reward_phase(run: RFTRun, k: int, pairs: list, chunk: list, chunk_idx: list
     reward_step(run.reward_trainer, train, prefs, steps, loss_fn, seeds, context)
     after = evaluate_subsets(run.margins, subsets, prefix="after")
     run.trainer.log.write({"event": "reward_eval", "iteration": k, **before, **after})
-    _save_iteration(run, k, pairs, chunk, reward_pairs, held)
+    _save_iteration(run, k, pairs, chunk, held)
 
 
 def _policy_phase(run: RFTRun, k: int, pairs: list) -> None:

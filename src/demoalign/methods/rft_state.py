@@ -15,10 +15,10 @@ from ..data.sources import TRAIN_SEED, preference_pairs
 from ..encoding import Encoder, Tokenized
 from ..generation import GenerationEngine, forward_batch_size
 from ..models import load_reward_model
+from ..pairs import Pair
 from ..trainer import Trainer
 from .reward_model import (
     HeldOutDemonstrations,
-    RewardPair,
     RewardScorer,
     encode_preference_pairs,
     heldout_ids,
@@ -80,14 +80,14 @@ class State:
         )
         self.window.clear()
         self.window.extend(tuple(w) for w in state["window"])
-        self.preference_train = [RewardPair(**p) for p in state["preference_train"]]
-        self.preference_eval = [RewardPair(**p) for p in state["preference_eval"]]
+        self.preference_train = [Pair(**p) for p in state["preference_train"]]
+        self.preference_eval = [Pair(**p) for p in state["preference_eval"]]
         self.prepared = True
 
     def add_negatives(self, pairs: list) -> None:
         self.totals["pairs"] += len(pairs)
-        self.totals["negatives_truncated"] += sum(p.negative_truncated for p in pairs)
-        self.totals["demonstrations_truncated"] += sum(p.demo_truncated for p in pairs)
+        self.totals["negatives_truncated"] += sum(p.rejected_truncated for p in pairs)
+        self.totals["demonstrations_truncated"] += sum(p.chosen_truncated for p in pairs)
 
 
 @dataclass
@@ -139,7 +139,7 @@ class RFTRun:
         """`score(items)` spread over the processes (`in_shares`)."""
         return in_shares(self.trainer.accelerator, items, score)
 
-    def margins(self, pairs: list[RewardPair]) -> list[float]:
+    def margins(self, pairs: list[Pair]) -> list[float]:
         """The reward model's margin on each pair, each process scoring a share."""
         pad = self.encoder.tokenizer.pad_token_id
         return self.shared(pairs, lambda mine: pair_margins(self.scorer, mine, pad, self.batch))
