@@ -1,23 +1,15 @@
-"""The option reference of docs/options.md, generated from the config dataclasses (`make docs`
+"""The option reference of docs/options.md, generated from the method registry and the config
+dataclasses (`make docs`
 rewrites the block between START and END in that file; a test checks that it is current)."""
 
 from __future__ import annotations
 
 import re
 import sys
-from dataclasses import fields
 from pathlib import Path
 
-from .config import (
-    DemoConfig,
-    EvalConfig,
-    GenerateConfig,
-    IRFTConfig,
-    RFTConfig,
-    SFTConfig,
-    TrainConfig,
-    option_docs,
-)
+from .config import DemoConfig, EvalConfig, GenerateConfig, TrainConfig, option_docs
+from .methods import METHODS, Method
 
 START, END = "<!-- reference:start -->", "<!-- reference:end -->"
 
@@ -30,42 +22,38 @@ def _table(cls, only=None) -> list[str]:
     return rows
 
 
+def _own_options(cls, parent) -> set[str]:
+    """The options `cls` adds to `parent`, or gives another default."""
+    inherited = {key: default for key, default, _ in option_docs(parent)}
+    return {key for key, default, _ in option_docs(cls) if inherited.get(key) != default}
+
+
+def _method_section(method: Method) -> list[str]:
+    """A method's section: what it is (its config's docstring), then only what it adds to, or
+    changes in, the config it builds on (the common options, or another method's)."""
+    cls = method.config_class
+    others = {m.config_class: m.name for m in METHODS.values()}
+    parent = next(c for c in cls.__mro__[1:] if c in others or c is TrainConfig)
+    about = " ".join((cls.__doc__ or method.help).split())
+    lines = [f"### `{method.name}`", "", about, ""]
+    own = _own_options(cls, parent)
+    if not own:
+        return lines + [f"Its options are those of `{others[parent]}`.", ""]
+    return lines + [*_table(cls, own), ""]
+
+
 def reference_markdown() -> str:
-    base = {f.name for f in fields(TrainConfig)}
     lines = [
-        "### Common to `sft`, `spin`, `irft`, `rft`",
+        f"### Common to {', '.join(f'`{name}`' for name in METHODS)}",
         "",
         *_table(TrainConfig),
         "",
-        "### `sft` only (and its own default)",
-        "",
-        *_table(SFTConfig, {"epochs", "learning_rate"}),
-        "",
-        "### `irft` and `spin`",
-        "",
-        *_table(IRFTConfig, {f.name for f in fields(IRFTConfig)} - base),
-        "",
-        "`spin` is `irft` with `stages` fixed at 1; `iterations` is the number of SPIN iterations.",
-        "",
-        "### `rft`",
-        "",
-        *_table(RFTConfig, {f.name for f in fields(RFTConfig)} - base),
-        "",
-        "`rft` also reads the common options; `learning_rate` is the policy's.",
-        "",
-        "### `generate`",
-        "",
-        *_table(GenerateConfig),
-        "",
-        "### `eval`",
-        "",
-        *_table(EvalConfig),
-        "",
-        "### `demo`",
-        "",
-        *_table(DemoConfig),
     ]
-    return "\n".join(lines)
+    for method in METHODS.values():
+        lines += _method_section(method)
+    for command, cls in (("generate", GenerateConfig), ("eval", EvalConfig), ("demo", DemoConfig)):
+        lines += [f"### `{command}`", "", *_table(cls), ""]
+    return "\n".join(lines[:-1])
 
 
 OPTIONS_PAGE = "docs/options.md"

@@ -92,3 +92,21 @@ def test_data_a_method_cannot_split_is_refused_before_the_folder_exists(
     with pytest.raises(ValueError, match=message):
         train(config)
     assert not out.exists()
+
+
+def test_the_option_reference_has_a_section_for_every_registered_method(monkeypatch):
+    from demoalign.config import IRFTConfig
+    from demoalign.docs import reference_markdown
+    from demoalign.methods import Method
+
+    page = reference_markdown()
+    assert all(f"### `{name}`\n" in page for name in METHODS)
+    assert "Its options are those of `irft`." not in page  # spin changes the stages default
+
+    class CopyOfIRFT(IRFTConfig):
+        """A copy of IRFT."""
+
+    extra = Method("irft2", CopyOfIRFT, "A copy of IRFT.", "demoalign.methods.irft")
+    monkeypatch.setitem(METHODS, "irft2", extra)
+    page = reference_markdown()
+    assert "### `irft2`\n\nA copy of IRFT.\n\nIts options are those of `irft`." in page
