@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from .config import IRFTConfig, RFTConfig, SFTConfig, SPINConfig, build_config, parse_arm
+from .config import build_config, parse_arm
 from .eval.heldout import free_memory
 from .eval.stats import (
     bootstrap_interval,
@@ -31,10 +31,9 @@ from .eval.stats import (
     paired_t_test,
     verdict,
 )
+from .methods import METHODS
 from .run import train
 from .runio import atomic_write_text
-
-CONFIG_CLASSES = {"sft": SFTConfig, "spin": SPINConfig, "irft": IRFTConfig, "rft": RFTConfig}
 
 
 def arm_config(arm: str, common: dict, settings: dict[str, dict]):
@@ -51,7 +50,7 @@ def arm_config(arm: str, common: dict, settings: dict[str, dict]):
         values["sft_weight"] = weight
     if method == "irft":
         values["stages"] = stages
-    return build_config(CONFIG_CLASSES[method], values)
+    return build_config(METHODS[method].config_class, values)
 
 
 class Evaluator(Protocol):

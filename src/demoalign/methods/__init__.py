@@ -6,8 +6,9 @@ Every method module provides the same things: its config class (in `demoalign.co
 keeps), `check(config, n_examples)` (refuses data the method cannot split, before the run folder
 is taken) and `run(context) -> dict` (the algorithm, given a `context.RunContext`; returns the
 counts of its run_end record). `METHODS` below is the one registry of them, read by the command
-line, `demoalign.train` and the option reference (`demoalign.docs`). It names each module rather than importing it: `demoalign --help`
-must not wait for torch."""
+line, `demoalign.train`, the sweeps (`demoalign.sweep`: the demo's arms) and the option reference
+(`demoalign.docs`). It names each module rather than importing it: `demoalign --help` must not
+wait for torch."""
 
 from __future__ import annotations
 
