@@ -18,7 +18,9 @@ one epoch of pairwise training. The stage goes through the package's own code (`
 Default shape on a GPU: the pythia-1.4b shape as a Llama (hidden 2048, 24 layers, 16 heads, vocab
 50304, untied embeddings), random weights, 256 prompts, 256 sampled new tokens. `--model PATH`
 takes any causal LM instead. `--device cpu` uses a tiny model and small sizes (under 2 minutes on
-2 cores). The last line is `ratio generation=<static / hf-bf16-b256> stage_share=<static's
+2 cores). The training levers (`--padding-free`, `--micro-batch-size`) are the package's options,
+`auto` by default as in a run; their resolved values are printed before the first stage. The
+last line is `ratio generation=<static / hf-bf16-b256> stage_share=<static's
 generation share of the stage>`.
 
     python benchmarks/stage.py --device cpu
@@ -33,6 +35,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 WORDS = (
@@ -84,6 +87,17 @@ def parse_args(argv=None):
     p.add_argument("--intermediate-size", type=int, default=None)
     p.add_argument("--vocab-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--padding-free",
+        default="auto",
+        choices=("auto", "true", "false"),
+        help="the training lever padding_free (auto: the package's choice for this model)",
+    )
+    p.add_argument(
+        "--micro-batch-size",
+        default="auto",
+        help="the training lever micro_batch_size: auto, fixed or a token budget",
+    )
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     defaults = dict(
@@ -336,10 +350,14 @@ def main(argv=None) -> None:
         cpu=device.type == "cpu",
         seed=args.seed,
         show_progress=False,
+        padding_free=args.padding_free,
+        micro_batch_size=args.micro_batch_size,
     )
     config.validate()
     accelerator = make_accelerator(config)
     trainer = Trainer(config, model, accelerator, MetricsLog(os.devnull, enabled=False))
+    levers = ", ".join(f"{k}={v}" for k, v in asdict(trainer.levers).items())
+    log(f"training levers (as resolved for this model and device): {levers}")
     trainer.start_schedule(4 * len(prompts))
     loss_fn = irft.irft_loss_fn(config.beta, config.loss_type, 0.0, tok.pad_token_id)
     phases = {}
