@@ -75,17 +75,21 @@ def test_compiled_forward_gives_the_same_loss_and_every_gradient(
     assert list(scorer.state_dict()) == list(SequenceScorer(model).state_dict())  # no _orig_mod
 
 
+@pytest.mark.slow  # inductor's code generation: about a minute on two cores
 def test_compiled_forward_with_the_default_backend(tiny_model_dir, tokenizer):
-    """inductor: its fused kernels round differently, so equal up to float rounding (float64)."""
+    """inductor fuses the model's RMSNorm, which runs in float32 even in a float64 model, with
+    other roundings: the same loss and gradients up to that float32 rounding."""
     assert compilation.BACKEND == "inductor"
     model, pairs = _model_and_pairs(tiny_model_dir, tokenizer, n=2, dtype=torch.float64)
     plain = _loss_and_gradients(SequenceScorer(model), pairs, tokenizer)
     scorer = SequenceScorer(model)
     compilation.compile_forward(scorer)
     compiled = _loss_and_gradients(scorer, pairs, tokenizer)
-    torch.testing.assert_close(compiled["losses"], plain["losses"], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(compiled["losses"], plain["losses"], atol=0, rtol=1e-6)
     for name, grad in plain["grads"].items():
-        torch.testing.assert_close(compiled["grads"][name], grad, atol=1e-12, rtol=1e-8)
+        largest = grad.abs().max()
+        assert largest > 0, name
+        assert (compiled["grads"][name] - grad).abs().max() <= 3e-5 * largest, name
 
 
 def _model_and_pairs(tiny_model_dir, tokenizer, n: int = 4, dtype=torch.float32):
