@@ -1,5 +1,6 @@
 """The training levers as a run sees them: padding_free, kernels and compile_training chosen
-before the run folder is taken, refused clearly where they cannot work, and written into run_start."""
+before the run folder is taken, refused clearly where they cannot work, and written into
+run_start."""
 
 import subprocess
 import sys

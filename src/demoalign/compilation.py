@@ -66,8 +66,9 @@ class CompileReport:
 
     def take_line(self, fit_ended: bool = False) -> str | None:
         """The report, the first time it is due (after REPORT_AFTER_STEPS steps, or at the end of
-        a fit or a run that had fewer); None otherwise and ever after."""
-        if self.reported or not (fit_ended or self.steps >= REPORT_AFTER_STEPS):
+        a fit or a run that had fewer, but some); None otherwise and ever after."""
+        due = self.steps >= REPORT_AFTER_STEPS or (fit_ended and self.steps > 0)
+        if self.reported or not due:
             return None
         self.reported = True
         return self.line()

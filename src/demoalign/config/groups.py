@@ -248,9 +248,9 @@ class Optimisation(Options):
         "shapes so that micro-batches of new lengths do not recompile; saved weights and "
         "checkpoints keep the plain model's names. auto: on when training on CUDA (not under "
         "DeepSpeed or FSDP, whose parameter gathering the compiled forward would trace); off on "
-        "the CPU, where on a few cores the compile (about a minute of inductor code generation even "
-        "for a tiny model on two cores) costs more than the whole run; true (also on the CPU); "
-        "false. Graph breaks and recompiles are reported once, in one line, after the first "
+        "the CPU, where on a few cores the compile (about a minute of inductor code generation "
+        "even for a tiny model on two cores) costs more than the whole run; true (also on the "
+        "CPU); false. Graph breaks and recompiles are reported once, in one line, after the first "
         "steps.",
         choices=("auto", "true", "false"),
     )
