@@ -1,8 +1,8 @@
 """Compiled training forwards (`compile_training`): the policy's SequenceScorer, whose forward
-every loss calls, compiled with torch.compile. `nn.Module.compile` compiles the module's call in
-place rather than wrapping it in another module, so the scorer, its `lm` and their state_dict
-keep their own parameter names: checkpoints and final/ never see an `_orig_mod.` prefix, and the
-reference log-probs and generation (which run on the plain `lm`) stay uncompiled.
+every loss calls, runs its transformer through a torch.compile'd call of its own. Nothing is
+wrapped in another module, so the scorer, its `lm` and their state_dict keep their own parameter
+names (checkpoints and final/ never see an `_orig_mod.` prefix), and the reference log-probs and
+generation, which call the same `lm` through other scorers or directly, stay uncompiled.
 
 Graph breaks and recompiles are counted over the training steps alone (torch's counters are
 process-wide: a compiled decode step of generation would otherwise mix in) and reported ONCE,
@@ -35,10 +35,17 @@ def use_compile(setting: str, device: torch.device, distributed: DistributedType
     return device.type == "cuda" and distributed not in _SHARDED
 
 
-def compile_forward(module: torch.nn.Module) -> None:
-    """Compile `module`'s forward in place, with dynamic shapes: micro-batches of mixed lengths
-    share one graph instead of a recompile per new length."""
-    module.compile(backend=BACKEND, dynamic=True)
+def compile_forward(scorer: torch.nn.Module) -> None:
+    """Compile the training forward of `scorer`, with dynamic shapes: micro-batches of mixed
+    lengths share one graph instead of a recompile per new length. A SequenceScorer gets its
+    model call compiled (`call_model`: the transformer, whose shapes depend only on the batch's);
+    its choice of scored positions (`nonzero`, boolean masks: shapes that depend on the data)
+    stays outside, where it would break the graph and recompile at every new count of response
+    tokens. Any other wrapper is compiled whole, in place."""
+    if hasattr(scorer, "call_model"):
+        scorer.call_model = torch.compile(scorer.call_model, backend=BACKEND, dynamic=True)
+    else:
+        scorer.compile(backend=BACKEND, dynamic=True)
 
 
 class CompileReport:
