@@ -40,8 +40,8 @@ def compile_forward(scorer: torch.nn.Module) -> None:
     lengths share one graph instead of a recompile per new length. A SequenceScorer gets its
     model call compiled (`call_model`: the transformer, whose shapes depend only on the batch's);
     its choice of scored positions (`nonzero`, boolean masks: shapes that depend on the data)
-    stays outside, where it would break the graph and recompile at every new count of response
-    tokens. Any other wrapper is compiled whole, in place."""
+    stays outside (inside, it would break the graph and recompile at every new count of response
+    tokens). Any other wrapper is compiled whole, in place."""
     if hasattr(scorer, "call_model"):
         scorer.call_model = torch.compile(scorer.call_model, backend=BACKEND, dynamic=True)
     else:
