@@ -61,6 +61,7 @@ VARIANTS = {
     "ours-padding-free": ("ours", {"padding_free": True, "liger": False}),
     "ours-liger": ("ours", {"padding_free": False, "liger": True}),
     "ours-all": ("ours", {"padding_free": True, "liger": True}),
+    "ours-compile": ("ours", {"padding_free": False, "liger": False, "compile": True}),
     "trl": ("trl", {"padding_free": False, "liger": False}),
     "trl-levers": ("trl", {"padding_free": True, "liger": True}),
 }
@@ -298,6 +299,7 @@ def run_ours(args, tok, model, ids, memory: PeakMemory, levers: dict) -> dict:
         weight_decay=0.0,
         max_grad_norm=1.0,
         padding_free="true" if levers["padding_free"] else "false",
+        compile_training="true" if levers.get("compile") else "false",
     )
     if levers["liger"]:
         apply_liger(model)
@@ -317,6 +319,7 @@ def run_ours(args, tok, model, ids, memory: PeakMemory, levers: dict) -> dict:
     )
     sync(args.device)
     ref_s = time.perf_counter() - started
+    started = time.perf_counter()
 
     loss_fn = irft_loss_fn(args.beta, "sigmoid", 0.0, tok.pad_token_id)
     ends, tokens, losses = [], [], []
@@ -336,6 +339,7 @@ def run_ours(args, tok, model, ids, memory: PeakMemory, levers: dict) -> dict:
         "train_s": ends[-1] - ends[w - 1],
         "tokens": sum(tokens[w:]),
         "ref_precompute_s": ref_s,
+        "warmup_s": ends[w - 1] - started,  # the compile, for ours-compile
         "first_loss": losses[0],
         "last_loss": losses[-1],
         **mem,
@@ -492,7 +496,7 @@ def variants_here(device: str) -> list[str]:
     own levers then include it; elsewhere its padding-free mode runs alone)."""
     liger = liger_here(device)
     names = ["ours", "ours-padding-free"] + (["ours-liger", "ours-all"] if liger else [])
-    return names + ["trl", "trl-levers"]
+    return names + ["ours-compile", "trl", "trl-levers"]
 
 
 def peak_flops(device: str) -> float | None:
@@ -537,6 +541,12 @@ def print_table(args, results: dict[str, dict]) -> str:
         print(
             f"{name:18}  {r['tok_s']:9.0f}  {r['ms_step']:8.1f}  {r['mfu']:6.1%}  "
             f"{mib(r[mem_key]):>20}  {r['first_loss']:.4f} -> {r['last_loss']:.4f}"
+        )
+    if "ours-compile" in results:
+        print(
+            f"ours-compile: its {args.warmup_steps} untimed warm-up steps (the compile) took "
+            f"{results['ours-compile']['warmup_s']:.1f} s, "
+            f"ours' {results['ours']['warmup_s']:.1f} s"
         )
     counts = {r["tokens"] for r in results.values()}
     if len(counts) > 1:

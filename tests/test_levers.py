@@ -1,5 +1,6 @@
-"""The training levers as a run sees them: padding_free and kernels chosen before the run folder
-is taken, refused clearly where they cannot work, and written into run_start."""
+"""The training levers as a run sees them: padding_free, kernels and compile_training chosen
+before the run folder is taken, refused clearly where they cannot work, and written into
+run_start."""
 
 import subprocess
 import sys
@@ -38,6 +39,7 @@ def test_a_padding_free_run_records_its_levers_and_trains_as_the_padded_one(
         assert records[0]["event"] == "run_start"
         assert records[0]["padding_free"] is (setting == "true")
         assert records[0]["kernels"] == "none"  # CPU: auto is none
+        assert records[0]["compile_training"] is False  # CPU: auto does not compile
     steps = {k: [r for r in v if "step" in r] for k, v in runs.items()}
     # The first step of each stage: u = 0 on both paths (the reference took the same path).
     for records in steps.values():

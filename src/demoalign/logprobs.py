@@ -114,6 +114,13 @@ def pack_rows(input_ids, attention_mask, labels) -> tuple[dict, torch.Tensor, to
     return inputs, next_token_targets(labels)[keep], keep.nonzero()[:, 0]
 
 
+def call_module(module: torch.nn.Module, **inputs):
+    """`module(**inputs)`: how a SequenceScorer calls its trunk or its LM. compile_training
+    swaps in a compiled version of this call for one scorer (compilation.compile_forward): the
+    transformer compiled, the data-dependent selection of scored positions left outside it."""
+    return module(**inputs)
+
+
 class SequenceScorer(torch.nn.Module):
     """Wraps a causal LM so that its forward returns (summed response log-prob, scored tokens) per
     row.
@@ -135,6 +142,7 @@ class SequenceScorer(torch.nn.Module):
         self.lm = lm
         self.tile_tokens = tile_tokens
         self.padding_free = padding_free
+        self.call_model = call_module  # a plain function: no module, no state_dict entry
         # FSDP's transformer-based auto-wrap reads the wrapped module's layer classes from here.
         self._no_split_modules = getattr(lm, "_no_split_modules", None)
         text_config = (
@@ -163,12 +171,12 @@ class SequenceScorer(torch.nn.Module):
         if self.padding_free:
             return self._packed_forward(input_ids, attention_mask, labels)
         if not self._fused_head():
-            logits = self.lm(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            logits = self.call_model(
+                self.lm, input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             ).logits
             return sequence_logps(logits, labels)
-        hidden = self._trunk()(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        hidden = self.call_model(
+            self._trunk(), input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
         targets = labels[:, 1:]
         mask = targets != IGNORE_INDEX
@@ -183,10 +191,10 @@ class SequenceScorer(torch.nn.Module):
         inputs, targets, rows = pack_rows(input_ids, attention_mask, labels)
         scored = targets != IGNORE_INDEX
         if self._fused_head():
-            hidden = self._trunk()(**inputs, use_cache=False).last_hidden_state[0]
+            hidden = self.call_model(self._trunk(), **inputs, use_cache=False).last_hidden_state[0]
             per_token = self._head_logps(hidden[scored], targets[scored])
         else:
-            logits = self.lm(**inputs, use_cache=False).logits[0]
+            logits = self.call_model(self.lm, **inputs, use_cache=False).logits[0]
             per_token = _scored_logps(logits[scored], targets[scored], self.tile_tokens)
         n, rows = labels.shape[0], rows[scored]
         sums = torch.zeros(n, dtype=per_token.dtype, device=per_token.device)

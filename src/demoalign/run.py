@@ -262,6 +262,7 @@ def _train_and_save(parts: RunParts, resume_from: Path | None, on_stage_end=None
     ctx = RunContext(config, trainer, *data, out, ckpt, state, parts.engine, on_stage_end)
     started = time.perf_counter()
     counts = method.run(ctx)
+    trainer.report_compile(finished=True)  # a run of fewer steps than the report waits for
     accelerator.wait_for_everyone()
     final = trainer.final_state()  # sharded: gathered by every process, held by the main one
     if accelerator.is_main_process:

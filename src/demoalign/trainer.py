@@ -11,6 +11,7 @@ step, for per-token SFT losses as well as per-pair ones.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from .compilation import CompileReport, compile_forward, use_compile
 from .logprobs import SequenceScorer, padding_free_works
 from .microbatch import micro_batch_tokens, split_by_tokens
 from .parking import OptimizerParking, parking_enabled
@@ -105,11 +107,12 @@ def use_padding_free(setting: str, model, device: torch.device) -> bool:
 
 @dataclass(frozen=True)
 class Levers:
-    """How the training forwards run, decided once per run: padding-free batches, and the token
-    budget of a micro-batch (None: `batch_size` items)."""
+    """How the training forwards run, decided once per run: padding-free batches, the token
+    budget of a micro-batch (None: `batch_size` items), and a compiled forward."""
 
     padding_free: bool = False
     micro_batch_tokens: int | None = None
+    compile_training: bool = False
 
 
 def training_levers(config, model, accelerator: Accelerator) -> Levers:
@@ -121,7 +124,10 @@ def training_levers(config, model, accelerator: Accelerator) -> Levers:
         checkpointing = getattr(config, "gradient_checkpointing", False)
         setting = getattr(config, "micro_batch_size", "fixed")
         tokens = micro_batch_tokens(setting, model, device, checkpointing)
-    return Levers(padding_free, tokens)
+    compiled = use_compile(
+        getattr(config, "compile_training", "false"), device, accelerator.distributed_type
+    )
+    return Levers(padding_free, tokens, compiled)
 
 
 def lr_factor(num_steps: int, warmup_ratio: float, kind: str):
@@ -237,6 +243,10 @@ class Trainer:
         self.levers = levers
         if isinstance(scorer, SequenceScorer):
             scorer.padding_free = self.padding_free
+        # Compiled in place: `unwrapped` and every state_dict stay the plain model's.
+        self.compile_report = CompileReport() if levers.compile_training else None
+        if levers.compile_training:
+            compile_forward(scorer)
         # The scorer is what DDP wraps, so the one forward that yields log-probs is DDP's forward.
         self.model, self.optimizer = accelerator.prepare(scorer, optimizer)
         self.sharded = is_sharded(self.model)
@@ -386,7 +396,17 @@ class Trainer:
                     self.position = {"epoch": epoch, "step": i + 1}
                     if plan.after_step is not None:
                         plan.after_step(i + 1 == per_epoch)
+        self.report_compile(finished=True)
         return records
+
+    def report_compile(self, finished: bool = False) -> None:
+        """The compiled forward's graph breaks and recompiles, in one line on the main process,
+        once: after the first few steps, or when `finished` (a fit or the run) comes earlier."""
+        if self.compile_report is None:
+            return
+        line = self.compile_report.take_line(fit_ended=finished)
+        if line is not None and self.accelerator.is_main_process:
+            print(line, file=sys.stderr, flush=True)
 
     def _my_micro_batches(self, batch: list) -> tuple[list[list], float]:
         """This process's share of a global batch, in micro-batches. A process left without items
@@ -404,6 +424,15 @@ class Trainer:
         return [mine[i : i + size] for i in range(0, len(mine), size)], weight
 
     def step(self, batch: list, loss_fn: LossFn, global_units: float) -> dict:
+        """One optimiser step over a global batch; returns its metrics record."""
+        if self.compile_report is None:
+            return self._step(batch, loss_fn, global_units)
+        with self.compile_report.watching():
+            record = self._step(batch, loss_fn, global_units)
+        self.report_compile()
+        return record
+
+    def _step(self, batch: list, loss_fn: LossFn, global_units: float) -> dict:
         acc = self.accelerator
         started = time.perf_counter()
         self.model.train()

@@ -242,10 +242,24 @@ class Optimisation(Options):
         "none, or auto (liger when training on CUDA with liger-kernel installed, else none).",
         choices=("auto", "liger", "none"),
     )
+    compile_training: str = opt(
+        "auto",
+        "torch.compile the policy's training forward (the forward every loss calls), with dynamic "
+        "shapes so that micro-batches of new lengths do not recompile; saved weights and "
+        "checkpoints keep the plain model's names. auto: on when training on CUDA (not under "
+        "DeepSpeed or FSDP, whose parameter gathering the compiled forward would trace); off on "
+        "the CPU, where on a few cores the compile (about a minute of inductor code generation "
+        "even for a tiny model on two cores) costs more than the whole run; true (also on the "
+        "CPU); false. Graph breaks and recompiles are reported once, in one line, after the first "
+        "steps.",
+        choices=("auto", "true", "false"),
+    )
 
     def validate(self) -> None:
-        if isinstance(self.padding_free, str):  # YAML's true/false arrive as "True"/"False"
-            self.padding_free = self.padding_free.lower()
+        for name in ("padding_free", "compile_training"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # YAML's true/false arrive as "True"/"False"
+                setattr(self, name, value.lower())
         super().validate()
         size = self.micro_batch_size
         if size not in ("auto", "fixed") and not (size.isdigit() and int(size) >= 1):
