@@ -214,6 +214,15 @@ def test_resume_refuses_another_config_and_a_foreign_folder(tiny_model_dir, tmp_
     # show_progress, overwrite and resume itself may differ
     train(replace(config, save_steps=1, show_progress=True, overwrite=True))
     assert read_run_state(tmp_path / "run")["state"] == "finished"
+    # A run begun by an older demoalign has no key for a newer option: its default matches.
+    saved = tmp_path / "run" / "config.yaml"
+    lines = saved.read_text().splitlines(True)
+    older = [line for line in lines if not line.startswith("compile_training:")]
+    assert len(older) == len(lines) - 1
+    saved.write_text("".join(older))
+    assert train(replace(config, save_steps=1)) == tmp_path / "run"
+    with pytest.raises(RunFolderError, match="compile_training: 'auto' there, 'true' now"):
+        train(replace(config, save_steps=1, compile_training="true"))
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")

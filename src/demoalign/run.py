@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from accelerate.utils import broadcast_object_list, set_seed
@@ -68,7 +68,8 @@ def _resume_point(config: TrainConfig) -> tuple[Path | None, Path | None]:
     when there is nothing to resume. Checks the folder and config; changes nothing."""
     if not config.resume:
         return None, None
-    folder = check_resume(config.output_dir, config_to_dict(config))
+    defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
+    folder = check_resume(config.output_dir, config_to_dict(config), defaults=defaults)
     return folder, (latest_checkpoint(folder) if folder is not None else None)
 
 

@@ -137,10 +137,13 @@ def check_resume(
     path: str | Path,
     config: dict,
     ignored=RESUME_MAY_DIFFER,
+    defaults: dict | None = None,
 ):
     """For resume=true: the run folder to continue, or None when there is no run there yet (the
     run starts as a new one). Raises RunFolderError when the folder is not a demoalign run folder,
-    is held by a live run, or was made with another config (`ignored` keys may differ)."""
+    is held by a live run, or was made with another config (`ignored` keys may differ). A key
+    that the saved config lacks matches its value in `defaults`: an option added by a later
+    version of demoalign, left at its default, does not stop a run begun before it."""
     out = Path(path).expanduser().resolve()
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return None
@@ -151,6 +154,7 @@ def check_resume(
         raise RunFolderError(
             f"cannot resume {path}: its config.yaml is unreadable ({exc})"
         ) from None
+    saved = {**{k: v for k, v in (defaults or {}).items() if k in config}, **saved}
     keys = (set(saved) | set(config)) - set(ignored)
     differ = sorted(k for k in keys if saved.get(k, "<absent>") != config.get(k, "<absent>"))
     if differ:
