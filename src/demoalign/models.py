@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
 )
+from transformers.utils import logging as hf_logging
 
 from .gguf import find_gguf, load_gguf
 
@@ -176,13 +178,37 @@ def load_reward_model(path: str, same_ids_as=None, seed: int | None = None):
     if seed is None:
         check_reward_model(path)
     tokenizer = _reward_tokenizer(path, same_ids_as)
-    if seed is not None:
+    if seed is None:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=torch.float32
+        )
+    else:
         torch.manual_seed(seed)  # the new head's initialisation
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=torch.float32
-    )
+        model = _reward_model_with_new_head(path, seed)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _reward_model_with_new_head(path: str, seed: int):
+    """RFT's reward model from a causal LM: its scalar head is new by design, so transformers'
+    load report (a table of "MISSING" weights with the advice to train them) is replaced by one
+    line saying what was initialised."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=torch.float32, output_loading_info=True
+        )
+    finally:
+        hf_logging.set_verbosity(level)
+    new = sorted(info.get("missing_keys", ()))
+    if new:
+        print(
+            f"demoalign: reward model from {path}: new weights {', '.join(new)} "
+            f"(initialised with seed {seed}; the reward steps train them)",
+            file=sys.stderr,
+        )
+    return model
 
 
 def _reward_tokenizer(path: str, same_ids_as):
