@@ -155,12 +155,14 @@ def _print_eval(results: dict, config: EvalConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    run_config = None  # a training command's config, for the message after Ctrl-C
     try:
         if args.command in METHODS:
             from .run import train
 
             config_class = METHODS[args.command].config_class
-            _print_run_folder(train(load_config(config_class, args.config, args.overrides)))
+            run_config = load_config(config_class, args.config, args.overrides)
+            _print_run_folder(train(run_config))
         elif args.command == "demo":
             from .eval.demo import run_demo
 
@@ -199,7 +201,29 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(_interrupted_message(run_config), file=sys.stderr)
+        return 130  # the shell's code for a run ended by SIGINT
     return 0
+
+
+def _interrupted_message(config) -> str:
+    """What Ctrl-C leaves: for a training run, the checkpoint that resume=true continues from."""
+    if config is None:
+        return "\ninterrupted"
+    from .run import unfinished_checkpoint
+
+    checkpoint = unfinished_checkpoint(config.output_dir)
+    if checkpoint is None:
+        restart = "resume=true" if config.keep_checkpoints else "overwrite=true"
+        return (
+            f"\ninterrupted before {config.output_dir} held a checkpoint of this run; rerun the "
+            f"same command with {restart} to start it again"
+        )
+    return (
+        f"\ninterrupted: {config.output_dir} keeps checkpoint {checkpoint.name}; rerun the same "
+        "command with resume=true to continue from it"
+    )
 
 
 if __name__ == "__main__":
