@@ -8,9 +8,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import fresh_model, small_rft_values
+from conftest import DOLLY, fresh_model, small_rft_values
 from demoalign import RFTConfig, train
 from demoalign.config import build_config
+from demoalign.data import DataError
 from demoalign.data.tasks import task_examples
 from demoalign.encoding import Encoder, Tokenized
 from demoalign.generation import QUIET, GenerationEngine, SamplingOptions, generate_ids
@@ -351,6 +352,15 @@ def test_rft_config_is_checked(tiny_model_dir, tmp_path):
         rft_config(tiny_model_dir, tmp_path, rollouts=1)
     with pytest.raises(ValueError, match="did you mean `preference_weight`"):
         rft_config(tiny_model_dir, tmp_path, preference_data_weight=1.0)
+
+
+def test_preference_data_that_is_not_pairs_fails_before_the_run_folder_exists(
+    tiny_model_dir, tmp_path
+):
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match="preference pairs need prompt/chosen/rejected"):
+        train(rft_config(tiny_model_dir, out, preference_data=str(DOLLY)))
+    assert not out.exists()  # nothing to clean up, and the fixed command needs no overwrite=true
 
 
 def test_lora_policy_uses_the_base_as_reference_without_a_copy(tiny_model_dir, tmp_path):

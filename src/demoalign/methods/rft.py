@@ -33,7 +33,7 @@ from .reward_model import (
     reward_loss_fn,
     reward_step,
 )
-from .rft_state import RFTRun, State, set_up_run
+from .rft_state import RFTRun, State, read_preference_data, set_up_run
 from .rloo import PolicyPhase, Rollouts, policy_step
 
 
@@ -111,8 +111,11 @@ def off_policy_warning(config) -> str | None:
 
 
 def check(config, n_examples: int) -> None:
-    """Before the run folder is taken: every outer iteration gets its chunk of prompts."""
+    """Before the run folder is taken: every outer iteration gets its chunk of prompts, and
+    preference_data reads as pairs (a wrong file fails here, not after the folder is taken)."""
     iteration_chunks(n_examples, config.outer_iterations, config.prompts_per_iteration, config.seed)
+    if config.preference_data:
+        read_preference_data(config)
 
 
 def run(ctx: RunContext) -> dict:
