@@ -57,6 +57,10 @@ def test_cli_tiny_model_train_generate_and_inspect(tmp_path, capsys):
     ]
     assert main(["irft", *args]) == 0
     assert (out / "final" / "model.safetensors").exists()
+    end = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    cut = f"{end['prompts_truncated']} prompts, {end['demonstrations_truncated']} demonstrations"
+    assert end["prompts_truncated"] > 0, "the limits above must cut some of these prompts"
+    assert f"cut to fit:          {cut}" in capsys.readouterr().out  # not only in metrics.jsonl
     assert main(["irft", *args]) == 2, "a non-empty run folder must be refused"
     assert "overwrite" in capsys.readouterr().err
     gen_file = tmp_path / "gen.jsonl"

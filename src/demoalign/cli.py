@@ -7,6 +7,7 @@ answer at once instead of after importing torch and transformers."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -130,10 +131,13 @@ def run_generate(config: GenerateConfig) -> None:
     print(f"wrote {len(records)} generations to {config.output}")
 
 
-def _print_run_folder(out: Path) -> None:
+def _print_run_folder(out: Path, config) -> None:
     print(f"done: run folder {out}")
     print(f"  model and tokenizer: {out / 'final'}")
     print(f"  metrics log:         {out / 'metrics.jsonl'}")
+    cut = _truncation_note(out, config)
+    if cut:
+        print(f"  cut to fit:          {cut}")
     if (out / "stages").exists():
         print(f"  negatives per stage: {out / 'stages'}/<k>/negatives.jsonl")
     if (out / "iterations").exists():
@@ -141,6 +145,27 @@ def _print_run_folder(out: Path) -> None:
             f"  per outer iteration: {out / 'iterations'}/<k>/negatives.jsonl, reward_model/, "
             "policy/"
         )
+
+
+CUT_COUNTS = ("prompts", "responses", "demonstrations", "negatives")
+
+
+def _truncation_note(out: Path, config) -> str:
+    """How many sequences the length limits cut (from the run_end record), so that limits too
+    small for the data are seen at once, not only in metrics.jsonl; empty when none was cut."""
+    log = out / "metrics.jsonl"
+    lines = log.read_text().splitlines() if log.exists() else []
+    end = next((json.loads(line) for line in reversed(lines) if '"run_end"' in line), {})
+    counts = {name: end.get(f"{name}_truncated") for name in CUT_COUNTS}
+    cut = [f"{n} {name}" for name, n in counts.items() if n]
+    if not cut:
+        return ""
+    total = end.get("sequences") or end.get("pairs")
+    of_total = f" of {total}" if total else ""
+    return (
+        f"{', '.join(cut)}{of_total} (max_prompt_length={config.max_prompt_length} cuts a "
+        f"prompt's beginning, max_length={config.max_length} a response's end)"
+    )
 
 
 def _print_eval(results: dict, config: EvalConfig) -> None:
@@ -162,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
             config_class = METHODS[args.command].config_class
             run_config = load_config(config_class, args.config, args.overrides)
-            _print_run_folder(train(run_config))
+            _print_run_folder(train(run_config), run_config)
         elif args.command == "demo":
             from .eval.demo import run_demo
 
