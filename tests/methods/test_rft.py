@@ -3,6 +3,7 @@ preference pairs), the RLOO policy step's convergence to π_ref·exp(r/β)/Z on 
 problem, and a whole T = 2 run end to end."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -352,6 +353,14 @@ def test_rft_config_is_checked(tiny_model_dir, tmp_path):
         rft_config(tiny_model_dir, tmp_path, rollouts=1)
     with pytest.raises(ValueError, match="did you mean `preference_weight`"):
         rft_config(tiny_model_dir, tmp_path, preference_data_weight=1.0)
+
+
+def test_the_reward_and_policy_phases_show_progress_bars(tiny_model_dir, tmp_path, capsys):
+    train(rft_config(tiny_model_dir, tmp_path / "run", show_progress=True, outer_iterations=1))
+    shown = capsys.readouterr().out
+    assert re.search(r"iteration 1: negatives .* 16/16", shown), shown
+    assert re.search(r"iteration 1: reward model .* 4/4", shown), shown
+    assert re.search(r"iteration 1: policy \(RLOO\) .* 2/2", shown), shown
 
 
 def test_preference_data_that_is_not_pairs_fails_before_the_run_folder_exists(
