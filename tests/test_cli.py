@@ -206,3 +206,13 @@ def test_generate_never_replaces_its_data_and_asks_before_replacing_a_file(
     assert "overwrite=true" in capsys.readouterr().err and existing.read_text() == "keep\n"
     assert main([*base, f"output={existing}", "overwrite=true"]) == 0
     assert json.loads(existing.read_text().splitlines()[0])["prompt"] == "Hi"
+
+
+def test_data_inspect_takes_the_keys_as_training_spells_them(capsys):
+    gsm8k = str(SHARED_DATA / "gsm8k" / "test.jsonl")
+    columns = "prompt:question,response:answer"
+    for argv in (["columns=" + columns], ["--columns", columns]):
+        assert main(["data", "inspect", gsm8k, *argv]) == 0
+        assert "record format:    columns" in capsys.readouterr().out
+    assert main(["data", "inspect", gsm8k, "split=test"]) == 2
+    assert "takes FILE and columns=, data_split=" in _one_error_line(capsys)

@@ -92,7 +92,31 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--data-split", default="", help="as data_split= of training")
     inspect.add_argument("--data-config", default="", help="as data_config= of training")
     inspect.add_argument("--data-revision", default="", help="as data_revision= of training")
+    inspect.add_argument(
+        "options",
+        nargs="*",
+        metavar="key=value",
+        help=f"the same as training's keys: {', '.join(INSPECT_KEYS)}=...",
+    )
     return parser
+
+
+INSPECT_KEYS = ("columns", "data_split", "data_config", "data_revision")
+
+
+def _inspect_options(args) -> dict:
+    """`data inspect`'s options from its --flags and from key=value, spelt as training spells
+    them (what a user who just trained types)."""
+    found = {key: getattr(args, key) for key in INSPECT_KEYS}
+    for item in args.options:
+        key, sep, value = item.partition("=")
+        if not sep or key not in INSPECT_KEYS:
+            raise ValueError(
+                f"data inspect takes FILE and {', '.join(k + '=' for k in INSPECT_KEYS)}; "
+                f"not {item!r}"
+            )
+        found[key] = value
+    return found
 
 
 def run_generate(config: GenerateConfig) -> None:
@@ -221,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             from .data import inspect_data, parse_columns
             from .data.hub import data_ref
 
-            source = data_ref(args.file, args.data_split, args.data_config, args.data_revision)
-            print(inspect_data(source, parse_columns(args.columns or None)))
+            opts = _inspect_options(args)
+            split, config, revision = opts["data_split"], opts["data_config"], opts["data_revision"]
+            source = data_ref(args.file, split, config, revision)
+            print(inspect_data(source, parse_columns(opts["columns"] or None)))
     except (ValueError, FileExistsError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
