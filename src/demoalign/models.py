@@ -178,11 +178,28 @@ def load_reward_model(path: str, same_ids_as=None, seed: int | None = None):
     tokenizer = _reward_tokenizer(path, same_ids_as)
     if seed is not None:
         torch.manual_seed(seed)  # the new head's initialisation
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=torch.float32
-    )
+    with _quiet_load_report(seed is not None):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=torch.float32
+        )
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+@contextmanager
+def _quiet_load_report(quiet: bool):
+    """RFT starts its reward model from a causal LM: transformers' load report of the new
+    scalar head (`score.weight | MISSING ... Consider training`) is expected there and only alarms
+    a user, so its warnings are off while it loads (errors, e.g. a size mismatch, still raise)."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def _reward_tokenizer(path: str, same_ids_as):

@@ -363,6 +363,24 @@ def test_the_reward_and_policy_phases_show_progress_bars(tiny_model_dir, tmp_pat
     assert re.search(r"iteration 1: policy \(RLOO\) .* 2/2", shown), shown
 
 
+def test_a_new_scalar_head_loads_without_transformers_missing_key_report(tiny_model_dir, tokenizer):
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    shown = []
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    before = hf_logging.get_verbosity()
+    try:
+        load_reward_model_from(str(tiny_model_dir), same_ids_as=tokenizer, seed=0)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [m for m in shown if "MISSING" in m]  # the new head is expected: no alarm
+    assert hf_logging.get_verbosity() == before
+
+
 def test_preference_data_that_is_not_pairs_fails_before_the_run_folder_exists(
     tiny_model_dir, tmp_path
 ):
