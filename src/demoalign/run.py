@@ -22,11 +22,14 @@ from .modelcard import policy_card, read_records
 from .models import check_model_path, load_model_and_tokenizer
 from .progress import library_progress_bars
 from .runio import (
+    MARKER,
     MetricsLog,
+    RunFolderError,
     atomic_write_yaml,
     check_output_dir,
     check_resume,
     claim_output_dir,
+    live_lock_owner,
     read_run_state,
     release_lock,
     save_pretrained_atomic,
@@ -80,9 +83,33 @@ def _start_point(config: TrainConfig) -> tuple[Path | None, Path | None, bool]:
     if folder is not None and (read_run_state(folder) or {}).get("state") == "finished":
         return folder, checkpoint, True
     if checkpoint is None:
+        if not (config.resume or config.overwrite):
+            _refuse_to_restart_an_unfinished_run(Path(config.output_dir))
         overwrite = config.overwrite or folder is not None
         check_output_dir(Path(config.output_dir), overwrite, run_inputs(config))
     return folder, checkpoint, False
+
+
+def unfinished_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of an unfinished (interrupted or failed) run in
+    `output_dir`; None when the folder holds no such run."""
+    out = Path(output_dir)
+    if not (out / MARKER).exists() or (read_run_state(out) or {}).get("state") == "finished":
+        return None
+    return latest_checkpoint(out)
+
+
+def _refuse_to_restart_an_unfinished_run(out: Path) -> None:
+    """Without resume or overwrite, an interrupted run's folder points at resume=true, before
+    the generic "not empty" error could lead to overwrite=true and lose its checkpoints."""
+    checkpoint = unfinished_checkpoint(out)
+    if checkpoint is None or live_lock_owner(out):
+        return
+    raise RunFolderError(
+        f"{out} holds an unfinished run with checkpoint {checkpoint.name}; pass resume=true to "
+        "continue it (same settings), overwrite=true to start it again (its checkpoints are "
+        "deleted), or choose another output_dir"
+    )
 
 
 def decided_by_main(accelerator, decide):

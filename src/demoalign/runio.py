@@ -274,6 +274,7 @@ class MetricsLog:
     ):
         self.enabled = enabled
         self.sink = sink if enabled else None
+        self.on_step = None  # called for every optimiser-step record (a phase's progress bar)
         self._fh = None
         if enabled and resume_at is not None:
             with open(path, "ab") as fh:
@@ -292,6 +293,8 @@ class MetricsLog:
             self._fh.flush()
         if self.sink is not None:
             self.sink.log(record)
+        if self.on_step is not None and "step" in record:
+            self.on_step()
 
     def close(self) -> None:
         if self._fh:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,10 @@ def test_a_bad_split_or_config_lists_what_there_is(repo, tmp_path):
     )
     with pytest.raises(DataError, match=r"cannot choose a split.*\['train_sft', 'train_gen'\]"):
         load_examples(two)
+    # the hint is a spelling every data option and `demoalign data inspect` take as it is
+    with pytest.raises(DataError, match=f"e.g. {re.escape(str(two))}:train_sft ") as hint:
+        load_examples(two)
+    assert load_examples(str(hint.value).split("e.g. ")[1].split(" ")[0])[0][0].prompt
     with pytest.raises(DataError, match="names split 'test' but data_split='train'"):
         data_ref(f"{repo}:test", split="train")
     (tmp_path / "empty").mkdir()

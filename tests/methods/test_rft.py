@@ -3,14 +3,16 @@ preference pairs), the RLOO policy step's convergence to π_ref·exp(r/β)/Z on 
 problem, and a whole T = 2 run end to end."""
 
 import json
+import re
 
 import pytest
 import torch
 import yaml
 
-from conftest import fresh_model, small_rft_values
+from conftest import DOLLY, fresh_model, small_rft_values
 from demoalign import RFTConfig, train
 from demoalign.config import build_config
+from demoalign.data import DataError
 from demoalign.data.tasks import task_examples
 from demoalign.encoding import Encoder, Tokenized
 from demoalign.generation import QUIET, GenerationEngine, SamplingOptions, generate_ids
@@ -349,6 +351,41 @@ def test_rft_config_is_checked(tiny_model_dir, tmp_path):
         rft_config(tiny_model_dir, tmp_path, rollouts=1)
     with pytest.raises(ValueError, match="did you mean `preference_weight`"):
         rft_config(tiny_model_dir, tmp_path, preference_data_weight=1.0)
+
+
+def test_the_reward_and_policy_phases_show_progress_bars(tiny_model_dir, tmp_path, capsys):
+    train(rft_config(tiny_model_dir, tmp_path / "run", show_progress=True, outer_iterations=1))
+    shown = capsys.readouterr().out
+    assert re.search(r"iteration 1: negatives .* 16/16", shown), shown
+    assert re.search(r"iteration 1: reward model .* 4/4", shown), shown
+    assert re.search(r"iteration 1: policy \(RLOO\) .* 2/2", shown), shown
+
+
+def test_a_new_scalar_head_loads_without_transformers_missing_key_report(tiny_model_dir, tokenizer):
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    shown = []
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    before = hf_logging.get_verbosity()
+    try:
+        load_reward_model_from(str(tiny_model_dir), same_ids_as=tokenizer, seed=0)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [m for m in shown if "MISSING" in m]  # the new head is expected: no alarm
+    assert hf_logging.get_verbosity() == before
+
+
+def test_preference_data_that_is_not_pairs_fails_before_the_run_folder_exists(
+    tiny_model_dir, tmp_path
+):
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match="preference pairs need prompt/chosen/rejected"):
+        train(rft_config(tiny_model_dir, out, preference_data=str(DOLLY)))
+    assert not out.exists()  # nothing to clean up, and the fixed command needs no overwrite=true
 
 
 def test_lora_policy_uses_the_base_as_reference_without_a_copy(tiny_model_dir, tmp_path):

@@ -20,7 +20,7 @@ retries for about half a minute) is asked, so an unreachable hub fails within se
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +87,12 @@ def choose_split(ref: DataRef, available: list[str]) -> str:
         return trains[0]
     if len(available) == 1:
         return available[0]
+    # The suffix works in every data option and in `demoalign data inspect` alike.
+    named = replace(ref, split=(trains or available)[0], revision="")
     raise DataError(
         ref,
         f"cannot choose a split: the data set has splits {available} and the rule ({SPLIT_RULE}) "
-        "picks none; name one with data_split=NAME (other data options: SOURCE:SPLIT)",
+        f"picks none; name one as SOURCE:SPLIT, e.g. {named} (for data=, also data_split=NAME)",
     )
 
 

@@ -34,7 +34,8 @@ def _sample(engine: GenerationEngine, config, model, acc, prompts: list, stage_i
         backend=config.generation_backend,
         seed=config.seed * 7919 + stage_id,
     )
-    share = Share.of(acc, f"stage {stage_id}: negatives", config.show_progress)
+    unit = "iteration" if config.method == "rft" else "stage"  # RFT's words for its loop
+    share = Share.of(acc, f"{unit} {stage_id}: negatives", config.show_progress)
     with acc.autocast():
         generated = generate_ids(engine, model, tok, prompts, options, share, return_logps=decode)
     return generated if decode else (generated, {})

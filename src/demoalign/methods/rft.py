@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 
 from ..config import config_to_dict
 from ..modelcard import read_records, reward_model_card
 from ..pairs import pair_rows
+from ..progress import progress_bar
 from ..runio import atomic_write_jsonl, save_pretrained_atomic
 from ..trainer import iteration_chunks
 from .context import RunContext
@@ -32,7 +34,7 @@ from .reward_model import (
     reward_loss_fn,
     reward_step,
 )
-from .rft_state import RFTRun, State, set_up_run
+from .rft_state import RFTRun, State, read_preference_data, set_up_run
 from .rloo import PolicyPhase, Rollouts, policy_step
 
 
@@ -56,6 +58,19 @@ def _save_iteration(run: RFTRun, k: int, pairs, chunk, held) -> None:
         save_pretrained_atomic(run.scorer.lm, tokenizer, folder / "reward_model", card=card)
 
 
+@contextmanager
+def _steps_bar(run: RFTRun, desc: str, total: int):
+    """A progress bar over a phase's optimiser steps, advanced as each step's record is logged:
+    on a real model a phase takes minutes, which showed nothing after the negatives' bar."""
+    show = run.config.show_progress and run.trainer.accelerator.is_main_process
+    with progress_bar(desc, total=total, enabled=show) as advance:
+        run.trainer.log.on_step = advance
+        try:
+            yield
+        finally:
+            run.trainer.log.on_step = None
+
+
 def _reward_phase(run: RFTRun, k: int, pairs: list, chunk: list, chunk_idx: list[int]) -> None:
     """Train the reward model on this iteration's pairs; evaluate it before and after."""
     config, tok = run.config, run.encoder.tokenizer
@@ -76,7 +91,8 @@ def _reward_phase(run: RFTRun, k: int, pairs: list, chunk: list, chunk_idx: list
     loss_fn = reward_loss_fn(config.reward_loss, tok.pad_token_id)
     context = {"method": "rft", "phase": "reward", "iteration": k}
     steps, prefs, seeds = config.reward_steps, run.state.preference_train, (config.seed, k)
-    reward_step(run.reward_trainer, train, prefs, steps, loss_fn, seeds, context)
+    with _steps_bar(run, f"iteration {k}: reward model", steps):
+        reward_step(run.reward_trainer, train, prefs, steps, loss_fn, seeds, context)
     after = evaluate_subsets(run.margins, subsets, prefix="after")
     run.trainer.log.write({"event": "reward_eval", "iteration": k, **before, **after})
     _save_iteration(run, k, pairs, chunk, held)
@@ -89,7 +105,8 @@ def _policy_phase(run: RFTRun, k: int, pairs: list) -> None:
     context = {"method": "rft", "phase": "policy", "iteration": k}
     rollouts = Rollouts(run.engine, run.rewards, run.reference_logps)
     phase = PolicyPhase(config.policy_steps, (config.seed, 3, k), context, run.state.window)
-    policy_step(run.trainer, tok, prompts, rollouts, config, phase)
+    with _steps_bar(run, f"iteration {k}: policy (RLOO)", config.policy_steps):
+        policy_step(run.trainer, tok, prompts, rollouts, config, phase)
     if run.trainer.accelerator.is_main_process:
         folder = run.out_dir / "iterations" / str(k)
         save_pretrained_atomic(run.trainer.unwrapped, tok, folder / "policy")
@@ -108,8 +125,11 @@ def off_policy_warning(config) -> str | None:
 
 
 def check(config, n_examples: int) -> None:
-    """Before the run folder is taken: every outer iteration gets its chunk of prompts."""
+    """Before the run folder is taken: every outer iteration gets its chunk of prompts, and
+    preference_data reads as pairs (a wrong file fails here, not after the folder is taken)."""
     iteration_chunks(n_examples, config.outer_iterations, config.prompts_per_iteration, config.seed)
+    if config.preference_data:
+        read_preference_data(config)
 
 
 def run(ctx: RunContext) -> dict:

@@ -166,13 +166,30 @@ def _log_memory(run: RFTRun) -> None:
         print(f"RFT: {note}; parameters: {mib}")
 
 
+def read_preference_data(config) -> list:
+    """The (Example, rejected) pairs of `preference_data`; a source that is not pairs is a
+    DataError (`check` reads it once before the run folder is taken, to fail early)."""
+    return preference_pairs(config.preference_data, None, TRAIN_SEED, task_count=1000)
+
+
+def _preference_note(config, state: State) -> str:
+    """How preference_data is used; with the default weight 0 it trains nothing, which a user
+    passing only preference_data= would not guess."""
+    train, held = len(state.preference_train), len(state.preference_eval)
+    if config.preference_weight:
+        use = f"{train} pairs train the reward model (preference_weight={config.preference_weight})"
+    else:
+        use = f"{train} pairs do not train it (preference_weight=0; set it > 0 to train on them)"
+    return f"RFT: preference_data {config.preference_data}: {use}, {held} evaluate it"
+
+
 def _prepare(state: State, config, encoder: Encoder, n_examples: int) -> None:
     """A new run's held-out demonstrations and preference split (a resumed run loaded them)."""
     if state.prepared:
         return
     state.heldout_ids = heldout_ids(n_examples, config.heldout_fraction, config.seed)
     if config.preference_data:
-        raw = preference_pairs(config.preference_data, None, TRAIN_SEED, task_count=1000)
+        raw = read_preference_data(config)
         state.preference_train, state.preference_eval = encode_preference_pairs(
             raw, encoder, config
         )
@@ -196,6 +213,8 @@ def set_up_run(ctx) -> RFTRun:
     parts = (config, trainer, reward_trainer, encoder, ctx.out_dir, reference, ctx.state)
     run = RFTRun(*parts, ctx.engine)
     _log_memory(run)
+    if config.preference_data and trainer.accelerator.is_main_process and config.show_progress:
+        print(_preference_note(config, ctx.state))
     reward_trainer.start_schedule(config.outer_iterations * config.reward_steps)
     trainer.start_schedule(config.outer_iterations * config.policy_steps)
     return run
