@@ -1,19 +1,43 @@
 #!/usr/bin/env bash
-# The GPU checks of one device session (about 7 minutes on an H100/H200): tests/test_gpu.py (the
-# bf16 IRFT run and the fast engine's compile-once test), then one IRFT stage per engine at the
-# pythia-1.4b shape. Needs only torch, transformers and accelerate (no trl/datasets), and in
-# .gpudata/ the GPT-NeoX tokenizer file and the Dolly sample (copy them there before the run).
-# tests/test_gpu.py includes IRFT under accelerate's FSDP2 on one GPU. Last, the install check:
-# demoalign's wheel (built here with `pip wheel --no-deps -w dist .`, carried as dist/) installed
-# beside the image's own torch, which must stay (scripts/gpu_install_check.sh).
+# The project's GPU script, in two parts so that each fits one device call (10 minutes):
+#   bash benchmarks/gpu_stage.sh checks   (about 7 min) tests/test_gpu.py (the bf16 IRFT run, the
+#        fast engine's compile-once test, IRFT under FSDP2 and padding-free batches on one GPU,
+#        liger vs plain where liger-kernel is carried), one IRFT stage per engine at the
+#        pythia-1.4b shape with the training levers as a run resolves them (benchmarks/stage.py),
+#        and the install check: demoalign's wheel (built beforehand with `pip wheel --no-deps -w
+#        dist .`, carried as dist/) beside the image's own torch (scripts/gpu_install_check.sh).
+#   bash benchmarks/gpu_stage.sh speed    (about 6 min) benchmarks/train_step.py at the
+#        pythia-1.4b shape: demoalign plain, each lever, all levers, compiled, and TRL's
+#        DPOTrainer plain and with its own padding_free/liger options; last line `ratio mfu=...
+#        vs_trl=... memory_vs_trl=...`.
+#   bash benchmarks/gpu_stage.sh          both, one after the other (over one call's limit).
+# Carry .gpudata/ (scripts/gpu_bundle.sh): the GPT-NeoX tokenizer file, the data samples, and the
+# pure-Python wheels the image lacks (trl, datasets, dill, multiprocess, liger-kernel), installed
+# into a folder on PYTHONPATH so that the image's torch stays as it is.
 set -o pipefail
+PART=${1:-all}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 DEMOALIGN_DATA=$PWD/.gpudata
+SITE=/tmp/demoalign-bench-site
+if [ ! -d "$SITE" ] && ls .gpudata/whl/bench/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .gpudata/whl/bench/*.whl \
+    2>&1 | tail -2
+fi
+export PYTHONPATH=$PWD/src:$PWD/tests:$SITE PYTHONUNBUFFERED=1 DEMOALIGN_DATA=$PWD/.gpudata
 export DEMOALIGN_TOKENIZER=${DEMOALIGN_TOKENIZER:-$PWD/.gpudata/20B_tokenizer.json}
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" \
   | tee -a "$OUT/gpu.txt"
-timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 \
-  | tee "$OUT/pytest_gpu.log"
-timeout 220 python3 benchmarks/stage.py --device cuda 2>&1 | tee "$OUT/stage.log"
-bash scripts/gpu_install_check.sh 2>&1 | tee "$OUT/install.log"
+python3 -c "import trl, datasets, liger_kernel; print('trl', trl.__version__, 'datasets', \
+datasets.__version__, 'liger-kernel carried')" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
+if [ "$PART" = checks ] || [ "$PART" = all ]; then
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 \
+    | tee "$OUT/pytest_gpu.log"
+  timeout 220 python3 benchmarks/stage.py --device cuda 2>&1 | tee "$OUT/stage.log"
+  bash scripts/gpu_install_check.sh 2>&1 | tee "$OUT/install.log"
+fi
+if [ "$PART" = speed ] || [ "$PART" = all ]; then
+  # pythia-1.4b's width and depth, HH-like mixed lengths up to 512 tokens, 8 pairs a step.
+  timeout 420 python3 benchmarks/train_step.py --device cuda --hidden-size 2048 --layers 24 \
+    --heads 16 --vocab-size 50304 --pairs 64 --batch-size 8 --seq-len 512 --prompt-len 128 \
+    --steps 10 2>&1 | tee "$OUT/train_step.log"
+fi
