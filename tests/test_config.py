@@ -119,6 +119,12 @@ def test_sampling_options_are_checked_the_same_way_everywhere(cls, key, value, m
         build_config(cls, {**base, key: value})
 
 
+def test_a_prompt_limit_that_leaves_no_room_names_both_values():
+    with pytest.raises(ValueError) as caught:
+        build_config(IRFTConfig, {"model": "m", "data": "d", "max_length": 128})
+    assert "max_prompt_length=128 must be smaller than max_length=128" in str(caught.value)
+
+
 # ---------------------------------------------------------------- options declared once
 
 CONFIG_PACKAGE = Path(__file__).resolve().parents[1] / "src" / "demoalign" / "config"

@@ -158,7 +158,11 @@ class Sequences(Options):
     def validate(self) -> None:
         super().validate()
         if self.max_prompt_length >= self.max_length:
-            raise ValueError("max_prompt_length must be smaller than max_length")
+            raise ValueError(
+                f"max_prompt_length={self.max_prompt_length} must be smaller than "
+                f"max_length={self.max_length}, which also holds the response; raise max_length "
+                "or lower max_prompt_length"
+            )
 
 
 @options()
