@@ -23,13 +23,29 @@ class Pair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
-    index: int = 0  # position of the demonstration in its stage's chunk, or of the pair
+    index: int = 0  # position of the demonstration in its stage's (or iteration's) chunk
     weight: float = 1.0  # of its loss in RFT's reward step
     kind: str = "demo"
     ref_chosen: float = 0.0  # log π_ref(chosen|x), IRFT's reference
     ref_rejected: float = 0.0
     chosen_truncated: bool = False  # a response cut to max_length
     rejected_truncated: bool = False
+
+
+# Pair's field names before one pair type served every method; checkpoints of then hold them.
+_EARLIER_NAMES = {
+    "demo_ids": "chosen_ids",
+    "negative_ids": "rejected_ids",
+    "ref_demo": "ref_chosen",
+    "ref_negative": "ref_rejected",
+    "demo_truncated": "chosen_truncated",
+    "negative_truncated": "rejected_truncated",
+}
+
+
+def pair_from_dict(fields: dict) -> Pair:
+    """A Pair from its `asdict` form in a checkpoint, also as earlier versions wrote it."""
+    return Pair(**{_EARLIER_NAMES.get(key, key): value for key, value in fields.items()})
 
 
 def fit_pair(encoder: Encoder, prompt_ids, chosen_ids, rejected_ids, **fields) -> Pair:

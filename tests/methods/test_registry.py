@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from collections import deque
+from dataclasses import replace
 
 import pytest
 
@@ -46,6 +47,26 @@ def test_irft_state_round_trips_through_json_and_says_where_the_run_is():
     assert loaded.is_done(1) and loaded.is_inside(2) and not loaded.is_done(2)
     loaded.end_stage()
     assert loaded.is_done(2) and not loaded.is_inside(2) and loaded.pairs == []
+
+
+def test_an_irft_state_saved_with_the_earlier_pair_fields_still_loads():
+    irft = METHODS["irft"].load()
+    earlier = {
+        "index": 1,
+        "prompt_ids": [1, 2],
+        "demo_ids": [3, 0],
+        "negative_ids": [4, 0],
+        "ref_demo": -1.25,
+        "ref_negative": -2.5,
+        "demo_truncated": True,
+        "negative_truncated": False,
+    }
+    state = irft.State()
+    state.start_stage(2, [], {"pairs": 1})
+    saved = {**state.state_dict(), "pairs": [earlier]}
+    state.load_state_dict(json.loads(json.dumps(saved)))
+    expected = Pair([1, 2], [3, 0], [4, 0], index=1, ref_chosen=-1.25, ref_rejected=-2.5)
+    assert state.pairs == [replace(expected, chosen_truncated=True)]
 
 
 def test_rft_state_round_trips_through_json():

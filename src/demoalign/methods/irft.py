@@ -14,7 +14,7 @@ import torch
 
 from ..encoding import Encoder
 from ..losses import implicit_rewards, nll, pairwise_loss
-from ..pairs import Pair, pair_logps
+from ..pairs import Pair, pair_from_dict, pair_logps
 from ..runio import atomic_write_jsonl
 from ..trainer import FitPlan, Trainer, seeded_permutation, steps_per_epoch
 from .context import RunContext
@@ -141,7 +141,7 @@ class State:
     def load_state_dict(self, state: dict) -> None:
         self.stage, self.done = state["stage"], state["done"]
         self.totals, self.cuts = dict(state["totals"]), dict(state["cuts"])
-        self.pairs = [Pair(**p) for p in state["pairs"]]
+        self.pairs = [pair_from_dict(p) for p in state["pairs"]]
 
     def start_stage(self, stage: int, pairs: list[Pair], cuts: dict) -> None:
         self.totals = {k: self.totals[k] + v for k, v in cuts.items()}

@@ -11,11 +11,12 @@ from pathlib import Path
 
 from accelerate.utils import gather_object
 
+from ..data import Preference
 from ..data.sources import TRAIN_SEED, preference_pairs
 from ..encoding import Encoder, Tokenized
 from ..generation import GenerationEngine, forward_batch_size
 from ..models import load_reward_model
-from ..pairs import Pair
+from ..pairs import Pair, pair_from_dict
 from ..trainer import Trainer
 from .reward_model import (
     HeldOutDemonstrations,
@@ -80,8 +81,8 @@ class State:
         )
         self.window.clear()
         self.window.extend(tuple(w) for w in state["window"])
-        self.preference_train = [Pair(**p) for p in state["preference_train"]]
-        self.preference_eval = [Pair(**p) for p in state["preference_eval"]]
+        self.preference_train = [pair_from_dict(p) for p in state["preference_train"]]
+        self.preference_eval = [pair_from_dict(p) for p in state["preference_eval"]]
         self.prepared = True
 
     def add_negatives(self, pairs: list) -> None:
@@ -166,9 +167,9 @@ def _log_memory(run: RFTRun) -> None:
         print(f"RFT: {note}; parameters: {mib}")
 
 
-def read_preference_data(config) -> list:
-    """The (Example, rejected) pairs of `preference_data`; a source that is not pairs is a
-    DataError (`check` reads it once before the run folder is taken, to fail early)."""
+def read_preference_data(config) -> list[Preference]:
+    """The preference pairs of `preference_data`; a source that is not pairs is a DataError
+    (`check` reads it once before a new run's folder is taken, to fail early)."""
     return preference_pairs(config.preference_data, None, TRAIN_SEED, task_count=1000)
 
 
