@@ -126,9 +126,10 @@ def off_policy_warning(config) -> str | None:
 
 def check(config, n_examples: int) -> None:
     """Before the run folder is taken: every outer iteration gets its chunk of prompts, and
-    preference_data reads as pairs (a wrong file fails here, not after the folder is taken)."""
+    preference_data reads as pairs (a wrong file fails here, not after the folder is taken). A
+    resumed run takes its pairs from its checkpoint: the source need not be there any more."""
     iteration_chunks(n_examples, config.outer_iterations, config.prompts_per_iteration, config.seed)
-    if config.preference_data:
+    if config.preference_data and not config.resume:
         read_preference_data(config)
 
 
