@@ -9,9 +9,9 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from test_padding_free import make_pairs
+from torch._dynamo.utils import counters
 
 import demoalign.compilation as compilation
 from conftest import fresh_model, read_metrics, small_run_config
@@ -34,17 +34,9 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_auto_compiles_on_cuda_only_and_true_anywhere():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    plain = DistributedType.NO
-    assert not compilation.use_compile("auto", cpu, plain)  # compiling costs more than it saves
-    assert compilation.use_compile("auto", cuda, plain)
-    assert compilation.use_compile("auto", cuda, DistributedType.MULTI_GPU)
-    assert not compilation.use_compile("auto", cuda, DistributedType.DEEPSPEED)
-    assert not compilation.use_compile("auto", cuda, DistributedType.FSDP)
-    assert compilation.use_compile("true", cpu, plain)
-    assert compilation.use_compile("True", cpu, plain)  # YAML's true
-    assert not compilation.use_compile("false", cuda, plain)
+def test_only_true_compiles_until_a_gpu_measurement_says_auto_should():
+    assert compilation.use_compile("true") and compilation.use_compile("True")  # YAML's true
+    assert not compilation.use_compile("auto") and not compilation.use_compile("false")
 
 
 def test_the_option_takes_yaml_booleans_and_refuses_other_values():
@@ -68,6 +60,7 @@ def test_compiled_forward_gives_the_same_loss_and_every_gradient(
     compilation.compile_forward(scorer)
     for _ in range(2):  # the compiling call, then the compiled graphs
         compiled = _loss_and_gradients(scorer, pairs, tokenizer)
+        assert counters["stats"]["unique_graphs"] >= 1  # a graph was captured: not a no-op
         assert torch.equal(compiled["losses"], plain["losses"])
         for name, grad in plain["grads"].items():
             assert grad.abs().max() > 0 or "layers" not in name, name
@@ -192,6 +185,7 @@ def test_a_compiled_run_records_the_lever_and_saves_plain_weights(
     train(small_run_config(SFTConfig, tiny_model_dir, out, compile_training="true", epochs=2))
     records = read_metrics(out)
     assert records[0]["event"] == "run_start" and records[0]["compile_training"] is True
+    assert counters["stats"]["unique_graphs"] >= 1  # the run's forward was compiled
     assert all(r["loss"] > 0 for r in records if "step" in r)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(REPORT)]
     # The transformer alone is compiled: no graph break, and batches of new lengths reuse it.

@@ -124,9 +124,7 @@ def training_levers(config, model, accelerator: Accelerator) -> Levers:
         checkpointing = getattr(config, "gradient_checkpointing", False)
         setting = getattr(config, "micro_batch_size", "fixed")
         tokens = micro_batch_tokens(setting, model, device, checkpointing)
-    compiled = use_compile(
-        getattr(config, "compile_training", "false"), device, accelerator.distributed_type
-    )
+    compiled = use_compile(getattr(config, "compile_training", "false"))
     return Levers(padding_free, tokens, compiled)
 
 

@@ -250,12 +250,13 @@ class Optimisation(Options):
         "auto",
         "torch.compile the policy's training forward (the forward every loss calls), with dynamic "
         "shapes so that micro-batches of new lengths do not recompile; saved weights and "
-        "checkpoints keep the plain model's names. auto: on when training on CUDA (not under "
-        "DeepSpeed or FSDP, whose parameter gathering the compiled forward would trace); off on "
-        "the CPU, where on a few cores the compile (about a minute of inductor code generation "
-        "even for a tiny model on two cores) costs more than the whole run; true (also on the "
-        "CPU); false. Graph breaks and recompiles are reported once, in one line, after the first "
-        "steps.",
+        "checkpoints keep the plain model's names. auto: off until a GPU measurement shows it "
+        "pays (on the CPU the compile, about a minute of inductor code generation even for a "
+        "tiny model on two cores, costs more than the whole run; the reference log-probs are "
+        "taken uncompiled, so in bf16 u may differ from 0 at a stage's first step); true "
+        "(anywhere; untested under DeepSpeed and FSDP, whose parameter gathering the graph would "
+        "trace); false. Graph breaks and recompiles are reported once, in one line, after the "
+        "first steps.",
         choices=("auto", "true", "false"),
     )
 
