@@ -216,3 +216,14 @@ def test_data_inspect_takes_the_keys_as_training_spells_them(capsys):
         assert "record format:    columns" in capsys.readouterr().out
     assert main(["data", "inspect", gsm8k, "split=test"]) == 2
     assert "takes FILE and columns=, data_split=" in _one_error_line(capsys)
+
+
+def test_after_ctrl_c_the_command_ends_by_sigint_so_a_shell_loop_stops():
+    import signal
+    import subprocess
+    import sys
+
+    script = "import demoalign.cli as c; c.main = lambda: {code}; c.entry()"
+    interrupted = subprocess.run([sys.executable, "-c", script.format(code=130)])
+    assert interrupted.returncode == -signal.SIGINT
+    assert subprocess.run([sys.executable, "-c", script.format(code=2)]).returncode == 2

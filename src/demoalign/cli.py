@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -277,5 +279,16 @@ def _interrupted_message(config) -> str:
     )
 
 
+def entry() -> None:
+    """The `demoalign` command: `main`'s exit status. After Ctrl-C (status 130, its message
+    printed) the process ends by SIGINT itself, as an interrupted program does, so that a shell
+    loop over demoalign commands stops instead of going on to the next one."""
+    code = main()
+    if code == 130:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
