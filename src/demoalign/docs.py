@@ -34,7 +34,8 @@ def _method_section(method: Method) -> list[str]:
     cls = method.config_class
     others = {m.config_class: m.name for m in METHODS.values()}
     parent = next(c for c in cls.__mro__[1:] if c in others or c is TrainConfig)
-    about = " ".join((cls.__doc__ or method.help).split())
+    written = cls.__doc__ and not cls.__doc__.startswith(f"{cls.__name__}(")  # not dataclass's
+    about = " ".join((cls.__doc__ if written else method.help).split())
     lines = [f"### `{method.name}`", "", about, ""]
     own = _own_options(cls, parent)
     if not own:

@@ -92,7 +92,7 @@ def choose_split(ref: DataRef, available: list[str]) -> str:
     raise DataError(
         ref,
         f"cannot choose a split: the data set has splits {available} and the rule ({SPLIT_RULE}) "
-        f"picks none; name one as SOURCE:SPLIT, e.g. {named} (for data=, also data_split=NAME)",
+        f"picks none; name one as SOURCE:SPLIT, e.g. {named} (or data_split=NAME beside data=)",
     )
 
 
